@@ -1,0 +1,64 @@
+"""Mergeable histograms on power-of-two grids, the statistics behind the Lp range search.
+
+Each row (one per channel, or a single row per tensor) covers the symmetric interval [-R, R) with ``n`` equal
+bins, where R is a power of two strictly larger than every |x| seen. A batch that needs a larger range doubles R;
+doubling merges bin pairs exactly:
+
+    new_bin = (old_bin + n/2) // 2          (grid [-R, R) -> [-2R, 2R))
+
+so the histogram after any sequence of batches is the one a single batch with all the data would give: the
+statistics are exactly batch-order invariant (counts are integers held in float64).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["pow2_bound", "update_histogram", "bin_centers"]
+
+_MIN_EXP = -126  # float32's smallest normal exponent: the grid of an all-zero tensor
+
+
+def pow2_bound(absmax: torch.Tensor) -> torch.Tensor:
+    """Smallest power of two R with R > absmax (elementwise), at least 2**-126."""
+    absmax = absmax.double().clamp(min=2.0**_MIN_EXP)
+    return torch.exp2(torch.floor(torch.log2(absmax)) + 1)
+
+
+def _double(hist: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Merge bin pairs of the rows in ``mask`` (their range doubles)."""
+    n = hist.shape[1]
+    idx = torch.arange(n, device=hist.device).expand_as(hist)
+    new_idx = torch.where(mask[:, None], (idx + n // 2) // 2, idx)
+    return torch.zeros_like(hist).scatter_add_(1, new_idx, hist)
+
+
+def update_histogram(
+    hist: torch.Tensor, bound: torch.Tensor, rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add the values of ``rows`` (C, N) to ``hist`` (C, n) on grids ``bound`` (C,); returns (hist, bound).
+
+    A row's bound of 0 means the row is empty (no grid yet).
+    """
+    n = hist.shape[1]
+    need = pow2_bound(rows.abs().amax(dim=1))
+    new_bound = torch.where(bound > 0, torch.maximum(bound, need), need)
+    # Rows that already had data are re-binned by exact doubling; at most log2(n) + 1 doublings change
+    # anything (afterwards every value sits in one of the two central bins).
+    has_data = bound > 0
+    steps = torch.where(has_data, torch.log2(new_bound / bound.clamp(min=2.0**_MIN_EXP)), torch.zeros_like(bound))
+    max_steps = min(int(steps.max().item()) if steps.numel() else 0, int(math.log2(n)) + 1)
+    for k in range(max_steps):
+        hist = _double(hist, steps > k)
+    width = 2.0 * new_bound / n
+    idx = torch.floor((rows.double() + new_bound[:, None]) / width[:, None]).long().clamp_(0, n - 1)
+    hist = hist.scatter_add(1, idx, torch.ones_like(idx, dtype=hist.dtype))
+    return hist, new_bound
+
+
+def bin_centers(bound: torch.Tensor, n: int) -> torch.Tensor:
+    """Centers (C, n) of the bins of grids [-R, R) with n bins."""
+    width = 2.0 * bound / n
+    return -bound[:, None] + (torch.arange(n, dtype=torch.float64, device=bound.device)[None, :] + 0.5) * width[:, None]

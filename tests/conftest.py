@@ -1,0 +1,51 @@
+"""Shared pytest setup: the hypothesis profile for CI and a count of the examples hypothesis generated."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+# CI profile: reproducible (derandomize) and free of timing flakiness (no deadline). QDIFF_HYPOTHESIS_EXAMPLES
+# scales the number of examples per property (default 150).
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    deadline=None,
+    max_examples=int(os.environ.get("QDIFF_HYPOTHESIS_EXAMPLES", "150")),
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+_EXAMPLES = {"count": 0}
+
+
+def _counting(inner):  # type: ignore[no-untyped-def]
+    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+        _EXAMPLES["count"] += 1
+        return inner(*args, **kwargs)
+
+    return wrapper
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # hypothesis exposes the per-example function as `.hypothesis.inner_test` so that it can be wrapped.
+    for item in items:
+        fn = getattr(item, "obj", None)
+        handle = getattr(fn, "hypothesis", None)
+        if handle is not None and not getattr(handle.inner_test, "_qdiff_counted", False):
+            handle.inner_test = _counting(handle.inner_test)
+            handle.inner_test._qdiff_counted = True
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    total = _EXAMPLES["count"]
+    try:
+        from qdiff_ao.testing import examples_run  # the property-test kit counts its own examples
+
+        total += examples_run()
+    except ImportError:
+        pass
+    terminalreporter.write_line(f"hypothesis: {total} generated examples ran in this session")
