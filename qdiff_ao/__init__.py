@@ -8,6 +8,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from qdiff_ao.calibration import calibrate, collect_calibration_data, select_step_indices
+from qdiff_ao.calibration_set import CalibrationSet
 from qdiff_ao.config import QuantConfig, ReconstructionConfig
 from qdiff_ao.observers import (
     EMAMinMaxObserver,
@@ -20,21 +22,33 @@ from qdiff_ao.observers import (
     register_observer,
     timestep_context,
 )
+from qdiff_ao.lowering import convert, prepare, quantize_fx
 from qdiff_ao.qconfig import get_backend_config, get_qconfig_mapping
+from qdiff_ao.tracing import trace
+from qdiff_ao.unet import QuantizedUNet
 
 __all__ = [
-    "EMAMinMaxObserver",
-    "LpObserver",
-    "PerChannelLpObserver",
-    "QuantConfig",
-    "RangeMinMaxObserver",
-    "ReconstructionConfig",
-    "SoftmaxObserver",
-    "TimestepAwareObserver",
     "__version__",
+    "calibrate",
+    "CalibrationSet",
+    "collect_calibration_data",
+    "convert",
+    "EMAMinMaxObserver",
     "get_backend_config",
     "get_observer",
     "get_qconfig_mapping",
+    "LpObserver",
+    "PerChannelLpObserver",
+    "prepare",
+    "QuantConfig",
+    "quantize_fx",
+    "QuantizedUNet",
+    "RangeMinMaxObserver",
+    "ReconstructionConfig",
     "register_observer",
+    "select_step_indices",
+    "SoftmaxObserver",
     "timestep_context",
+    "TimestepAwareObserver",
+    "trace",
 ]

@@ -1,0 +1,136 @@
+"""``QuantizedUNet``: a lowered GraphModule behind the diffusers UNet call signature, for pipelines.
+
+    pipe = DDIMPipeline(unet=QuantizedUNet(quantized_gm, like=unet), scheduler=scheduler)
+    images = pipe(batch_size=4).images
+
+The wrapper normalises what diffusers pipelines pass (timestep as int, float, 0-d or 1-d tensor; return_dict)
+into what the traced graph takes (a 1-d timestep of the traced dtype, one entry per sample) and wraps the output
+in ``UNet2DOutput`` / ``UNet2DConditionOutput``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+__all__ = ["QuantizedUNet", "graph_input_spec"]
+
+
+def graph_input_spec(gm: fx.GraphModule) -> dict[str, tuple[int, torch.dtype]]:
+    """{input name: (rank, dtype)} as traced, read from the input guard nodes of ``qdiff_ao.trace``."""
+    spec: dict[str, tuple[int, torch.dtype]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and getattr(node.target, "__name__", "") == "_check_traced_input":
+            _, name, ndim, dtype = node.args[:4]
+            spec[str(name)] = (int(ndim), dtype)
+    if not spec:
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                spec[str(node.target)] = (-1, torch.float32)
+    return spec
+
+
+class QuantizedUNet(nn.Module):
+    """Drop-in UNet for diffusers pipelines around a (quantized) traced GraphModule.
+
+    Args:
+        graph_module: from ``qdiff_ao.convert`` (or a user's convert_fx on a ``qdiff_ao.trace`` graph).
+        like: the original diffusers UNet, whose ``config`` and output type are copied; or None with
+            ``config`` given.
+        config: the diffusers UNet config (a dict), when ``like`` is not at hand (checkpoint loading).
+        conditional: output ``UNet2DConditionOutput`` (True) or ``UNet2DOutput``; inferred from ``like``.
+    """
+
+    def __init__(
+        self,
+        graph_module: fx.GraphModule,
+        like: nn.Module | None = None,
+        *,
+        config: Any = None,
+        conditional: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if like is None and config is None:
+            raise ValueError("QuantizedUNet needs the original UNet (like=unet) or its config (config=...)")
+        self.graph_module = graph_module
+        self._spec = graph_input_spec(graph_module)
+        self._config = config if config is not None else like.config  # type: ignore[union-attr]
+        if conditional is None:
+            conditional = "encoder_hidden_states" in self._spec
+        self.conditional = conditional
+
+    @property
+    def config(self) -> Any:
+        return self._config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        for t in self.graph_module.state_dict().values():
+            if isinstance(t, torch.Tensor):
+                return t.device
+        return torch.device("cpu")
+
+    def train(self, mode: bool = True) -> QuantizedUNet:
+        if mode:
+            raise RuntimeError(
+                "QuantizedUNet is an inference model (integer weights, frozen qparams) and cannot be trained; "
+                "fine-tune the float UNet and quantize again"
+            )
+        return super().train(False)
+
+    def _timestep(self, timestep: Any, batch: int) -> torch.Tensor:
+        ndim, dtype = self._spec.get("timestep", (1, torch.int64))
+        t = torch.as_tensor(timestep)
+        if t.dim() > 1 or (t.dim() == 1 and t.numel() not in (1, batch)):
+            raise ValueError(
+                f"timestep must be a number, a 0-d tensor or a 1-d tensor of length 1 or {batch} (the batch), "
+                f"got shape {tuple(t.shape)}"
+            )
+        if t.is_floating_point() and not dtype.is_floating_point and bool((t != t.round()).any()):
+            raise ValueError(
+                f"the UNet was traced with integer timesteps ({dtype}) but received fractional timestep(s) "
+                f"{t.tolist()}; trace with a float timestep for this scheduler"
+            )
+        t = t.to(dtype).reshape(-1)
+        return t.expand(batch).contiguous() if ndim == 1 else t.reshape(())
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: Any,
+        encoder_hidden_states: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        unsupported = {k for k, v in kwargs.items() if v is not None and k not in ("cross_attention_kwargs",)}
+        if unsupported or kwargs.get("cross_attention_kwargs"):
+            raise TypeError(
+                f"QuantizedUNet was traced without {sorted(unsupported) or ['cross_attention_kwargs']}; these "
+                "arguments were frozen at trace time. Re-trace the float UNet if you need them"
+            )
+        inputs: dict[str, Any] = {"sample": sample, "timestep": self._timestep(timestep, sample.shape[0])}
+        if "encoder_hidden_states" in self._spec:
+            if encoder_hidden_states is None:
+                raise TypeError("this UNet is conditional: pass encoder_hidden_states")
+            inputs["encoder_hidden_states"] = encoder_hidden_states
+        if "class_labels" in self._spec:
+            if class_labels is None:
+                raise TypeError("this UNet was traced with class_labels: pass class_labels")
+            inputs["class_labels"] = class_labels
+        out = self.graph_module(**{k: inputs[k] for k in self._spec})
+        if not return_dict:
+            return (out,)
+        if self.conditional:
+            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+            return UNet2DConditionOutput(sample=out)
+        from diffusers.models.unets.unet_2d import UNet2DOutput
+
+        return UNet2DOutput(sample=out)
