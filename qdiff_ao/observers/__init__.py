@@ -6,6 +6,7 @@ Built-in registry names: ``"minmax"``, ``"ema"``, ``"lp"``, ``"lp_per_channel"``
 from __future__ import annotations
 
 from qdiff_ao.observers.base import QuantRangeObserver
+from qdiff_ao.observers.frozen import FrozenObserver
 from qdiff_ao.observers.lp_norm import LpObserver, PerChannelLpObserver
 from qdiff_ao.observers.minmax import EMAMinMaxObserver, RangeMinMaxObserver
 from qdiff_ao.observers.registry import get_observer, list_observers, register_observer, unregister_observer
@@ -15,6 +16,7 @@ from qdiff_ao.observers.timestep_context import current_timestep, timestep_conte
 
 __all__ = [
     "EMAMinMaxObserver",
+    "FrozenObserver",
     "LpObserver",
     "PerChannelLpObserver",
     "QuantRangeObserver",
