@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from qdiff_ao.calibration import calibrate, collect_calibration_data, select_step_indices
 from qdiff_ao.calibration_set import CalibrationSet
 from qdiff_ao.config import QuantConfig, ReconstructionConfig
+from qdiff_ao.lowering import convert, prepare, quantize_fx
 from qdiff_ao.observers import (
     EMAMinMaxObserver,
     LpObserver,
@@ -22,7 +23,6 @@ from qdiff_ao.observers import (
     register_observer,
     timestep_context,
 )
-from qdiff_ao.lowering import convert, prepare, quantize_fx
 from qdiff_ao.qconfig import get_backend_config, get_qconfig_mapping
 from qdiff_ao.tracing import trace
 from qdiff_ao.unet import QuantizedUNet

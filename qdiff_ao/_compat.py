@@ -43,6 +43,7 @@ from torch.ao.quantization.backend_config import (
 )
 from torch.ao.quantization.fx import _lower_to_native_backend as _lowering
 from torch.ao.quantization.quantize_fx import convert_fx as _convert_fx
+from torch.ao.quantization.quantize_fx import convert_to_reference_fx as _convert_to_reference_fx
 from torch.ao.quantization.quantize_fx import prepare_fx as _prepare_fx
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "QConfig",
     "QConfigMapping",
     "convert_fx",
+    "convert_to_reference_fx",
     "get_default_qconfig_mapping",
     "prepare_fx",
     "register_clamped_reference_modules",
@@ -84,6 +86,7 @@ def _quiet_deprecation(fn: _F) -> _F:
 
 prepare_fx = _quiet_deprecation(_prepare_fx)
 convert_fx = _quiet_deprecation(_convert_fx)
+convert_to_reference_fx = _quiet_deprecation(_convert_to_reference_fx)
 
 
 def _clamp_codes(qweight: torch.Tensor, quant_min: int | None, quant_max: int | None) -> torch.Tensor:

@@ -1,0 +1,415 @@
+"""Tests for qdiff_ao.tracing: diffusers UNets -> flat GraphModule, equal to eager at other batch sizes."""
+
+from __future__ import annotations
+
+import collections
+import operator
+import pickle
+import warnings
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from torch import fx, nn
+
+from qdiff_ao import _tracer_impl
+from qdiff_ao.tracing import trace
+
+ATOL = 1e-5
+TRACE_BATCH, CHECK_BATCH = 1, 3
+
+_SMALL = {
+    "sample_size": 16,
+    "in_channels": 3,
+    "out_channels": 3,
+    "block_out_channels": (32, 64),
+    "norm_num_groups": 8,
+    "layers_per_block": 1,
+    "attention_head_dim": 8,
+}
+# Every 2D block family UNet2DModel accepts, both time embeddings, class conditioning, resnet
+# up/down sampling and a UNet without mid block. Skip blocks fix their own GroupNorm groups
+# (min(channels // 4, 32)), which 32/64 channels satisfy.
+UNET2D_CONFIGS: dict[str, dict[str, Any]] = {
+    "down_attn": {
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+    },
+    "resnet_sampling_scale_shift": {
+        "down_block_types": ("ResnetDownsampleBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        "resnet_time_scale_shift": "scale_shift",
+    },
+    "skip_fourier": {
+        "down_block_types": ("SkipDownBlock2D", "AttnSkipDownBlock2D"),
+        "up_block_types": ("AttnSkipUpBlock2D", "SkipUpBlock2D"),
+        "time_embedding_type": "fourier",
+    },
+    "class_embeds": {
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+        "num_class_embeds": 10,
+    },
+    "attn_resnet_updown_no_mid": {
+        "down_block_types": ("AttnDownBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D"),
+        "downsample_type": "resnet",
+        "upsample_type": "resnet",
+        "mid_block_type": None,
+    },
+}
+COND_CONFIG: dict[str, Any] = {  # SD-1.x layout at reduced width
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (32, 64),
+    "norm_num_groups": 8,
+    "layers_per_block": 1,
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 32,
+    "attention_head_dim": 8,
+}
+ALL_CONFIGS = [*UNET2D_CONFIGS, "cross_attn_cond"]
+
+
+def _set_processor(unet: nn.Module, processor: str) -> int:
+    """Install the attention processor; return the number of Attention modules."""
+    attns = [m for m in unet.modules() if isinstance(m, Attention)]
+    if processor == "classic":
+        for attn in attns:  # UNet2DModel has no set_attn_processor in diffusers 0.42
+            attn.set_processor(AttnProcessor())
+    else:
+        assert all(isinstance(a.processor, AttnProcessor2_0) for a in attns)
+    return len(attns)
+
+
+def _build(name: str, processor: str = "sdpa") -> tuple[nn.Module, int]:
+    torch.manual_seed(0)
+    if name == "cross_attn_cond":
+        unet: nn.Module = UNet2DConditionModel(**COND_CONFIG)
+    else:
+        unet = UNet2DModel(**{**_SMALL, **UNET2D_CONFIGS[name]})
+    return unet.eval(), _set_processor(unet, processor)
+
+
+def _inputs(name: str, batch: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    channels = 4 if name == "cross_attn_cond" else 3
+    inputs = {"sample": torch.randn(batch, channels, 16, 16, generator=g)}
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    inputs["timestep"] = t.float() if UNET2D_CONFIGS.get(name, {}).get("time_embedding_type") == "fourier" else t
+    if name == "cross_attn_cond":
+        inputs["encoder_hidden_states"] = torch.randn(batch, 7, 32, generator=g)
+    if name == "class_embeds":
+        inputs["class_labels"] = torch.randint(0, 10, (batch,), generator=g)
+    return inputs
+
+
+def _eager(unet: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return unet(**inputs).sample
+
+
+def _targets(gm: fx.GraphModule) -> collections.Counter:
+    return collections.Counter(n.target for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+
+
+@pytest.mark.parametrize("decompose", [True, False], ids=["decomposed", "sdpa_node"])
+@pytest.mark.parametrize("processor", ["sdpa", "classic"])
+@pytest.mark.parametrize("name", ALL_CONFIGS)
+def test_trace_equals_eager_at_another_batch_size(name: str, processor: str, decompose: bool) -> None:
+    unet, num_attn = _build(name, processor)
+    gm = trace(unet, _inputs(name, TRACE_BATCH, seed=1), decompose_attention=decompose)
+    new = _inputs(name, CHECK_BATCH, seed=2)
+    with torch.no_grad():
+        out = gm(**new)
+    ref = _eager(unet, new)
+    assert isinstance(out, torch.Tensor) and out.shape == ref.shape
+    assert (out - ref).abs().max().item() <= ATOL
+
+    counts = _targets(gm)
+    assert num_attn > 0
+    if processor == "classic":  # baddbmm -> softmax -> bmm, recorded as the processor calls them
+        assert counts[torch.baddbmm] == counts[torch.bmm] == counts["softmax"] == num_attn
+        assert counts[F.scaled_dot_product_attention] == 0
+    elif decompose:
+        assert counts[F.scaled_dot_product_attention] == 0
+        assert counts[torch.softmax] == num_attn and counts[torch.matmul] == 2 * num_attn
+        assert gm.meta["qdiff_trace"]["num_decomposed_attention"] == num_attn
+    else:
+        assert counts[F.scaled_dot_product_attention] == num_attn
+        assert counts[torch.softmax] == counts[torch.matmul] == 0
+
+
+def test_decomposed_attention_pattern() -> None:
+    """Each softmax reads mul(matmul(q, k.transpose(-1, -2)), scale) and feeds matmul(probs, v)."""
+    unet, num_attn = _build("cross_attn_cond")
+    gm = trace(unet, _inputs("cross_attn_cond", 1, seed=1))
+    softmaxes = [n for n in gm.graph.nodes if n.target is torch.softmax]
+    assert len(softmaxes) == num_attn
+    for sm in softmaxes:
+        assert sm.kwargs == {"dim": -1} and sm.meta["qdiff_attention"] == "softmax"
+        scaled = sm.args[0]
+        qk = scaled.args[0]
+        head_dim = qk.args[0].meta["tensor_meta"].shape[-1]
+        assert scaled.target is operator.mul and scaled.args[1] == pytest.approx(head_dim**-0.5)
+        assert qk.target is torch.matmul and qk.meta["qdiff_attention"] == "qk"
+        assert qk.args[1].target == "transpose" and qk.args[1].args[1:] == (-1, -2)
+        (pv,) = sm.users
+        assert pv.target is torch.matmul and pv.args[0] is sm and pv.meta["qdiff_attention"] == "pv"
+        assert sm.meta["nn_module_stack"]  # grouped under the Attention module that owns it
+
+
+class _SDPA(nn.Module):
+    """q, k, v ─► F.scaled_dot_product_attention(mask / causal) ─► out"""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        length, source = int(q.shape[-2]), int(k.shape[-2])  # non-batch dims: constants are fine
+        if self.mode == "causal":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.mode == "bool_mask":
+            mask = torch.rand(length, source, generator=torch.Generator().manual_seed(0)) > 0.3
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask | torch.eye(length, source, dtype=torch.bool))
+        mask = torch.randn(length, source, generator=torch.Generator().manual_seed(0))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+
+
+@pytest.mark.parametrize("mode", ["causal", "bool_mask", "float_mask_scale"])
+def test_sdpa_decomposition_matches_masks_and_scale(mode: str) -> None:
+    q, k, v = (torch.randn(1, 2, 5, 4) for _ in range(3))
+    gm = trace(_SDPA(mode), {"q": q, "k": k, "v": v})
+    assert _targets(gm)[F.scaled_dot_product_attention] == 0
+    q, k, v = (torch.randn(3, 2, 5, 4) for _ in range(3))
+    assert (gm(q, k, v) - _SDPA(mode)(q, k, v)).abs().max().item() <= ATOL
+
+
+class _ShapeDriven(nn.Module):
+    """Python control flow on shapes, varargs factories, an in-place op and a numpy constant.
+
+    x ─► (len(x.shape) == 4 → x * 2) ─► + zeros(b, c, 1, 1) ─► add_(1) ─► y[:, :1] = ... ─► / np.float64(2)
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import numpy as np
+
+        if len(x.shape) == 4 and x.shape[1] == 3:
+            x = x * 2
+        b, c, h, w = x.shape
+        assert h == w, "square inputs only"
+        y = x + torch.zeros(b, c, 1, 1) + torch.ones(b, 1, h, 1, dtype=x.dtype)
+        y.add_(1)  # result unused: dead-code elimination must keep it
+        y[:, :1] = y[:, :1] * 0.5  # item assignment is recorded in place
+        if torch.is_tensor(y):
+            y = y / np.float64(2.0)
+        return y.reshape(b, -1)[:, : c * h * w]
+
+
+def test_generic_module_shape_control_flow_factories_inplace() -> None:
+    gm = trace(_ShapeDriven(), {"x": torch.randn(2, 3, 4, 4)})
+    x = torch.randn(5, 3, 4, 4)
+    assert torch.equal(gm(x), _ShapeDriven()(x))
+    assert _targets(gm)["add_"] == 1 and _targets(gm)[operator.setitem] == 1
+    assert "np." not in gm.code
+
+
+@pytest.mark.parametrize(
+    ("name", "bad", "error", "fragment"),
+    [
+        ("sample", torch.randn(3, 3, 16), ValueError, "4-d torch.float32 tensor of shape (batch, 3, 16, 16)"),
+        ("sample", torch.randn(3, 3, 16, 8), ValueError, "received a 4-d tensor of shape (3, 3, 16, 8)"),
+        ("sample", torch.randn(3, 4, 16, 16), ValueError, "only dim 0, the batch, may change"),
+        ("sample", torch.randn(3, 3, 16, 16, dtype=torch.float64), TypeError, "received dtype torch.float64"),
+        ("timestep", torch.randint(0, 9, (3, 1)), ValueError, "1-d torch.int64 tensor of shape (batch,)"),
+        ("timestep", torch.randint(0, 9, (3,)).float(), TypeError, "received dtype torch.float32"),
+        ("timestep", 10, TypeError, "received int"),
+    ],
+)
+def test_guard_refuses_other_rank_dtype_or_shape(name: str, bad: Any, error: type, fragment: str) -> None:
+    unet, _ = _build("down_attn")
+    gm = trace(unet, _inputs("down_attn", 1, seed=1))
+    inputs: dict[str, Any] = _inputs("down_attn", 3, seed=2)
+    inputs[name] = bad
+    with pytest.raises(error) as info:
+        gm(**inputs)
+    message = str(info.value)
+    assert f"argument {name!r}" in message and fragment in message
+    if error is ValueError:
+        assert "re-trace with an example of the new shape" in message
+
+
+def test_timestep_of_length_batch_or_one_is_accepted() -> None:
+    unet, _ = _build("cross_attn_cond")
+    gm = trace(unet, _inputs("cross_attn_cond", 1, seed=1))
+    new = _inputs("cross_attn_cond", 3, seed=2)
+    for t in (new["timestep"], new["timestep"][:1]):
+        new["timestep"] = t
+        assert (gm(**new) - _eager(unet, new)).abs().max().item() <= ATOL
+
+
+def test_metadata_names_and_input_order() -> None:
+    unet, _ = _build("cross_attn_cond")
+    example = _inputs("cross_attn_cond", 2, seed=1)
+    gm = trace(unet, dict(reversed(list(example.items()))))  # dict order must not matter
+    placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    assert placeholders == ["sample", "timestep", "encoder_hidden_states"]
+    info = gm.meta["qdiff_trace"]
+    assert info["input_names"] == placeholders and info["model_class"] == "UNet2DConditionModel"
+    assert info["inputs"]["encoder_hidden_states"] == (3, torch.float32, (7, 32))
+    assert info["inputs"]["timestep"] == (1, torch.int64, ())
+    assert info["frozen_kwargs"]["return_dict"] is False and info["frozen_kwargs"]["class_labels"] is None
+    assert "sample" not in info["frozen_kwargs"] and info["example_batch_size"] == 2
+
+    modules = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    assert {"conv_in", "up_blocks.0.resnets.1.conv1", "down_blocks.0.attentions.0.proj_in"} <= modules
+    conv = next(n for n in gm.graph.nodes if n.target == "up_blocks.0.resnets.1.conv1")
+    stack = [qualname for qualname, _ in conv.meta["nn_module_stack"].values()]
+    assert stack[-2:] == ["up_blocks.0.resnets.1", "up_blocks.0.resnets.1.conv1"]
+    out_meta = next(n for n in gm.graph.nodes if n.op == "output").args[0].meta["tensor_meta"]
+    assert tuple(out_meta.shape) == (2, 4, 16, 16) and out_meta.dtype == torch.float32
+    tensor_nodes = [n for n in gm.graph.nodes if n.op == "call_module" or n.target is torch.softmax]
+    assert tensor_nodes and all(n.meta["tensor_meta"].dtype == torch.float32 for n in tensor_nodes)
+
+
+def test_copy_protects_the_model_and_copy_false_shares_it() -> None:
+    unet, _ = _build("down_attn")
+    example = _inputs("down_attn", 1, seed=1)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    copied = trace(unet, example, copy=True)
+    with torch.no_grad():
+        copied.get_submodule("conv_in").weight.zero_()
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
+
+    shared = trace(unet, example, copy=False)
+    assert shared.get_submodule("conv_in").weight is unet.conv_in.weight
+    assert not [a for a in vars(unet) if a.startswith("_tensor_constant")]  # constants live on the GraphModule
+
+
+def test_graph_module_deepcopies_and_pickles() -> None:
+    import copy
+
+    unet, _ = _build("down_attn")
+    gm = trace(unet, _inputs("down_attn", 1, seed=1))
+    new = _inputs("down_attn", 2, seed=2)
+    expected = gm(**new)
+    for clone in (copy.deepcopy(gm), pickle.loads(pickle.dumps(gm))):
+        assert torch.equal(clone(**new), expected)
+        with pytest.raises(ValueError, match="re-trace with an example of the new shape"):
+            clone(torch.randn(2, 3, 8, 8), new["timestep"])
+
+
+class _Raises(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_tensor(x) and x.shape[0] > 0:
+            raise RuntimeError("boom")
+        return x
+
+
+def test_torch_globals_restored_after_success_and_failure() -> None:
+    originals = {n: getattr(torch, n) for n in ("is_tensor", "empty", "zeros", "ones", "rand", "randn")}
+    trace(_ShapeDriven(), {"x": torch.randn(1, 3, 4, 4)})
+    with pytest.raises(RuntimeError, match="boom"):
+        trace(_Raises(), {"x": torch.randn(1, 3)})
+    assert {n: getattr(torch, n) for n in originals} == originals
+    assert _tracer_impl._patch_depth == 0
+
+
+def test_trace_argument_errors() -> None:
+    unet, _ = _build("cross_attn_cond")
+    example = _inputs("cross_attn_cond", 1, seed=1)
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        trace(lambda x: x, example)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="does not take"):
+        trace(unet, {**example, "latents": example["sample"]})
+    with pytest.raises(ValueError, match="encoder_hidden_states"):
+        trace(unet, {k: v for k, v in example.items() if k != "encoder_hidden_states"})
+    with pytest.raises(TypeError, match="torch.full"):
+        trace(unet, {**example, "timestep": 10})
+    with pytest.raises(TypeError, match="non-empty dict"):
+        trace(unet, {})
+
+
+def _disable_non_float_nodes(gm: fx.GraphModule, mapping: Any) -> int:
+    """The default x86 mapping puts HistogramObservers on int64 timestep nodes (histc fails on Long):
+    turn quantization off for every function/method node whose traced output is not floating point."""
+    order: collections.Counter = collections.Counter()
+    disabled = 0
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_method"):
+            index = order[node.target]
+            order[node.target] += 1
+            meta = node.meta.get("tensor_meta")
+            if meta is not None and hasattr(meta, "dtype") and not meta.dtype.is_floating_point:
+                mapping.set_module_name_object_type_order("", node.target, index, None)
+                disabled += 1
+    return disabled
+
+
+def test_prepare_fx_calibrate_convert_smoke() -> None:
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    name = "down_attn"  # UNet2DModel: its int64 `timestep * ones(batch)` trips the default mapping
+
+    unet, _ = _build(name)
+    example = _inputs(name, 2, seed=1)
+    gm = trace(unet, example)
+    mapping = get_default_qconfig_mapping("x86")
+    assert _disable_non_float_nodes(gm, mapping) >= 1  # timestep * ones(batch) and friends
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(gm, mapping, tuple(example.values()))
+        assert _targets(prepared)[torch.softmax] > 0 and _targets(prepared)[torch.matmul] > 0
+        with torch.no_grad():
+            prepared(**example)
+            quantized = convert_fx(prepared)
+            new = _inputs(name, 3, seed=2)
+            out = quantized(**new)
+    assert out.shape == _eager(unet, new).shape and torch.isfinite(out).all()
+    assert any(n.target is torch.quantize_per_tensor for n in quantized.graph.nodes)
+    bad = {**new, "sample": new["sample"][..., :8]}
+    with pytest.raises(ValueError, match="re-trace with an example of the new shape"):
+        prepared(**bad)
+    with pytest.raises(ValueError, match="argument 'sample'"):
+        quantized(**bad)
+
+
+@pytest.mark.slow
+def test_sd14_unet_config_trace_equals_eager() -> None:
+    """Full SD-1.4 UNet2DConditionModel config (random weights) on a 32x32 latent at batch 1."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    ).eval()
+    g = torch.Generator().manual_seed(0)
+    example = {
+        "sample": torch.randn(1, 4, 32, 32, generator=g),
+        "timestep": torch.tensor([500]),
+        "encoder_hidden_states": torch.randn(1, 77, 768, generator=g),
+    }
+    gm = trace(unet, example, copy=False)  # the UNet is 3.4 GB in fp32: don't hold two
+    assert _targets(gm)[torch.softmax] == 32  # 16 transformer blocks x (self + cross attention)
+    new = {
+        "sample": torch.randn(1, 4, 32, 32, generator=g),
+        "timestep": torch.tensor([21]),
+        "encoder_hidden_states": torch.randn(1, 77, 768, generator=g),
+    }
+    with torch.no_grad():
+        out = gm(**new)
+    assert (out - _eager(unet, new)).abs().max().item() <= ATOL

@@ -1,0 +1,46 @@
+"""Tiny diffusers UNets built from config dicts (seeded, no download) for end-to-end tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+
+SMALL_2D: dict[str, Any] = dict(
+    sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64), norm_num_groups=8,
+    layers_per_block=1, attention_head_dim=8,
+)
+
+FAMILIES: dict[str, dict[str, Any]] = {
+    "attn": dict(down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D")),
+    "resnet_updown": dict(down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D"),
+                          up_block_types=("AttnUpBlock2D", "ResnetUpsampleBlock2D")),
+    "skip_fourier": dict(down_block_types=("SkipDownBlock2D", "AttnSkipDownBlock2D"),
+                         up_block_types=("AttnSkipUpBlock2D", "SkipUpBlock2D"), time_embedding_type="fourier"),
+    "class_embeds": dict(down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                         up_block_types=("AttnUpBlock2D", "UpBlock2D"), num_class_embeds=10),
+    "cross_attn": {},
+}
+
+
+def build_unet(family: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    if family == "cross_attn":
+        return UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            norm_num_groups=8, cross_attention_dim=16, attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        ).eval()
+    return UNet2DModel(**SMALL_2D, **FAMILIES[family]).eval()
+
+
+def unet_inputs(family: str, batch: int, t: int = 500, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    if family == "cross_attn":
+        return {"sample": torch.randn(batch, 4, 8, 8, generator=g), "timestep": torch.full((batch,), t),
+                "encoder_hidden_states": torch.randn(batch, 4, 16, generator=g)}
+    inputs = {"sample": torch.randn(batch, 3, 16, 16, generator=g), "timestep": torch.full((batch,), t)}
+    if family == "class_embeds":
+        inputs["class_labels"] = torch.randint(0, 10, (batch,), generator=g)
+    return inputs
