@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from qdiff_ao.calibration import calibrate, collect_calibration_data, select_step_indices
 from qdiff_ao.calibration_set import CalibrationSet
 from qdiff_ao.config import QuantConfig, ReconstructionConfig
+from qdiff_ao import passes, report
 from qdiff_ao.lowering import convert, prepare, quantize_fx
 from qdiff_ao.observers import (
     EMAMinMaxObserver,
@@ -28,6 +29,8 @@ from qdiff_ao.tracing import trace
 from qdiff_ao.unet import QuantizedUNet
 
 __all__ = [
+    "passes",
+    "report",
     "__version__",
     "calibrate",
     "CalibrationSet",
