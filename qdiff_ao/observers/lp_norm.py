@@ -8,9 +8,9 @@ The observed range [min, max] is shrunk in steps of 1%: candidate i in 0..79 qua
 which trades clipping error against rounding error. The reference implementation evaluates E_i on the last
 calibration batch only and loops over channels in Python. Here E_i is evaluated on a histogram accumulated over
 *all* batches (``observers/histogram.py``: exact merging, so the result does not depend on batch order), with bin
-centres standing in for the values, vectorised over channels. Bins are fine enough (8192 per tensor, 2048 per
+centres standing in for the values, vectorised over channels. Bins are fine enough (8192 per tensor, 256-2048 per
 channel over at most twice the observed range) that a quantization step spans at least ~8 bins at 8 bits
-(per tensor) and ~35 bins at 4 bits (per channel).
+(per tensor) and ~8 bins at 4 bits (per channel).
 """
 
 from __future__ import annotations
@@ -56,11 +56,13 @@ class _LpSearchObserver(RangeMinMaxObserver):
         self.bins = int(bins)
         self.register_buffer("hist", torch.zeros(1, self.bins, dtype=torch.float64))
         self.register_buffer("bound", torch.zeros(1, dtype=torch.float64))
+        self._cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # search result; reset on data
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         return self._channel_view(x) if self.per_channel else x.reshape(1, -1)
 
     def _observe(self, x: torch.Tensor) -> None:
+        self._cached = None
         super()._observe(x)
         rows = self._rows(x)
         if self.hist.shape[0] != rows.shape[0]:
@@ -69,21 +71,29 @@ class _LpSearchObserver(RangeMinMaxObserver):
         self.hist, self.bound = update_histogram(self.hist, self.bound, rows)
 
     def search(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run the candidate search; returns (best shrink ratio, min, max) per row (1-d tensors)."""
+        """Run the candidate search; returns (best shrink ratio, min, max) per row (1-d tensors).
+
+        The error sums run in float32 on the occupied bins only (the bin counts are exact integers).
+        """
+        if self._cached is not None:
+            return self._cached
         lo = self.min_val.reshape(-1).double()
         hi = self.max_val.reshape(-1).double()
-        centers = bin_centers(self.bound, self.bins)
-        best_err = torch.full_like(lo, float("inf"))
+        occupied = (self.hist > 0).any(dim=0)  # bins empty in every row cost nothing in any candidate
+        centers = bin_centers(self.bound, self.bins)[:, occupied].float()
+        counts = self.hist[:, occupied].float()
+        best_err = torch.full(lo.shape, float("inf"))
         best_ratio = torch.ones_like(lo)
         for i in range(self.num_candidates):
             ratio = 1.0 - self.shrink_step * i
             scale, zp = choose_qparams(lo * ratio, hi * ratio, self.quant_min, self.quant_max, self.symmetric, self.eps)
-            fq = fake_quant(centers, scale.double(), zp, self.quant_min, self.quant_max, ch_axis=0)
-            err = (self.hist * (centers - fq).abs().pow(self.p)).sum(dim=1)
+            fq = fake_quant(centers, scale, zp, self.quant_min, self.quant_max, ch_axis=0)
+            err = (counts * (centers - fq).abs_().pow_(self.p)).sum(dim=1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
-        return best_ratio, lo * best_ratio, hi * best_ratio
+        self._cached = (best_ratio, lo * best_ratio, hi * best_ratio)
+        return self._cached
 
     def _min_max(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not bool(torch.isfinite(self.min_val).all()):
@@ -93,11 +103,13 @@ class _LpSearchObserver(RangeMinMaxObserver):
         return lo.float().reshape(shape), hi.float().reshape(shape)
 
     def reset_min_max_vals(self) -> None:
+        self._cached = None
         super().reset_min_max_vals()
         self.hist = torch.zeros(1, self.bins, dtype=torch.float64)
         self.bound = torch.zeros(1, dtype=torch.float64)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        self._cached = None
         for name in ("hist", "bound"):
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
@@ -129,7 +141,11 @@ class LpObserver(_LpSearchObserver):
 
 
 class PerChannelLpObserver(_LpSearchObserver):
-    """Per-channel Lp range search for weights (default: 8-bit signed symmetric on ``ch_axis`` 0, 2048 bins)."""
+    """Per-channel Lp range search for weights (default: 8-bit signed symmetric on ``ch_axis`` 0).
+
+    ``bins=None`` sizes the histograms to the code range: 16 bins per code level, between 256 and 2048
+    (4-bit weights: 256 bins per channel, ~8 bins per quantization step).
+    """
 
     per_channel_allowed = True
 
@@ -137,8 +153,12 @@ class PerChannelLpObserver(_LpSearchObserver):
         self,
         dtype: torch.dtype = torch.qint8,
         qscheme: torch.qscheme = torch.per_channel_symmetric,
+        bins: int | None = None,
         **kwargs: Any,
     ) -> None:
         if qscheme not in (torch.per_channel_affine, torch.per_channel_symmetric):
             raise ValueError(f"PerChannelLpObserver needs a per-channel qscheme, got {qscheme}")
-        super().__init__(dtype=dtype, qscheme=qscheme, **kwargs)
+        if bins is None:
+            levels = kwargs.get("quant_max", 127) - kwargs.get("quant_min", -128) + 1
+            bins = min(2048, max(256, 1 << (16 * levels - 1).bit_length()))
+        super().__init__(dtype=dtype, qscheme=qscheme, bins=bins, **kwargs)

@@ -1,0 +1,142 @@
+"""Speed of lowered UNets vs FP32 eager, measured in one process with interleaved rounds.
+
+    python benchmarks/speed.py [--rounds 7] [--batches 1 8] [--model cifar10|bundled|both]
+
+For each batch size, every round times each variant (median of --iters forward passes) back to back, and the
+table reports the median over rounds of the per-round ratio FP32_time / variant_time (this machine is noisy;
+ratios taken within a round cancel most of the drift). Variants: FP32 eager (the diffusers UNet), torch.ao's
+default x86 lowering of the same traced graph (HistogramObserver / per-channel MinMax, the baseline), and
+qdiff_ao's W8A8 and W4A8 lowerings (split shortcuts, Lp observers). Also prints the quantize / dequantize calls
+per forward of each lowered graph and the top operators of our W4A8 graph from torch.profiler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import fx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import qdiff_ao  # noqa: E402
+from benchmarks.common import bundled_unet, cifar10_ddpm_unet  # noqa: E402
+from qdiff_ao._compat import convert_fx, get_default_qconfig_mapping, prepare_fx  # noqa: E402
+
+
+def _inputs(unet: torch.nn.Module, batch: int, t: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    c, s = unet.config.in_channels, unet.config.sample_size
+    return {"sample": torch.randn(batch, c, s, s, generator=g), "timestep": torch.full((batch,), t)}
+
+
+def torch_default_x86(unet: torch.nn.Module, calib: list[dict[str, torch.Tensor]]) -> fx.GraphModule:
+    """torch.ao's default x86 mapping on our traced graph; integer (timestep) nodes left unquantized."""
+    gm = qdiff_ao.trace(unet, calib[0])
+    mapping = get_default_qconfig_mapping("x86")
+    counters: dict[object, int] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_method"):
+            k = counters.get(node.target, 0)
+            counters[node.target] = k + 1
+            meta = node.meta.get("tensor_meta")
+            if meta is not None and hasattr(meta, "dtype") and not meta.dtype.is_floating_point:
+                mapping.set_module_name_object_type_order("", node.target, k, None)
+    prepared = prepare_fx(gm, mapping, tuple(calib[0].values()))
+    with torch.no_grad():
+        for batch in calib:
+            prepared(**batch)
+    return convert_fx(prepared)
+
+
+def ours(unet: torch.nn.Module, calib: list[dict[str, torch.Tensor]], weight_bits: int) -> fx.GraphModule:
+    cfg = qdiff_ao.QuantConfig(weight_bits=weight_bits, act_bits=8)
+    return qdiff_ao.quantize_fx(unet, cfg, calib)
+
+
+def count_qdq(gm: fx.GraphModule) -> tuple[int, int]:
+    q = sum(1 for n in gm.graph.nodes if n.target in (torch.quantize_per_tensor, torch.quantize_per_channel))
+    dq = sum(1 for n in gm.graph.nodes if n.target == "dequantize")
+    return q, dq
+
+
+def time_once(fn: Callable[[], object], iters: int) -> float:
+    samples = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def bench(name: str, unet: torch.nn.Module, batches: list[int], rounds: int, iters: int) -> None:
+    calib = [_inputs(unet, 4, t, seed=i) for i, t in enumerate((950, 700, 400, 100))]
+    t0 = time.perf_counter()
+    variants: dict[str, Callable[[dict[str, torch.Tensor]], object]] = {"FP32 eager": lambda x: unet(**x).sample}
+    graphs = {"torch.ao default x86": torch_default_x86(unet, calib)}
+    for wb in (8, 4):
+        graphs[f"qdiff_ao W{wb}A8"] = ours(unet, calib, wb)
+    for v, gm in graphs.items():
+        variants[v] = lambda x, gm=gm: gm(**x)
+    print(f"\n## {name}: built {len(variants) - 1} lowered variants in {time.perf_counter() - t0:.0f} s")
+    print("\n| variant | q / dq calls per forward |\n|---|---|")
+    for v, gm in graphs.items():
+        q, dq = count_qdq(gm)
+        print(f"| {v} | {q} / {dq} |")
+    print(f"\n| variant | {' | '.join(f'batch {b}: ratio vs FP32 (ms)' for b in batches)} |")
+    print("|---|" + "---|" * len(batches))
+    results: dict[str, list[str]] = {v: [] for v in variants}
+    for b in batches:
+        x = _inputs(unet, b, 500, seed=99)
+        ratios: dict[str, list[float]] = {v: [] for v in variants}
+        times: dict[str, list[float]] = {v: [] for v in variants}
+        with torch.no_grad():
+            for fn in variants.values():
+                fn(x)  # warm-up (packing, allocator)
+            for _ in range(rounds):
+                fp = time_once(lambda: variants["FP32 eager"](x), iters)
+                for v, fn in variants.items():
+                    tv = fp if v == "FP32 eager" else time_once(lambda fn=fn: fn(x), iters)
+                    ratios[v].append(fp / tv)
+                    times[v].append(tv)
+        for v in variants:
+            results[v].append(f"{statistics.median(ratios[v]):.2f}x ({1e3 * statistics.median(times[v]):.1f})")
+    for v, cells in results.items():
+        print(f"| {v} | {' | '.join(cells)} |")
+    gm = graphs["qdiff_ao W4A8"]
+    x = _inputs(unet, batches[0], 500, seed=5)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        for _ in range(3):
+            gm(**x)
+    print(f"\nTop operators, qdiff_ao W4A8, batch {batches[0]} (3 forwards):\n")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--iters", type=int, default=3, help="forwards per timing (median)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--model", choices=["cifar10", "bundled", "both"], default="cifar10")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, quantized engine {torch.backends.quantized.engine}, threads {args.threads}")
+    if args.model in ("cifar10", "both"):
+        bench("google/ddpm-cifar10-32 architecture (random weights)", cifar10_ddpm_unet(), args.batches,
+              args.rounds, args.iters)
+    if args.model in ("bundled", "both"):
+        unet = bundled_unet()
+        if unet is None:
+            print("bundled model not found (train it with examples/train_ddpm.py)")
+        else:
+            bench("bundled digits DDPM", unet, args.batches, args.rounds, args.iters)
+
+
+if __name__ == "__main__":
+    main()
