@@ -25,6 +25,7 @@ from qdiff_ao.observers import (
     timestep_context,
 )
 from qdiff_ao.qconfig import get_backend_config, get_qconfig_mapping
+from qdiff_ao.recipe import quantize
 from qdiff_ao.tracing import trace
 from qdiff_ao.unet import QuantizedUNet
 
@@ -44,6 +45,7 @@ __all__ = [
     "PerChannelLpObserver",
     "prepare",
     "QuantConfig",
+    "quantize",
     "quantize_fx",
     "QuantizedUNet",
     "RangeMinMaxObserver",
