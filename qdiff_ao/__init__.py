@@ -8,10 +8,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from qdiff_ao import passes, report
 from qdiff_ao.calibration import calibrate, collect_calibration_data, select_step_indices
 from qdiff_ao.calibration_set import CalibrationSet
+from qdiff_ao.checkpoint import CheckpointError, load, save
 from qdiff_ao.config import QuantConfig, ReconstructionConfig
-from qdiff_ao import passes, report
 from qdiff_ao.lowering import convert, prepare, quantize_fx
 from qdiff_ao.observers import (
     EMAMinMaxObserver,
@@ -30,18 +31,19 @@ from qdiff_ao.tracing import trace
 from qdiff_ao.unet import QuantizedUNet
 
 __all__ = [
-    "passes",
-    "report",
     "__version__",
     "calibrate",
     "CalibrationSet",
+    "CheckpointError",
     "collect_calibration_data",
     "convert",
     "EMAMinMaxObserver",
     "get_backend_config",
     "get_observer",
     "get_qconfig_mapping",
+    "load",
     "LpObserver",
+    "passes",
     "PerChannelLpObserver",
     "prepare",
     "QuantConfig",
@@ -51,6 +53,8 @@ __all__ = [
     "RangeMinMaxObserver",
     "ReconstructionConfig",
     "register_observer",
+    "report",
+    "save",
     "select_step_indices",
     "SoftmaxObserver",
     "timestep_context",

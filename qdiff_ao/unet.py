@@ -10,6 +10,8 @@ in ``UNet2DOutput`` / ``UNet2DConditionOutput``.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -75,6 +77,39 @@ class QuantizedUNet(nn.Module):
             if isinstance(t, torch.Tensor):
                 return t.device
         return torch.device("cpu")
+
+    def save_pretrained(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write a compressed checkpoint (see :func:`qdiff_ao.checkpoint.save`)."""
+        from qdiff_ao.checkpoint import save
+
+        return save(self, path, overwrite=overwrite)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str]) -> QuantizedUNet:
+        """Load a checkpoint written by :meth:`save_pretrained` (see :func:`qdiff_ao.checkpoint.load`)."""
+        from qdiff_ao.checkpoint import load
+
+        return load(path)
+
+    def to(self, *args: Any, **kwargs: Any) -> QuantizedUNet:
+        dtype = kwargs.get("dtype") or next((a for a in args if isinstance(a, torch.dtype)), None)
+        device = kwargs.get("device") or next((a for a in args if isinstance(a, (str, torch.device))), None)
+        if dtype is not None and dtype != torch.float32:
+            raise TypeError(f"QuantizedUNet runs integer kernels with float32 I/O; it cannot be cast to {dtype}")
+        if device is not None and torch.device(device).type != "cpu":
+            raise RuntimeError(
+                f"QuantizedUNet's fbgemm/x86 INT8 kernels run on the CPU only; cannot move it to {device}"
+            )
+        return self
+
+    def half(self) -> QuantizedUNet:
+        return self.to(torch.float16)
+
+    def bfloat16(self) -> QuantizedUNet:
+        return self.to(torch.bfloat16)
+
+    def double(self) -> QuantizedUNet:
+        return self.to(torch.float64)
 
     def train(self, mode: bool = True) -> QuantizedUNet:
         if mode:

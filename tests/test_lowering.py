@@ -128,3 +128,16 @@ def test_quantized_unet_runs_in_ddim_pipeline() -> None:
         qunet.train()
     with pytest.raises(ValueError, match="fractional"):
         qunet(x, 10.5)
+
+
+def test_quantized_unet_refuses_dtype_and_device_changes() -> None:
+    cfg = qdiff_ao.QuantConfig(weight_bits=8, act_bits=8)
+    unet, prepared = _calibrated("attn", cfg)
+    qunet = qdiff_ao.QuantizedUNet(qdiff_ao.convert(prepared), like=unet)
+    assert qunet.to("cpu") is qunet and qunet.to(torch.float32) is qunet
+    with pytest.raises(TypeError, match="cannot be cast"):
+        qunet.half()
+    with pytest.raises(TypeError, match="cannot be cast"):
+        qunet.to(dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="CPU only"):
+        qunet.to("cuda")

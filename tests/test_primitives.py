@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qdiff_ao.primitives import choose_qparams, dequantize, fake_quant, qrange, quantize
 from tests.strategies import bits_and_range, float_tensors, fp_slack
 
+# The primitives are cheap: run many more examples than the profile's default (>= 6,000 in this file).
+MANY = settings(max_examples=1000)
 
+
+@MANY
 @given(x=float_tensors(), spec=bits_and_range(), symmetric=st.booleans())
 def test_codes_in_range_and_integral(x: torch.Tensor, spec: tuple[int, bool, int, int], symmetric: bool) -> None:
     """quant_min <= q <= quant_max and q is an integer."""
@@ -21,6 +25,7 @@ def test_codes_in_range_and_integral(x: torch.Tensor, spec: tuple[int, bool, int
     assert torch.equal(q, torch.round(q))
 
 
+@MANY
 @given(x=float_tensors(), spec=bits_and_range(), symmetric=st.booleans())
 def test_round_trip_error_within_half_step(x: torch.Tensor, spec: tuple[int, bool, int, int], symmetric: bool) -> None:
     """|fq(x) - x| <= scale/2 + fp slack for x inside the observed range (choose_qparams never clips)."""
@@ -30,6 +35,7 @@ def test_round_trip_error_within_half_step(x: torch.Tensor, spec: tuple[int, boo
     assert float(err) <= float(scale) / 2 + fp_slack(x) + 1e-30
 
 
+@MANY
 @given(x=float_tensors(), spec=bits_and_range(), symmetric=st.booleans())
 def test_fake_quant_is_idempotent(x: torch.Tensor, spec: tuple[int, bool, int, int], symmetric: bool) -> None:
     """fq(fq(x)) == fq(x): grid points are fixed points."""
@@ -39,6 +45,7 @@ def test_fake_quant_is_idempotent(x: torch.Tensor, spec: tuple[int, bool, int, i
     assert torch.equal(fake_quant(y, scale, zp, qmin, qmax), y)
 
 
+@MANY
 @given(x=float_tensors(min_size=2), spec=bits_and_range(), symmetric=st.booleans())
 def test_quantize_is_monotone(x: torch.Tensor, spec: tuple[int, bool, int, int], symmetric: bool) -> None:
     """x1 <= x2 implies q(x1) <= q(x2)."""
@@ -49,6 +56,7 @@ def test_quantize_is_monotone(x: torch.Tensor, spec: tuple[int, bool, int, int],
     assert bool((q[1:] >= q[:-1]).all())
 
 
+@MANY
 @given(x=float_tensors(), spec=bits_and_range(), symmetric=st.booleans())
 def test_zero_is_exact_and_qparams_valid(x: torch.Tensor, spec: tuple[int, bool, int, int], symmetric: bool) -> None:
     """dq(q(0)) == 0 exactly; scale > 0 and finite; zero_point an integer in range; signed symmetric => zp 0."""
@@ -61,6 +69,7 @@ def test_zero_is_exact_and_qparams_valid(x: torch.Tensor, spec: tuple[int, bool,
     assert float(fake_quant(torch.zeros(1), scale, zp, qmin, qmax)) == 0.0
 
 
+@MANY
 @given(x=float_tensors(max_abs=100.0), spec=bits_and_range(), c=st.floats(0.01, 100.0))
 def test_scale_equivariance(x: torch.Tensor, spec: tuple[int, bool, int, int], c: float) -> None:
     """scale(c x) == c scale(x) (up to fp rounding) for c > 0 when the range is not degenerate."""

@@ -1,0 +1,403 @@
+"""Tests for qdiff_ao.checkpoint: compressed save/load of lowered UNets, bit-identical outputs, strict validation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import qdiff_ao
+from qdiff_ao import _checkpoint_io
+from qdiff_ao._checkpoint_format import TensorSlot, check_tensors, pack_int4, unpack_int4
+from qdiff_ao._checkpoint_io import read_checkpoint, write_checkpoint
+from qdiff_ao.checkpoint import CheckpointError, load, save
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+SCHEMES = {"W8A8": (8, 8, 8), "W4A8": (4, 8, 8), "W4A8s16": (4, 8, 16), "W4A32": (4, None, 8)}
+
+
+def _unet(arch: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if arch == "cond":
+        return UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
+            layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16, attention_head_dim=4,
+        ).eval()
+    return UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=4,
+        layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4,
+    ).eval()
+
+
+def _inputs(arch: str, batch: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    timestep = torch.randint(0, 1000, (batch,), generator=g)
+    if arch == "cond":
+        return {"sample": torch.randn(batch, 4, 8, 8, generator=g), "timestep": timestep,
+                "encoder_hidden_states": torch.randn(batch, 5, 16, generator=g)}
+    return {"sample": torch.randn(batch, 1, 8, 8, generator=g), "timestep": timestep}
+
+
+def _quantize(arch: str, scheme: str, **overrides: Any) -> tuple[torch.nn.Module, qdiff_ao.QuantizedUNet]:
+    weight_bits, act_bits, softmax_bits = SCHEMES[scheme]
+    kwargs = dict(weight_bits=weight_bits, act_bits=act_bits, softmax_bits=softmax_bits, range_method="minmax")
+    cfg = qdiff_ao.QuantConfig(**{**kwargs, **overrides})
+    unet = _unet(arch)
+    gm = qdiff_ao.quantize_fx(unet, cfg, [_inputs(arch, 2, 1), _inputs(arch, 2, 2)])
+    return unet, qdiff_ao.QuantizedUNet(gm, like=unet)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], tuple[qdiff_ao.QuantizedUNet, Path]]:
+    """(arch, scheme) -> (in-memory quantized UNet, its checkpoint directory), built once per module."""
+    cache: dict[tuple[str, str], tuple[qdiff_ao.QuantizedUNet, Path]] = {}
+
+    def get(arch: str, scheme: str) -> tuple[qdiff_ao.QuantizedUNet, Path]:
+        if (arch, scheme) not in cache:
+            _, model = _quantize(arch, scheme)
+            cache[arch, scheme] = model, save(model, tmp_path_factory.mktemp("ckpt") / f"{arch}-{scheme}")
+        return cache[arch, scheme]
+
+    return get
+
+
+def _out(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).sample
+
+
+def _copy(src: Path, dst_parent: Path) -> Path:
+    return Path(shutil.copytree(src, dst_parent / "copy"))
+
+
+def _resign(src: Path, dst: Path, *, body: dict[str, Any] | None = None, tensors: dict[str, torch.Tensor] | None = None,
+            edit: Callable[[dict[str, Any], dict[str, torch.Tensor]], None] | None = None) -> Path:
+    """Rewrite a checkpoint with edited content but valid hashes (to reach the checks after the integrity ones)."""
+    body0, tensors0 = read_checkpoint(src)
+    body = {k: v for k, v in (body or body0).items() if k not in ("tensors_bytes", "tensors_sha256")}
+    tensors = dict(tensors or tensors0)
+    if edit is not None:
+        edit(body, tensors)
+    return write_checkpoint(dst, body, tensors, overwrite=False)
+
+
+# --- format primitives ------------------------------------------------------------------------------------------
+
+
+@given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=4), seed=st.integers(0, 2**16))
+def test_pack_int4_round_trip(shape: list[int], seed: int) -> None:
+    """unpack(pack(q)) == q for codes in [-8, 7]; ceil(n/2) bytes; the padding nibble is zero."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-8, 8, shape, generator=g, dtype=torch.int8)
+    packed = pack_int4(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == ((codes.numel() + 1) // 2,)
+    assert torch.equal(unpack_int4(packed, tuple(shape)), codes)
+    if codes.numel() % 2:
+        assert int(packed[-1]) >> 4 == 0
+
+
+def test_pack_int4_rejects_wide_codes_and_checks_padding() -> None:
+    with pytest.raises(ValueError, match=r"\[-8, 7\]"):
+        pack_int4(torch.tensor([8], dtype=torch.int8))
+    slot = TensorSlot("codes", (2,), torch.uint8, (-8, 7), (3,))
+    check_tensors({"w": pack_int4(torch.tensor([1, -2, 3], dtype=torch.int8))}, {"w": slot}, "f")
+    with pytest.raises(CheckpointError, match="padding"):
+        check_tensors({"w": torch.tensor([0x21, 0x53], dtype=torch.uint8)}, {"w": slot}, "f")
+
+
+# --- round trips --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arch", "scheme"),
+    [("plain", "W8A8"), ("plain", "W4A8"), ("plain", "W4A32"), ("cond", "W8A8"), ("cond", "W4A8s16"),
+     ("cond", "W4A32")],
+)
+def test_round_trip_is_bit_identical(saved: Any, arch: str, scheme: str, tmp_path: Path) -> None:
+    """load(save(m)) computes exactly m at another batch size; re-saving the loaded model stores the same content."""
+    model, path = saved(arch, scheme)
+    loaded = load(path)
+    for seed, batch in ((7, 3), (8, 1)):
+        x = _inputs(arch, batch, seed)
+        assert torch.equal(_out(loaded, x), _out(model, x))
+    weight = read_checkpoint(path)[1]["conv_in.weight"]
+    conv = loaded.graph_module.get_submodule("conv_in")
+    numel = conv.weight.numel() if scheme.endswith("A32") else conv.weight().numel()
+    if SCHEMES[scheme][0] == 4:
+        assert weight.dtype == torch.uint8 and weight.numel() == (numel + 1) // 2
+    else:
+        assert weight.dtype == torch.int8 and weight.numel() == numel
+    (body, tensors), (body2, tensors2) = read_checkpoint(path), read_checkpoint(save(loaded, tmp_path / "again"))
+    body.pop("tensors_sha256"), body2.pop("tensors_sha256")  # the safetensors header's key order varies
+    assert body == body2
+    assert tensors.keys() == tensors2.keys()
+    assert all(tensors[k].dtype == tensors2[k].dtype and torch.equal(tensors[k], tensors2[k]) for k in tensors)
+
+
+@pytest.mark.slow
+def test_round_trip_default_config_lp_timestep_aware(tmp_path: Path) -> None:
+    """Q-Diffusion's default W4A8 (Lp search, timestep-aware observers) reloads bit-identically."""
+    unet = _unet("plain")
+    cfg = qdiff_ao.QuantConfig()
+    model = qdiff_ao.QuantizedUNet(qdiff_ao.quantize_fx(unet, cfg, [_inputs("plain", 2, 1)]), like=unet)
+    loaded = load(save(model, tmp_path / "w4a8"))
+    assert loaded.graph_module.meta["qdiff_config"] == cfg
+    x = _inputs("plain", 4, 3)
+    assert torch.equal(_out(loaded, x), _out(model, x))
+
+
+def test_config_json_contents(saved: Any) -> None:
+    model, path = saved("plain", "W4A8")
+    body = json.loads((path / "config.json").read_text())
+    assert body["format_version"] == 1 and body["library"]["qdiff_ao"] == qdiff_ao.__version__
+    assert body["unet_class"] == "UNet2DModel" and body["unet_config"]["block_out_channels"] == [8, 16]
+    assert qdiff_ao.QuantConfig.from_dict(body["quant_config"]) == model.graph_module.meta["qdiff_config"]
+    assert body["trace"]["input_names"] == ["sample", "timestep"]
+    assert body["trace"]["inputs"]["sample"] == {"ndim": 4, "dtype": "float32", "shape": [1, 8, 8]}
+    assert body["split_shortcut"] and len(body["splits"]) == 4
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
+    _, tensors = read_checkpoint(path)
+    assert body["num_tensors"] == len(tensors) and "_scale_0" in tensors and "_zero_point_0" in tensors
+    assert "up_blocks.1.resnets.0.conv_shortcut.part1.weight" in tensors  # split shortcut halves
+
+
+# --- pipelines ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("pipeline", "scheduler"), [(DDIMPipeline, DDIMScheduler), (DDPMPipeline, DDPMScheduler)])
+def test_pipeline_images_identical(saved: Any, pipeline: Any, scheduler: Any) -> None:
+    model, path = saved("plain", "W4A8")
+    pipe = pipeline(unet=_unet("plain"), scheduler=scheduler(num_train_timesteps=50))
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for unet in (model, load(path)):
+        pipe.unet = unet
+        pipe.to("cpu")
+        out = pipe(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=4, output_type="np")
+        images.append(out.images)
+    assert images[0].shape == (2, 8, 8, 1) and (images[0] == images[1]).all()
+
+
+def test_conditional_called_like_stable_diffusion(saved: Any) -> None:
+    model, path = saved("cond", "W4A8s16")
+    loaded = load(path).to("cpu").eval()
+    x = _inputs("cond", 2, 5)
+    hidden = x["encoder_hidden_states"]
+    with torch.inference_mode():
+        for t in (981, torch.tensor(981)):
+            a = loaded(x["sample"], t, encoder_hidden_states=hidden, return_dict=False)[0]
+            b = model(x["sample"], t, encoder_hidden_states=hidden).sample
+            assert isinstance(loaded(x["sample"], t, hidden).sample, torch.Tensor)
+            assert torch.equal(a, b)
+    assert type(loaded(x["sample"], 1, hidden)).__name__ == "UNet2DConditionOutput"
+    assert loaded.config.cross_attention_dim == 16 and loaded.dtype == torch.float32
+    with pytest.raises(RuntimeError, match="cannot be trained"):
+        loaded.train()
+
+
+# --- writing ------------------------------------------------------------------------------------------------------
+
+
+def test_save_refuses_to_replace_and_never_deletes_user_files(saved: Any, tmp_path: Path) -> None:
+    model, _ = saved("plain", "W4A8")
+    target = save(model, tmp_path / "ckpt")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save(model, target)
+    inode = (target / "model.safetensors").stat().st_ino
+    assert save(model, target, overwrite=True) == target and (target / "model.safetensors").stat().st_ino != inode
+    assert read_checkpoint(target)[0]["num_tensors"] > 0
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="never deletes"):
+        save(model, target, overwrite=True)
+    user_dir = tmp_path / "user"
+    user_dir.mkdir()
+    (user_dir / "data.bin").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="not a qdiff_ao checkpoint"):
+        save(model, user_dir, overwrite=True)
+    assert (user_dir / "data.bin").read_bytes() == b"x" and (target / "notes.txt").exists()
+    (tmp_path / "empty").mkdir()
+    save(model, tmp_path / "empty")
+    assert (tmp_path / "empty" / "model.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directories left
+
+
+def test_interrupted_save_leaves_nothing(saved: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _ = saved("plain", "W4A8")
+    target = save(model, tmp_path / "old")
+    before = (target / "model.safetensors").read_bytes()
+    calls = {"n": 0}
+    real = _checkpoint_io._write_file
+
+    def failing(path: Path, data: bytes) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        real(path, data)
+
+    monkeypatch.setattr(_checkpoint_io, "_write_file", failing)
+    with pytest.raises(KeyboardInterrupt):
+        save(model, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    calls["n"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        save(model, target, overwrite=True)
+    assert (target / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+
+
+def test_save_rejects_what_load_could_not_rebuild(saved: Any, tmp_path: Path) -> None:
+    model, _ = saved("plain", "W4A8")
+    with pytest.raises(TypeError, match="QuantizedUNet or a converted"):
+        save(_unet("plain"), tmp_path / "a")
+    with pytest.raises(ValueError, match="unet_config"):
+        save(model.graph_module, tmp_path / "b")
+    unet = _unet("plain")
+    cfg = qdiff_ao.QuantConfig(weight_bits=4, range_method="minmax")
+    prepared = qdiff_ao.prepare(unet, cfg, _inputs("plain", 2, 1))
+    with pytest.raises(ValueError, match="convert"):
+        save(prepared, tmp_path / "c", unet_config=unet.config)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+# --- validation ---------------------------------------------------------------------------------------------------
+
+
+def test_rejects_directories_that_are_not_checkpoints(saved: Any, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load(tmp_path / "missing")
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        load(tmp_path)
+    _unet("plain").save_pretrained(tmp_path / "diffusers")
+    with pytest.raises(CheckpointError, match="diffusers model folder"):
+        load(tmp_path / "diffusers")
+    path = _copy(saved("plain", "W4A8")[1], tmp_path)
+    body = json.loads((path / "config.json").read_text())
+    body["format_version"] = 2
+    (path / "config.json").write_text(json.dumps(body))
+    with pytest.raises(CheckpointError, match="format_version 2 is not supported"):
+        load(path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "header", "data", "config_value", "missing_file"])
+def test_detects_file_damage(saved: Any, tmp_path: Path, damage: str) -> None:
+    path = _copy(saved("plain", "W4A8")[1], tmp_path)
+    tensors = path / "model.safetensors"
+    data = bytearray(tensors.read_bytes())
+    match = "SHA-256"
+    if damage == "truncate":
+        tensors.write_bytes(data[: len(data) // 2])
+        match = "truncated"
+    elif damage in ("header", "data"):
+        data[20 if damage == "header" else len(data) - 3] ^= 0x10
+        tensors.write_bytes(bytes(data))
+    elif damage == "config_value":
+        body = json.loads((path / "config.json").read_text())
+        body["quant_config"]["act_bits"] = 6
+        (path / "config.json").write_text(json.dumps(body))
+        match = "config_sha256"
+    else:
+        tensors.unlink()
+        match = "model.safetensors is missing"
+    with pytest.raises(CheckpointError, match=match):
+        load(path)
+
+
+def _set(name: str, value: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[dict[str, Any], dict[str, Any]], None]:
+    def edit(body: dict[str, Any], tensors: dict[str, Any]) -> None:
+        tensors[name] = value(tensors[name])
+
+    return edit
+
+
+def _drop(body: dict[str, Any], tensors: dict[str, Any]) -> None:
+    del tensors["conv_out.bias"]
+
+
+def _add(body: dict[str, Any], tensors: dict[str, Any]) -> None:
+    tensors["conv_out.extra"] = torch.zeros(2)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (_set("conv_in.weight_scale", lambda t: t.float()), r"'conv_in.weight_scale' is torch.float32"),
+        (_set("conv_out.bias", lambda t: t.repeat(2)), r"'conv_out.bias' is torch.float32 of shape \(2,\)"),
+        (_drop, r"missing \['conv_out.bias'\]"),
+        (_add, r"unexpected \['conv_out.extra'\]"),
+        (_set("_scale_0", lambda t: torch.full_like(t, float("nan"))), r"'_scale_0' holds scales that are not finite"),
+        (_set("_scale_1", lambda t: torch.full_like(t, float("inf"))), "not finite and > 0"),
+        (_set("conv_in.weight_scale", lambda t: t * 0), "'conv_in.weight_scale' holds scales"),
+        (_set("conv_in.scale", lambda t: -t), "'conv_in.scale' holds scales"),
+        (_set("_zero_point_0", lambda t: t + 300), r"'_zero_point_0' has zero points outside \[0, 255\]"),
+        (_set("conv_in.weight_zero_point", lambda t: t - 200), r"zero points outside \[-128, 127\]"),
+    ],
+)
+def test_rejects_tensors_that_do_not_fit_the_config(saved: Any, tmp_path: Path, edit: Any, match: str) -> None:
+    path = _resign(saved("plain", "W4A8")[1], tmp_path / "bad", edit=edit)
+    with pytest.raises(CheckpointError, match=match) as info:
+        load(path)
+    assert "model.safetensors" in str(info.value)
+
+
+def test_rejects_codes_outside_the_weight_range(saved: Any, tmp_path: Path) -> None:
+    """W8A8 under reduce_range="auto" keeps weights in [-64, 63]; a code of 100 is refused."""
+    edit = _set("conv_in.weight", lambda t: t.clone().fill_(100))
+    with pytest.raises(CheckpointError, match=r"'conv_in.weight' has weight codes outside \[-64, 63\]"):
+        load(_resign(saved("plain", "W8A8")[1], tmp_path / "bad", edit=edit))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("unet_config", {"block_out_channels": [8, 24]},
+         r"'down_blocks.1.resnets.0.conv1.weight' is torch.uint8 of shape \(576,\), but the config needs .* \(864,\)"),
+        ("unet_config", {"norm_num_groups": 8}, "does not describe the saved model"),
+        ("unet_class", "UNet2DConditionModel", "cannot rebuild"),
+        ("unet_class", "os.system", "not a diffusers model class"),
+        ("quant_config", {"weight_bits": 9}, "invalid quant_config"),
+    ],
+)
+def test_rejects_a_config_for_another_model(saved: Any, tmp_path: Path, key: str, value: Any, match: str) -> None:
+    def edit(body: dict[str, Any], tensors: dict[str, Any]) -> None:
+        body[key] = {**body[key], **value} if isinstance(value, dict) else value
+
+    with pytest.raises(CheckpointError, match=match):
+        load(_resign(saved("plain", "W4A8")[1], tmp_path / "other", edit=edit))
+
+
+@settings(max_examples=25, deadline=None)
+@given(file=st.sampled_from(["config.json", "model.safetensors"]), where=st.floats(0, 1, exclude_max=True),
+       mask=st.integers(1, 255), truncate=st.booleans())
+def test_random_corruption_is_detected_or_harmless(saved: Any, file: str, where: float, mask: int,
+                                                   truncate: bool) -> None:
+    """Any damaged byte gives a CheckpointError, or a model computing exactly the original (e.g. JSON whitespace)."""
+    model, path = saved("plain", "W4A8")
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = _copy(path, Path(tmp))
+        target = copy / file
+        data = bytearray(target.read_bytes())
+        pos = int(where * len(data))
+        if truncate:
+            del data[pos:]
+        else:
+            data[pos] ^= mask
+        target.write_bytes(bytes(data))
+        try:
+            loaded = load(copy)
+        except CheckpointError:
+            return
+        x = _inputs("plain", 2, 11)
+        assert torch.equal(_out(loaded, x), _out(model, x))
