@@ -28,7 +28,6 @@ def test_every_example_is_listed() -> None:
     assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(ARGS)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ARGS))
 def test_example_runs(name: str, tmp_path: Path) -> None:
     args = [a.format(tmp=tmp_path) for a in ARGS[name]]

@@ -191,6 +191,8 @@ def test_softmax_observer_refuses_negative_values_and_bad_bits() -> None:
         SoftmaxObserver()(torch.tensor([-0.1, 0.5]))
     with pytest.raises(ValueError, match="8 or 16"):
         SoftmaxObserver(bits=4)
+    with pytest.raises(ValueError, match="affine"):
+        SoftmaxObserver(qscheme=torch.per_tensor_symmetric)
 
 
 def test_timestep_observer_records_per_step_ranges_and_shares_qparams() -> None:

@@ -26,7 +26,8 @@ CASES: dict[str, tuple[Any, dict[str, Any], int]] = {
     "ema": (EMAMinMaxObserver, dict(per_channel=False, order_invariant=False, clips=True), 60),
     "timestep_minmax": (lambda **kw: TimestepAwareObserver(base=RangeMinMaxObserver(**kw)),
                         dict(per_channel=False), 60),
-    "softmax": (lambda **kw: SoftmaxObserver(bits=8), dict(signed=False, nonnegative=True, per_channel=False), 60),
+    "softmax": (lambda **kw: SoftmaxObserver(bits=8, **kw),
+                dict(signed=False, symmetric=False, bits=(8, 8), nonnegative=True, per_channel=False), 60),
     "lp_per_tensor": (LpObserver, dict(per_channel=False, clips=True), 15),
     "lp_per_channel": (PerChannelLpObserver, dict(per_channel=True, clips=True), 15),
 }

@@ -44,6 +44,10 @@ class SoftmaxObserver(RangeMinMaxObserver):
         kwargs.setdefault("quant_min", quant_min)
         kwargs.setdefault("quant_max", quant_max)
         super().__init__(**kwargs)
+        if self.symmetric:
+            raise ValueError(
+                f"SoftmaxObserver has zero_point 0 by construction; use an affine qscheme, got {self.qscheme}"
+            )
         if self.quant_min != 0:
             raise ValueError(
                 f"SoftmaxObserver is unsigned with zero_point 0: quant_min must be 0, got {self.quant_min}"
