@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import tempfile
 import time
 import warnings
@@ -22,19 +23,13 @@ from pathlib import Path
 
 import torch
 
-import qdiff_ao
-from qdiff_ao import checkpoint
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import qdiff_ao  # noqa: E402
+from benchmarks.common import CIFAR10_DDPM  # noqa: E402
+from qdiff_ao import checkpoint  # noqa: E402
 
 _TARGETS = {4: 0.14, 8: 0.26}
-_CIFAR10 = dict(
-    sample_size=32,
-    in_channels=3,
-    out_channels=3,
-    block_out_channels=(128, 256, 256, 256),
-    layers_per_block=2,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-)
 _SCHEMES = {"W4A8": (4, 8), "W8A8": (8, 8), "W4A32": (4, None), "W8A32": (8, None)}
 
 
@@ -94,7 +89,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_cifar10:
             torch.manual_seed(0)
-            rows += measure(UNet2DModel(**_CIFAR10).eval(), "ddpm-cifar10-32", args.schemes, Path(tmp))
+            rows += measure(UNet2DModel(**CIFAR10_DDPM).eval(), "ddpm-cifar10-32", args.schemes, Path(tmp))
         digits = Path(qdiff_ao.__file__).parent / "bundled" / "digits-ddpm" / "unet"
         if digits.is_dir():
             rows += measure(UNet2DModel.from_pretrained(digits).eval(), "digits-ddpm", args.schemes, Path(tmp))
