@@ -32,10 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calibration-strategy", choices=["uniform", "first", "last"], default="uniform")
     q.add_argument("--calibration-steps", type=int, default=100, help="sampler steps of the calibration run")
     q.add_argument("--calibration-timesteps", type=int, default=20, help="timesteps kept for calibration")
-    q.add_argument("--samples-per-timestep", type=int, default=64)
+    q.add_argument("--samples-per-timestep", type=int, default=32)
     q.add_argument("--recon-iters", type=int, default=None,
                    help="AdaRound iterations per block (0 = no reconstruction; default: the config's)")
-    q.add_argument("--num-samples", type=int, default=256, help="images sampled for the FD / confidence report")
+    q.add_argument("--num-samples", type=int, default=300, help="images sampled for the FD / confidence report "
+                   "(300 = the size of the held-out reference set)")
     q.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps for the report samples")
     q.add_argument("--out", type=Path, default=Path("qdiff-out"))
     q.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
