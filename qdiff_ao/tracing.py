@@ -187,6 +187,9 @@ def trace(
         "frozen_kwargs": dict(frozen),
         "example_batch_size": _batch_size(examples),
     }
+    # The module hierarchy's classes (ResnetBlock2D, Attention, ...): prepare_fx keeps qualified names but not
+    # the classes, and reconstruction partitions blocks by class.
+    gm.meta["qdiff_module_types"] = {name: type(m) for name, m in model.named_modules()}
     log.info("traced %s: %d nodes, inputs %s", type(model).__name__, len(gm.graph.nodes), input_names)
     return gm
 
