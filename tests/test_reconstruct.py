@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 from typing import Any
 
 import pytest
@@ -13,9 +14,11 @@ from diffusers.models.resnet import ResnetBlock2D
 
 import qdiff_ao
 from qdiff_ao.observers.frozen import FrozenObserver
-from qdiff_ao.passes import reconstruct as recon_module
 from qdiff_ao.passes._adaround import AdaRoundWeight, LearnedStepQuant, beta_schedule, rectified_sigmoid
 from qdiff_ao.passes.reconstruct import module_types_of, reconstruct
+
+# The module itself (qdiff_ao.passes.reconstruct is the function of the same name).
+recon_module = importlib.import_module("qdiff_ao.passes.reconstruct")
 
 
 def tiny_unet(seed: int = 0) -> UNet2DModel:
@@ -139,6 +142,8 @@ def test_missing_module_hierarchy_and_bad_arguments_raise() -> None:
     unet = tiny_unet()
     calib = calib_for(unet, rows=4)
     prepared = prepared_for(unet, calib)
+    assert set(prepared.meta["qdiff_module_types"]) == set(module_types_of(unet))  # recorded by trace()
+    prepared.meta.pop("qdiff_module_types")
     with pytest.raises(ValueError, match="model=<the diffusers UNet"):
         reconstruct(prepared, calib, qdiff_ao.ReconstructionConfig(weight_iters=1), progress=False)
     with pytest.raises(TypeError, match="CalibrationSet"):
