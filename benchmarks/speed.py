@@ -54,8 +54,9 @@ def torch_default_x86(unet: torch.nn.Module, calib: list[dict[str, torch.Tensor]
     return convert_fx(prepared)
 
 
-def ours(unet: torch.nn.Module, calib: list[dict[str, torch.Tensor]], weight_bits: int) -> fx.GraphModule:
-    cfg = qdiff_ao.QuantConfig(weight_bits=weight_bits, act_bits=8)
+def ours(unet: torch.nn.Module, calib: list[dict[str, torch.Tensor]], weight_bits: int,
+         quantize_attention: bool = True) -> fx.GraphModule:
+    cfg = qdiff_ao.QuantConfig(weight_bits=weight_bits, act_bits=8, quantize_attention=quantize_attention)
     return qdiff_ao.quantize_fx(unet, cfg, calib)
 
 
@@ -81,9 +82,11 @@ def bench(name: str, unet: torch.nn.Module, batches: list[int], rounds: int, ite
     graphs = {"torch.ao default x86": torch_default_x86(unet, calib)}
     for wb in (8, 4):
         graphs[f"qdiff_ao W{wb}A8"] = ours(unet, calib, wb)
+    for wb in (8, 4):
+        graphs[f"qdiff_ao W{wb}A8, float SDPA attention"] = ours(unet, calib, wb, quantize_attention=False)
     for v, gm in graphs.items():
         variants[v] = lambda x, gm=gm: gm(**x)
-    print(f"\n## {name}: built {len(variants) - 1} lowered variants in {time.perf_counter() - t0:.0f} s")
+    print(f"\n## {name}: built {len(graphs)} lowered variants in {time.perf_counter() - t0:.0f} s")
     print("\n| variant | q / dq calls per forward |\n|---|---|")
     for v, gm in graphs.items():
         q, dq = count_qdq(gm)
@@ -99,9 +102,9 @@ def bench(name: str, unet: torch.nn.Module, batches: list[int], rounds: int, ite
             for fn in variants.values():
                 fn(x)  # warm-up (packing, allocator)
             for _ in range(rounds):
-                fp = time_once(lambda: variants["FP32 eager"](x), iters)
+                fp = time_once(lambda x=x: variants["FP32 eager"](x), iters)
                 for v, fn in variants.items():
-                    tv = fp if v == "FP32 eager" else time_once(lambda fn=fn: fn(x), iters)
+                    tv = fp if v == "FP32 eager" else time_once(lambda fn=fn, x=x: fn(x), iters)
                     ratios[v].append(fp / tv)
                     times[v].append(tv)
         for v in variants:

@@ -63,7 +63,11 @@ def prepare(
     """
     if not isinstance(cfg, QuantConfig):
         raise TypeError(f"cfg must be a qdiff_ao.QuantConfig, got {type(cfg).__name__}")
-    gm = model if isinstance(model, fx.GraphModule) else trace(model, dict(example_inputs))
+    # Attention is decomposed into matmul/softmax/matmul only when it is quantized: the decomposed form
+    # materialises the scores and is much slower than SDPA at larger batches.
+    gm = model if isinstance(model, fx.GraphModule) else trace(
+        model, dict(example_inputs), decompose_attention=cfg.quantize_attention and cfg.act_bits is not None
+    )
     meta = dict(gm.meta)
     if split:
         gm = split_shortcut(gm)
