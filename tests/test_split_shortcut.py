@@ -74,7 +74,8 @@ def test_split_halves_get_their_own_observers_and_quantized_convs() -> None:
     gm, inputs = _traced()
     split_shortcut(gm)
     cfg = qdiff_ao.QuantConfig(weight_bits=4, act_bits=8)
-    prepared = prepare_fx(gm, qdiff_ao.get_qconfig_mapping(cfg), inputs, backend_config=qdiff_ao.get_backend_config(cfg))
+    prepared = prepare_fx(gm, qdiff_ao.get_qconfig_mapping(cfg), inputs,
+                          backend_config=qdiff_ao.get_backend_config(cfg))
     observed_inputs = {n.args[0].name for n in prepared.graph.nodes
                        if n.op == "call_module" and "activation_post_process" in str(n.target)}
     assert {"h", "skip"} <= observed_inputs  # one activation quantizer per half

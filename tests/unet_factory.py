@@ -30,7 +30,8 @@ def build_unet(family: str, seed: int = 0) -> torch.nn.Module:
         return UNet2DConditionModel(
             sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
             norm_num_groups=8, cross_attention_dim=16, attention_head_dim=8,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         ).eval()
     return UNet2DModel(**SMALL_2D, **FAMILIES[family]).eval()
 
