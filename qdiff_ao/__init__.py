@@ -25,6 +25,7 @@ from qdiff_ao.observers import (
     register_observer,
     timestep_context,
 )
+from qdiff_ao.onnx_export import export_onnx
 from qdiff_ao.qconfig import get_backend_config, get_qconfig_mapping
 from qdiff_ao.recipe import quantize
 from qdiff_ao.tracing import trace
@@ -38,6 +39,7 @@ __all__ = [
     "collect_calibration_data",
     "convert",
     "EMAMinMaxObserver",
+    "export_onnx",
     "get_backend_config",
     "get_observer",
     "get_qconfig_mapping",
