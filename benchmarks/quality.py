@@ -8,9 +8,10 @@ qdiff_ao.metrics) as mean ± std over seeds, mean classifier confidence, mean re
 the FP DDIM trajectory, checkpoint size, latency ratio vs FP32 (batch 8, median of interleaved rounds).
 
 Rows: FP32; naive PTQ at W8A8 / W4A8 (min/max observers, no split, no timestep-aware statistics, calibration on a
-single step: x_T, the first step of the trajectory, no reconstruction); Q-Diffusion (ours) at W8A8, W4A8 and
-weights-only W4 (uniform calibration over the trajectory, Lp range search, split shortcuts, reconstruction);
-ablations of ours at W4A8: no split, calibration on the first / last steps only, no reconstruction.
+single step: x_T, the first step of the trajectory, no reconstruction, no bias correction); Q-Diffusion (ours)
+at W8A8, W4A8 and weights-only W4 (uniform calibration over the trajectory, Lp range search, split shortcuts,
+reconstruction, output bias correction); ablations of ours at W4A8: no split, calibration on the first / last
+steps only, no reconstruction, no output bias correction.
 """
 
 from __future__ import annotations
@@ -38,24 +39,26 @@ def rows(recon: qdiff_ao.ReconstructionConfig) -> list[dict[str, Any]]:
     naive = dict(range_method="minmax", timestep_aware=False)
     return [
         dict(label="naive PTQ W8A8", cfg=qdiff_ao.QuantConfig(weight_bits=8, act_bits=8, **naive), split=False,
-             calib="single", recon=False),
+             calib="single", recon=False, bias=False),
         dict(label="naive PTQ W4A8", cfg=qdiff_ao.QuantConfig(weight_bits=4, act_bits=8, **naive), split=False,
-             calib="single", recon=False),
+             calib="single", recon=False, bias=False),
         dict(label="Q-Diffusion W8A8", cfg=qdiff_ao.QuantConfig(weight_bits=8, act_bits=8, reconstruction=recon),
-             split=True, calib="uniform", recon=True),
+             split=True, calib="uniform", recon=True, bias=True),
         dict(label="Q-Diffusion W4A8", cfg=qdiff_ao.QuantConfig(weight_bits=4, act_bits=8, reconstruction=recon),
-             split=True, calib="uniform", recon=True),
+             split=True, calib="uniform", recon=True, bias=True),
         dict(label="Q-Diffusion W4A32 (weights only)",
              cfg=qdiff_ao.QuantConfig(weight_bits=4, act_bits=None, reconstruction=recon), split=True,
-             calib="uniform", recon=True),
+             calib="uniform", recon=True, bias=True),
         dict(label="ours W4A8, no split", cfg=qdiff_ao.QuantConfig(reconstruction=recon), split=False,
-             calib="uniform", recon=True),
+             calib="uniform", recon=True, bias=True),
         dict(label="ours W4A8, first-steps calibration", cfg=qdiff_ao.QuantConfig(reconstruction=recon),
-             split=True, calib="first", recon=True),
+             split=True, calib="first", recon=True, bias=True),
         dict(label="ours W4A8, last-steps calibration", cfg=qdiff_ao.QuantConfig(reconstruction=recon),
-             split=True, calib="last", recon=True),
+             split=True, calib="last", recon=True, bias=True),
         dict(label="ours W4A8, no reconstruction", cfg=qdiff_ao.QuantConfig(), split=True, calib="uniform",
-             recon=False),
+             recon=False, bias=True),
+        dict(label="ours W4A8, no bias correction", cfg=qdiff_ao.QuantConfig(reconstruction=recon), split=True,
+             calib="uniform", recon=True, bias=False),
     ]
 
 
@@ -127,7 +130,7 @@ def main() -> None:
             continue
         t0 = time.perf_counter()
         qunet = qdiff_ao.quantize(unet, scheduler, row["cfg"], calib=calib_for(row["calib"]), split=row["split"],
-                                  reconstruct=row["recon"], progress=False)
+                                  reconstruct=row["recon"], bias_correction=row["bias"], progress=False)
         seconds = time.perf_counter() - t0
         with tempfile.TemporaryDirectory() as tmp:
             qunet.save_pretrained(Path(tmp) / "ckpt")

@@ -123,7 +123,8 @@ def run_main_job(args: argparse.Namespace) -> dict[str, Any]:
     qunet = qdiff_ao.quantize(
         unet, scheduler, cfg, num_inference_steps=args.calibration_steps, num_timesteps=args.calibration_timesteps,
         samples_per_timestep=args.samples_per_timestep, calibration_strategy=args.calibration_strategy,
-        split=not args.no_split, reconstruct=args.recon_iters != 0, seed=args.seed, progress=progress,
+        split=not args.no_split, reconstruct=args.recon_iters != 0,
+        bias_correction=not getattr(args, "no_bias_correction", False), seed=args.seed, progress=progress,
         on_prepared=on_prepared,
     )
     quantize_s = time.perf_counter() - t_start

@@ -1,5 +1,5 @@
 """The whole Q-Diffusion recipe in one call: collect -> trace -> split -> prepare -> calibrate -> reconstruct ->
-convert.
+output bias correction -> convert.
 
 Example:
     >>> import qdiff_ao
@@ -46,6 +46,7 @@ def quantize(
     calibration_strategy: str = "uniform",
     split: bool = True,
     reconstruct: bool = True,
+    bias_correction: bool = True,
     calib: CalibrationSet | None = None,
     batch_size: int = 32,
     seed: int = 0,
@@ -64,6 +65,9 @@ def quantize(
             (see :func:`qdiff_ao.collect_calibration_data`); ignored when ``calib`` is given.
         split: split shortcut quantization.
         reconstruct: BRECQ/AdaRound block reconstruction (``qdiff_ao.passes.reconstruct``).
+        bias_correction: fold the mean quantization error of the model output into the output layer's bias
+            (``qdiff_ao.passes.correct_output_bias``); needs a quantized output layer (skipped with a warning
+            otherwise).
         calib: a ready CalibrationSet.
         batch_size: calibration batch size.
         seed: seed of calibration sampling.
@@ -100,6 +104,18 @@ def quantize(
         t0 = time.perf_counter()
         recon_report = run_reconstruction(prepared, calib, cfg.reconstruction, model=unet, progress=progress)
         timings["reconstruct_s"] = time.perf_counter() - t0
+    bias_report = None
+    if bias_correction:
+        from qdiff_ao.passes.bias_correction import correct_output_bias, find_output_layer
+
+        t0 = time.perf_counter()
+        try:
+            find_output_layer(prepared)
+        except ValueError as err:
+            logger.warning("output bias correction skipped: %s", err)
+        else:
+            bias_report = correct_output_bias(prepared, calib, unet, batch_size=batch_size)
+            timings["bias_correction_s"] = time.perf_counter() - t0
     if on_prepared is not None:
         on_prepared(prepared, calib)
     t0 = time.perf_counter()
@@ -115,6 +131,7 @@ def quantize(
         "splits": splits,
         "most_drifting": [{"value": r["value"], "drift": r["drift"]} for r in ranges[:10]],
         "reconstruction": recon_report,
+        "bias_correction": bias_report,
     }
     with torch.no_grad():
         qunet(**calib.example_inputs(1))  # fail here, not in the user's pipeline, if anything is off
