@@ -1,82 +1,77 @@
 """Which layers can run on torch's cuDNN INT8 kernels (QuantizedCUDA), and a torch.ao setup that lowers only those.
 
-torch registers QuantizedCUDA kernels, built on cuDNN, for ``quantized::conv2d.new`` (``conv2d_relu``, and 1-d
-convs run as 2-d), ``quantized::linear`` and ``quantized::add``. Their C++ sources are not shipped with torch; the
-constraints below come from the shipped header ``ATen/native/quantized/cudnn/utils.h`` and from the error
-messages compiled into ``libtorch_cuda.so`` (quoted), plus conservative rules marked as such:
+Each rule cites PyTorch's C++ source (``aten/src/ATen/native/quantized/cudnn/``; its error messages match the
+strings in torch 2.14.1's ``libtorch_cuda.so``) and the installed dispatcher (``torch._C._dispatch_dump``):
+QuantizedCUDA kernels exist for ``quantized::conv1d[_relu]``, ``conv2d[_relu].new`` (Conv.cpp),
+``conv1d_prepack`` / ``conv2d_prepack`` (ConvPrepack.cpp), ``linear[_relu]`` (Linear.cpp), ``linear_prepack``
+(LinearPrepack.cpp), ``add[_relu]`` (BinaryOps.cpp); none for transposed or 3-d convs. GUESS: not decided by
+torch's code (a cuDNN engine limit, unverified without a GPU).
 
-    rule                                   conv2d  linear  add   source
-    activations int8, zero point 0         yes     yes     yes   output tensors are created as QInt8; the kernels
-                                                                  requantize with scales only (conservative)
-    weights per-tensor, int8, symmetric    yes     yes     -     'Unsupported qscheme: ' (prepack)
-    groups == 1                            yes     -       -     'Quantized cudnn conv2d is currently limited to
-                                                                  groups = 1; received groups ='
-    2-d, not transposed                    yes     -       -     'cuDNN packing only supports 2D convolution',
-                                                                  'cudNN quantized conv prepack expects transpose
-                                                                  = false'
-    dilation 1                             yes     -       -     conservative
-    channels / features multiple of 4      yes     yes     -     conservative: utils.h says cuDNN's int8 conv
-                                                                  needs them and torch pads conv weights; the
-                                                                  padded path is unverified here
-    both inputs the same shape             -       -       yes   'Quantized cudnn add currently expects both input
-                                                                  tensors to be the same shape'
+    rule                               layers        source: function
+    quantized qint8 activations        conv, linear  Conv.cpp, Linear.cpp: apply_impl (QInt8 output),
+                                                     apply_impl_helper (reads the input as int8)
+    activation zero points 0 (in+out)  conv, linear  Conv.cpp: PackedConvWeightCudnn::apply_impl (numerics:
+                                                     requantizes with scales only), Linear.cpp:
+                                                     apply_impl_helper; unchecked by torch (wrong values)
+    weights per-tensor affine          conv, linear  ConvPrepack.cpp / LinearPrepack.cpp: prepack
+    weights qint8, zero point 0        conv, linear  apply_impl_helper (int8 reads), the numerics above
+    groups == 1; not transposed        conv          ConvPrepack.cpp: PackedConvWeightCudnn::prepack
+    2-d (1-d runs as 2-d), not 3-d     conv          prepack; ConvPrepack.cpp QConv1dPackWeightInt8Cudnn::_run
+    integer padding, no 'same'/'valid' conv          torch/ao/nn/quantized/modules/conv.py: Conv2d.__init__
+    padding_mode 'zeros'               conv          conv.py: Conv2d.forward (F.pad; no QuantizedCUDA
+                                                     reflection/replication pad; 'circular': GUESS)
+    dilation 1                         conv          GUESS: Conv.cpp passes it to cuDNN unchecked; torch's
+                                                     test_qconv*_cudnn verify dilation 1 only
+    2-d input (rows, in_features)      linear        Linear.cpp: PackedLinearWeightCudnn::apply_impl
+    in/out features multiple of 4      linear        GUESS: LinearPrepack.cpp does not pad (convs are padded
+                                                     in ConvPrepack.cpp prepack and Conv.cpp apply_impl)
+    fp32 bias or none                  conv, linear  GUESS beyond fp32: apply_impl_helper scales it in fp32
+    add inputs of the same shape       add           BinaryOps.cpp: add (adds stay float in qdiff_ao)
 
-A layer that breaks a rule stays float (its qconfig is set to None, so ``convert_fx`` leaves it alone) and one
-log line names the layer and the reason. Nothing here has run on a GPU (this project's CI has none): the
-decisions are unit-tested on CPU, the kernels are not.
+Supported without a rule: any conv channel count (torch pads to multiples of 4), stride, integer padding,
+contiguous or channels_last input (Conv.cpp apply_impl converts). ``conv2d_relu`` / ``linear_relu`` exist but
+are not declared (qdiff_ao's UNets use SiLU). A layer that breaks a rule stays float (qconfig None) and one log
+line gives the reason. Nothing here has run on a GPU.
 
 Example:
     >>> import torch
     >>> from qdiff_ao import QuantConfig
     >>> cfg = QuantConfig(weight_bits=8, act_bits=8, weight_granularity="per_tensor", act_symmetric=True,
     ...                   timestep_aware=False)
-    >>> net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.Conv2d(8, 8, 3, groups=2)).eval()
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3, groups=2)).eval()
     >>> [(d.name, d.use_cudnn) for d in plan_cudnn_lowering(torch.fx.symbolic_trace(net), cfg)]
     [('0', True), ('1', False)]
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
 
-from qdiff_ao._compat import (
-    BackendConfig,
-    BackendPatternConfig,
-    ClampedReferenceConv2d,
-    ClampedReferenceLinear,
-    DTypeConfig,
-    ObservationType,
-    ObserverBase,
-    QConfig,
-    QConfigMapping,
-    prepare_fx,
-    register_clamped_reference_modules,
-)
+from qdiff_ao._compat import BackendConfig, DTypeConfig, ObserverBase, QConfig, QConfigMapping, prepare_fx
 from qdiff_ao.config import QuantConfig
-from qdiff_ao.observers import LpObserver, RangeMinMaxObserver
 from qdiff_ao.passes.split_shortcut import split_shortcut
 from qdiff_ao.primitives import qrange
+from qdiff_ao.qconfig import activation_observer, get_backend_config, weight_observer
 from qdiff_ao.tracing import trace
 
-__all__ = [
-    "LayerDecision",
-    "get_cudnn_backend_config",
-    "get_cudnn_qconfig_mapping",
-    "plan_cudnn_lowering",
-    "prepare_cudnn",
-]
+__all__ = ["LayerDecision", "get_cudnn_backend_config", "get_cudnn_qconfig_mapping", "plan_cudnn_lowering",
+           "prepare_cudnn"]
 
 logger = logging.getLogger(__name__)
 
 _PER_TENSOR = (torch.per_tensor_affine, torch.per_tensor_symmetric)
 _SYMMETRIC = (torch.per_tensor_symmetric, torch.per_channel_symmetric)
+_LOWERED = ("conv2d", "linear")  # what get_cudnn_backend_config declares
+_PASS_THROUGH = (torch.quantize_per_tensor, "dequantize")  # nodes between a layer and its input's tensor_meta
+_RANK = "the cuDNN linear takes 2-d inputs only"
 
 
 @dataclass(frozen=True)
@@ -87,8 +82,8 @@ class LayerDecision:
         name: module path (conv / linear) or node name (add).
         op: "conv2d", "linear" or "add" (the kernel it would use); "conv1d" / "conv3d" / "conv_transpose".
         kernel_ok: the layer meets every constraint of the kernel.
-        use_cudnn: it will be lowered to the kernel (adds: never, qdiff_ao keeps them in float).
-        reasons: the constraints it breaks (empty when ``kernel_ok``), or why it is not lowered.
+        use_cudnn: it will be lowered to the kernel (only conv2d / linear; adds and conv1d never are).
+        reasons: the constraints it breaks (empty when ``kernel_ok`` and lowered), or why it is not lowered.
     """
 
     name: str
@@ -100,13 +95,13 @@ class LayerDecision:
 
 @dataclass(frozen=True)
 class _Scheme:
-    """What the kernel will be fed: activation dtype / symmetry and weight qscheme / dtype (None: unknown)."""
+    """What the kernel is fed (None: unknown): activation dtype, zero points 0, weight per-tensor/dtype/zp 0."""
 
     act_dtype: torch.dtype | None
-    act_symmetric: bool | None
+    act_zero: bool | None
     weight_per_tensor: bool | None
     weight_dtype: torch.dtype | None
-    weight_symmetric: bool | None
+    weight_zero: bool | None
 
 
 def _cfg_scheme(cfg: QuantConfig) -> _Scheme:
@@ -116,86 +111,139 @@ def _cfg_scheme(cfg: QuantConfig) -> _Scheme:
                    torch.qint8, True)
 
 
+def _observer(gm: fx.GraphModule, node: Any) -> ObserverBase | None:
+    mod = gm.get_submodule(str(node.target)) if isinstance(node, fx.Node) and node.op == "call_module" else None
+    return mod if isinstance(mod, ObserverBase) else None
+
+
 def _observer_scheme(obs: ObserverBase) -> tuple[torch.dtype, bool, bool]:
+    """(dtype, zero point 0, per tensor); torch.ao quantizes per_tensor_symmetric weights as per_tensor_affine."""
     qscheme = getattr(obs, "qscheme", torch.per_tensor_affine)
     return obs.dtype, qscheme in _SYMMETRIC, qscheme in _PER_TENSOR
 
 
 def _module_scheme(gm: fx.GraphModule, node: fx.Node, mod: nn.Module, default: _Scheme) -> _Scheme:
-    """Refine ``default`` with what a prepared (observers) or converted (quantized weights) graph shows."""
-    act_dtype, act_sym = default.act_dtype, default.act_symmetric
-    w_pt, w_dtype, w_sym = default.weight_per_tensor, default.weight_dtype, default.weight_symmetric
+    """Refine ``default`` with what a prepared (observers) or converted (quantized tensors) graph shows."""
+    act_dtype, act_zero = default.act_dtype, default.act_zero
+    w_pt, w_dtype, w_zero = default.weight_per_tensor, default.weight_dtype, default.weight_zero
     src = node.args[0] if node.args else None
-    if isinstance(src, fx.Node) and src.op == "call_module":
-        obs = gm.get_submodule(str(src.target))
-        if isinstance(obs, ObserverBase):
-            act_dtype, act_sym, _ = _observer_scheme(obs)
-            if act_dtype == torch.float:
-                act_dtype = None
+    out = next(iter(node.users)) if len(node.users) == 1 else None
+    observed = [_observer_scheme(o) for o in (_observer(gm, src), _observer(gm, out)) if o is not None]
+    if observed:  # prepared graph: the input and output observers
+        dtypes = [s[0] for s in observed]
+        act_dtype = None if torch.float in dtypes else next((d for d in dtypes if d != torch.qint8), torch.qint8)
+        act_zero = all(s[1] for s in observed)
+    if isinstance(src, fx.Node) and src.target == torch.quantize_per_tensor and len(src.args) == 4:
+        zp = src.args[2]  # converted graph: the input's quantize node
+        zp = getattr(gm, str(zp.target)) if isinstance(zp, fx.Node) and zp.op == "get_attr" else zp
+        act_dtype, act_zero = cast(torch.dtype, src.args[3]), bool(act_zero) and int(cast(Any, zp)) == 0
     qconfig = getattr(mod, "qconfig", None)
     weight = getattr(mod, "weight", None)
     if qconfig is not None and qconfig.weight is not None:
-        w_dtype, w_sym, w_pt = _observer_scheme(qconfig.weight())
+        w_dtype, w_zero, w_pt = _observer_scheme(qconfig.weight())
     elif callable(weight) and not isinstance(weight, torch.Tensor):  # torch.ao quantized module
         qweight = weight()
         w_dtype = qweight.dtype
-        w_pt = qweight.qscheme() in _PER_TENSOR
+        w_pt = qweight.qscheme() == torch.per_tensor_affine  # exactly what the prepacks accept
         zero_points = qweight.q_zero_point() if w_pt else qweight.q_per_channel_zero_points()
-        w_sym = bool(torch.as_tensor(zero_points).eq(0).all())
+        w_zero = bool(torch.as_tensor(zero_points).eq(0).all())
+        act_zero = bool(act_zero) and int(getattr(mod, "zero_point", 0)) == 0  # output zero point
     elif hasattr(mod, "weight_qscheme"):  # torch.ao reference module
         w_pt = mod.weight_qscheme in _PER_TENSOR
         w_dtype = mod.weight_dtype
-        w_sym = bool(torch.as_tensor(mod.weight_zero_point).eq(0).all())
-    return _Scheme(act_dtype, act_sym, w_pt, w_dtype, w_sym)
+        w_zero = bool(torch.as_tensor(mod.weight_zero_point).eq(0).all())
+    return _Scheme(act_dtype, act_zero, w_pt, w_dtype, w_zero)
 
 
 def _scheme_reasons(s: _Scheme) -> list[str]:
+    """Activation / weight rules of conv and linear: cudnn/Conv.cpp, Linear.cpp, ConvPrepack.cpp, LinearPrepack.cpp."""
     reasons = []
     if s.act_dtype is None:
-        reasons.append("activations stay float (weights-only config): cuDNN kernels take int8 activations")
+        reasons.append("activations stay float (weights-only config): the cuDNN kernels take quantized qint8 "
+                       "activations (Conv.cpp / Linear.cpp apply_impl)")
     elif s.act_dtype != torch.qint8:
-        reasons.append(f"activations are {s.act_dtype}, cuDNN takes qint8 (use get_cudnn_qconfig_mapping)")
-    elif s.act_symmetric is False:
-        reasons.append("affine activations (zero point != 0): the kernels requantize with scales only "
-                       "(conservative); use QuantConfig(act_symmetric=True)")
+        reasons.append(f"activations are {s.act_dtype}, the cuDNN kernels read qint8 (Conv.cpp / Linear.cpp "
+                       "apply_impl_helper); use get_cudnn_qconfig_mapping")
+    elif s.act_zero is False:
+        reasons.append("affine activations (zero point != 0): the cuDNN kernels ignore zero points (Conv.cpp "
+                       "PackedConvWeightCudnn::apply_impl numerics); use QuantConfig(act_symmetric=True)")
     if s.weight_per_tensor is False:
-        reasons.append("per-channel weights: cuDNN prepack accepts per-tensor weights only (torch: 'Unsupported "
-                       "qscheme'); use QuantConfig(weight_granularity='per_tensor')")
+        reasons.append("per-channel weights: the cuDNN prepacks accept per-tensor weights only ('Unsupported "
+                       "qscheme', ConvPrepack.cpp / LinearPrepack.cpp prepack); use weight_granularity='per_tensor'")
     if s.weight_dtype is not None and s.weight_dtype != torch.qint8:
-        reasons.append(f"weights are {s.weight_dtype}, cuDNN takes qint8")
-    if s.weight_symmetric is False:
-        reasons.append("weights with nonzero zero point (conservative: cuDNN takes symmetric int8 weights)")
+        reasons.append(f"weights are {s.weight_dtype}, the cuDNN kernels read qint8 (apply_impl_helper)")
+    if s.weight_zero is False:
+        reasons.append("weights with nonzero zero point: the cuDNN kernels ignore it (Conv.cpp apply_impl "
+                       "numerics, Linear.cpp apply_impl_helper)")
     return reasons
 
 
-def _conv_reasons(mod: nn.Module) -> tuple[str, list[str]]:
-    dims = len(mod.kernel_size)
-    if getattr(mod, "transposed", False):
-        return "conv_transpose", ["transposed conv: 'cudNN quantized conv prepack expects transpose = false'"]
-    if dims != 2:
-        return f"conv{dims}d", [f"{dims}-d conv: 'cuDNN packing only supports 2D convolution'"]
-    reasons = []
-    if mod.groups != 1:
-        reasons.append(f"groups={mod.groups}: 'Quantized cudnn conv2d is currently limited to groups = 1'")
-    if any(d != 1 for d in mod.dilation):
-        reasons.append(f"dilation={tuple(mod.dilation)} (conservative: cuDNN int8 conv verified for dilation 1 only)")
-    if isinstance(mod.padding, str) and mod.padding != "valid":
-        reasons.append(f"padding={mod.padding!r}: quantized Conv2d needs explicit integer padding")
-    bad = [f"{k}={v}" for k, v in (("in_channels", mod.in_channels), ("out_channels", mod.out_channels)) if v % 4]
-    if bad:
-        reasons.append(f"{', '.join(bad)} not a multiple of 4 (conservative: cuDNN int8 needs multiples of 4; "
-                       "torch's padding path is unverified)")
-    return "conv2d", reasons
-
-
-def _linear_reasons(mod: nn.Module) -> list[str]:
-    bad = [f"{k}={v}" for k, v in (("in_features", mod.in_features), ("out_features", mod.out_features)) if v % 4]
-    if bad:
-        return [f"{', '.join(bad)} not a multiple of 4 (conservative: cuDNN int8 matmul needs multiples of 4)"]
+def _bias_reasons(mod: nn.Module) -> list[str]:
+    """GUESS beyond fp32: cudnn/Conv.cpp and Linear.cpp apply_impl_helper scale the bias with an fp32 tensor."""
+    bias = getattr(mod, "bias", None)
+    bias = bias() if callable(bias) and not isinstance(bias, torch.Tensor) else bias  # quantized module: bias()
+    if isinstance(bias, torch.Tensor) and bias.dtype != torch.float32:
+        return [f"bias is {bias.dtype} (GUESS: only fp32 bias is exercised by torch's cuDNN kernels and tests)"]
     return []
 
 
+def _conv_reasons(mod: nn.Module) -> tuple[str, list[str]]:
+    """Conv rules: cudnn/ConvPrepack.cpp prepack, Conv.cpp registrations, ao/nn/quantized/modules/conv.py Conv2d."""
+    dims = len(mod.kernel_size)
+    if getattr(mod, "transposed", False):
+        return "conv_transpose", ["transposed conv: 'cudNN quantized conv prepack expects transpose = false' "
+                                  "(ConvPrepack.cpp prepack); no QuantizedCUDA conv_transpose kernel"]
+    if dims == 3:
+        return "conv3d", ["3-d conv: no QuantizedCUDA quantized::conv3d kernel (Conv.cpp registers 1-d and 2-d); "
+                          "'cuDNN packing only supports 2D convolution' (ConvPrepack.cpp prepack)"]
+    reasons = []
+    if mod.groups != 1:
+        reasons.append(f"groups={mod.groups}: 'Quantized cudnn conv2d is currently limited to groups = 1' "
+                       "(ConvPrepack.cpp prepack)")
+    if isinstance(mod.padding, str):
+        reasons.append(f"padding={mod.padding!r}: torch.ao's quantized Conv passes it to conv2d_prepack, which "
+                       "takes integers (ao/nn/quantized/modules/conv.py Conv2d.__init__)")
+    if getattr(mod, "padding_mode", "zeros") != "zeros":
+        reasons.append(f"padding_mode={mod.padding_mode!r}: quantized Conv pads it with F.pad (conv.py "
+                       "Conv2d.forward); reflection/replication pads have no QuantizedCUDA kernel (circular: GUESS)")
+    if any(d != 1 for d in mod.dilation):
+        reasons.append(f"dilation={tuple(mod.dilation)} (GUESS: Conv.cpp passes it to cuDNN unchecked; torch's "
+                       "test_qconv*_cudnn verify dilation 1 only)")
+    return f"conv{dims}d", reasons + _bias_reasons(mod)
+
+
+def _input_shape(gm: fx.GraphModule, node: fx.Node) -> tuple[int, ...] | None:
+    """Shape of a layer's input from ``tensor_meta`` (qdiff_ao.trace), looking through observers / quantize."""
+    src = node.args[0] if node.args else None
+    for _ in range(4):
+        if not isinstance(src, fx.Node) or getattr(src.meta.get("tensor_meta"), "shape", None) is not None:
+            return tuple(src.meta["tensor_meta"].shape) if isinstance(src, fx.Node) else None
+        if not src.args or (_observer(gm, src) is None and src.target not in _PASS_THROUGH):
+            return None
+        src = src.args[0]
+    return None
+
+
+def _linear_reasons(mod: nn.Module, shape: tuple[int, ...] | None, recorded: LayerDecision | None) -> list[str]:
+    """Linear rules: cudnn/Linear.cpp apply_impl (2-d input; from ``recorded`` without ``shape``), features GUESS."""
+    reasons = []
+    if shape is None and recorded is not None:
+        reasons += [r for r in recorded.reasons if _RANK in r]
+    elif shape is None:
+        reasons.append(f"input shape unknown: {_RANK} (plan on the graph from qdiff_ao.trace, which records "
+                       "tensor_meta, or keep meta['qdiff_cudnn_decisions'] from prepare_cudnn)")
+    elif len(shape) != 2:
+        reasons.append(f"{len(shape)}-d input {shape}: {_RANK}; it views its input as (1, size(0), in_features) "
+                       "(Linear.cpp PackedLinearWeightCudnn::apply_impl)")
+    bad = [f"{k}={v}" for k, v in (("in_features", mod.in_features), ("out_features", mod.out_features)) if v % 4]
+    if bad:
+        reasons.append(f"{', '.join(bad)} not a multiple of 4 (GUESS: cuDNN int8 matmul alignment; unlike convs, "
+                       "LinearPrepack.cpp does not pad)")
+    return reasons + _bias_reasons(mod)
+
+
 def _add_decision(node: fx.Node) -> LayerDecision | None:
+    """cudnn/BinaryOps.cpp add: both inputs the same shape (no broadcasting)."""
     if node.op != "call_function" or node.target not in (torch.add, operator.add):
         return None
     args = [a for a in node.args[:2] if isinstance(a, fx.Node)]
@@ -208,7 +256,7 @@ def _add_decision(node: fx.Node) -> LayerDecision | None:
                        "add kernel's shape rule)")
     elif tuple(shapes[0]) != tuple(shapes[1]):
         reasons.append(f"shapes {tuple(shapes[0])} and {tuple(shapes[1])} differ: 'Quantized cudnn add currently "
-                       "expects both input tensors to be the same shape'")
+                       "expects both input tensors to be the same shape' (BinaryOps.cpp add)")
     kernel_ok = not reasons
     return LayerDecision(node.name, "add", kernel_ok, False,
                          tuple(reasons) + ("qdiff_ao keeps adds in float (only conv/linear inputs are quantized)",))
@@ -220,8 +268,10 @@ def plan_cudnn_lowering(
     """Decide, layer by layer, which Conv2d / Linear can run on torch's cuDNN INT8 kernels.
 
     Args:
-        model: a traced graph (:func:`qdiff_ao.trace`), a prepared one (its observers are checked) or a
-            converted one (its quantized weights are checked).
+        model: a traced graph (:func:`qdiff_ao.trace`: its ``tensor_meta`` gives linear input shapes), a prepared
+            one (its observers are checked) or a converted one (its quantized tensors); without ``tensor_meta``
+            linear input shapes come from ``model.meta["qdiff_cudnn_decisions"]`` (:func:`prepare_cudnn`; copy
+            it onto the ``convert_fx`` result), else such linears stay float.
         cfg: the quantization settings; cuDNN needs ``act_bits`` set, ``act_symmetric=True`` and
             ``weight_granularity="per_tensor"`` (codes of any ``weight_bits`` run as int8).
         include_adds: also report every tensor-tensor add (the ``quantized::add`` kernel's shape rule); adds are
@@ -239,6 +289,7 @@ def plan_cudnn_lowering(
     if not isinstance(cfg, QuantConfig):
         raise TypeError(f"cfg must be a qdiff_ao.QuantConfig, got {type(cfg).__name__}")
     default = _cfg_scheme(cfg)
+    recorded = {d.name: d for d in model.meta.get("qdiff_cudnn_decisions", [])}
     decisions = []
     seen: set[str] = set()
     for node in model.graph.nodes:
@@ -253,12 +304,15 @@ def plan_cudnn_lowering(
         if hasattr(mod, "kernel_size") and hasattr(mod, "in_channels"):
             op, reasons = _conv_reasons(mod)
         elif hasattr(mod, "in_features") and hasattr(mod, "out_features"):
-            op, reasons = "linear", _linear_reasons(mod)
+            op, reasons = "linear", _linear_reasons(mod, _input_shape(model, node), recorded.get(str(node.target)))
         else:
             continue
         seen.add(str(node.target))
         reasons = _scheme_reasons(_module_scheme(model, node, mod, default)) + reasons
-        decisions.append(LayerDecision(str(node.target), op, not reasons, not reasons, tuple(reasons)))
+        kernel_ok = not reasons
+        if kernel_ok and op not in _LOWERED:
+            reasons.append(f"{op} fits the kernel, but qdiff_ao's cuDNN BackendConfig declares Conv2d and Linear only")
+        decisions.append(LayerDecision(str(node.target), op, kernel_ok, kernel_ok and op in _LOWERED, tuple(reasons)))
     if log:
         for d in decisions:
             if not d.use_cudnn and d.op != "add":
@@ -270,6 +324,7 @@ def plan_cudnn_lowering(
 
 
 def _cudnn_qconfig(cfg: QuantConfig) -> QConfig:
+    """qconfig.py's observers, retargeted to signed qint8 with zero point 0 (Conv.cpp / Linear.cpp numerics)."""
     wrong = [f"{name}={getattr(cfg, name)!r} (need {need})" for name, ok, need in (
         ("act_bits", cfg.act_bits is not None, "4..8"),
         ("act_symmetric", cfg.act_symmetric, "True: zero point 0"),
@@ -279,27 +334,21 @@ def _cudnn_qconfig(cfg: QuantConfig) -> QConfig:
         raise ValueError(f"cuDNN INT8 kernels need symmetric int8 activations and per-tensor weights; got "
                          f"{', '.join(wrong)}. Build the QuantConfig with those values")
     assert cfg.act_bits is not None  # checked above; narrows the type
+    # reduce_range works around an int16 accumulation limit of the x86 kernels; one static scale per layer
+    base = dataclasses.replace(cfg, reduce_range="none", timestep_aware=False)
     act_min, act_max = qrange(cfg.act_bits, signed=True)
-    act_kwargs: dict[str, Any] = dict(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric,
-                                      quant_min=act_min, quant_max=act_max)
-    w_min, w_max = qrange(cfg.weight_bits, signed=True)
-    w_kwargs: dict[str, Any] = dict(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric,
-                                    quant_min=w_min, quant_max=w_max)
-    if cfg.range_method == "lp":
-        act = LpObserver.with_args(p=cfg.lp_norm, **act_kwargs)
-        weight = LpObserver.with_args(p=cfg.lp_norm, **w_kwargs)
-    else:
-        act = RangeMinMaxObserver.with_args(**act_kwargs)
-        weight = RangeMinMaxObserver.with_args(**w_kwargs)
-    return QConfig(activation=act, weight=weight)
+    act = cast(Any, activation_observer(base)).with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric,
+                                                          quant_min=act_min, quant_max=act_max)
+    return QConfig(activation=act, weight=weight_observer(base))
 
 
 def get_cudnn_qconfig_mapping(cfg: QuantConfig, decisions: list[LayerDecision] | None = None) -> QConfigMapping:
     """QConfigMapping for the cuDNN path: symmetric qint8 activations and per-tensor symmetric weights.
 
     Layers whose decision says ``use_cudnn=False`` get qconfig None, so ``convert_fx`` keeps them float; with
-    ``decisions=None`` every layer is quantized. 8-bit weights use the full [-128, 127] range (``reduce_range``
-    works around an int16 accumulation limit of the x86 kernels and does not apply here).
+    ``decisions=None`` every layer is quantized. The observers are qdiff_ao.qconfig's (range method, running
+    statistics, registry overrides), with 8-bit weights on the full [-128, 127] range and without
+    ``timestep_aware`` (one static activation scale per layer).
 
     Raises:
         ValueError: if ``cfg`` asks for weights-only, affine activations or per-channel weights.
@@ -312,20 +361,14 @@ def get_cudnn_qconfig_mapping(cfg: QuantConfig, decisions: list[LayerDecision] |
 
 
 def get_cudnn_backend_config(cfg: QuantConfig | None = None) -> BackendConfig:
-    """BackendConfig declaring Conv2d and Linear with qint8 input, output and weight (the cuDNN kernels' dtypes)."""
-    del cfg  # one dtype combination for every bit width: codes narrower than 8 bits live in int8
-    register_clamped_reference_modules()
+    """qdiff_ao.qconfig's Conv2d and Linear patterns with qint8 input, output and weight and float bias (the dtypes
+    of cudnn/Conv.cpp and Linear.cpp); codes narrower than 8 bits live in int8."""
     int8 = DTypeConfig(input_dtype=torch.qint8, output_dtype=torch.qint8, weight_dtype=torch.qint8,
                        bias_dtype=torch.float)
     config = BackendConfig("qdiff_ao_cudnn")
-    for root, ref in ((nn.Conv2d, ClampedReferenceConv2d), (nn.Linear, ClampedReferenceLinear)):
-        config.set_backend_pattern_config(
-            BackendPatternConfig(root)
-            .set_observation_type(ObservationType.OUTPUT_USE_DIFFERENT_OBSERVER_AS_INPUT)
-            .set_dtype_configs([int8])
-            .set_root_module(root)
-            .set_reference_quantized_module(ref)
-        )
+    for pattern in get_backend_config(cfg).configs:
+        if pattern.pattern in (nn.Conv2d, nn.Linear):
+            config.set_backend_pattern_config(pattern.set_dtype_configs([int8]))
     return config
 
 

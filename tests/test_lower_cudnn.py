@@ -1,6 +1,8 @@
 """cuDNN lowering plan: which layers qualify for torch's QuantizedCUDA kernels and why the others stay float.
 
-Only the decisions and the torch.ao setup are checked here (on CPU); the kernels need a GPU.
+Every rule of ``qdiff_ao.lower_cudnn`` is tested here on CPU in both directions (a layer that meets it, a layer
+that breaks it); where torch itself can be asked on CPU (dispatcher registrations, torch.ao's quantized Conv2d),
+the rule's source is checked too. The kernels need a GPU.
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ import logging
 
 import pytest
 import torch
+import torch.ao.nn.quantized as nnq
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 import qdiff_ao
 from qdiff_ao._compat import convert_fx, convert_to_reference_fx
 from qdiff_ao.lower_cudnn import (
+    LayerDecision,
     get_cudnn_backend_config,
     get_cudnn_qconfig_mapping,
     plan_cudnn_lowering,
@@ -28,55 +33,98 @@ CUDNN_CFG = qdiff_ao.QuantConfig(weight_bits=4, act_bits=8, act_symmetric=True, 
 
 
 class Zoo(nn.Module):
-    """One layer per rule, all fed by x (8 channels); the outputs are pooled and summed.
-
-        x ─┬─ ok (3x3) ───────────────┐
-           ├─ grouped (groups=2) ─────┤
-           ├─ dilated (dilation=2) ───┤
-           ├─ odd (8 -> 6 channels) ──┼─ mean ─ ... ─ sum
-           ├─ up (ConvTranspose2d) ───┤
-           ├─ mean ─ fc_ok (8 -> 16) ─┤
-           └─ mean ─ fc_odd (8 -> 10)─┘
-    """
+    """One layer per rule (or per supported case), all fed by x (B, 8, H, W); the outputs are reduced and summed."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ok = nn.Conv2d(8, 8, 3, padding=1)
+        self.odd = nn.Conv2d(8, 6, 1)  # channels not multiples of 4: torch pads them
+        self.strided = nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False)
         self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
         self.dilated = nn.Conv2d(8, 8, 3, padding=2, dilation=2)
-        self.odd = nn.Conv2d(8, 6, 1)
+        self.same = nn.Conv2d(8, 8, 3, padding="same")
+        self.valid = nn.Conv2d(8, 8, 1, padding="valid")
+        self.reflect = nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")
         self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.c1d = nn.Conv1d(8, 8, 3, padding=1)
+        self.c3d = nn.Conv3d(8, 8, 1)
         self.fc_ok = nn.Linear(8, 16)
         self.fc_odd = nn.Linear(8, 10)
+        self.fc_3d = nn.Linear(8, 8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = x.mean(dim=(2, 3))
-        parts = [m(x).mean() for m in (self.ok, self.grouped, self.dilated, self.odd, self.up)]
-        return torch.stack(parts).sum() + self.fc_ok(pooled).mean() + self.fc_odd(pooled).mean()
+        convs = (self.ok, self.odd, self.strided, self.grouped, self.dilated, self.same, self.valid, self.reflect,
+                 self.up)
+        parts = [m(x).mean() for m in convs]
+        parts += [self.c1d(x.flatten(2)).mean(), self.c3d(x.unsqueeze(2)).mean()]
+        parts += [self.fc_ok(pooled).mean(), self.fc_odd(pooled).mean()]
+        parts.append(self.fc_3d(x.flatten(2).transpose(1, 2)).mean())
+        return torch.stack(parts).sum()
 
 
-EXPECTED = {  # layer -> (use_cudnn, phrase of the reason)
-    "ok": (True, ""),
-    "grouped": (False, "limited to groups = 1"),
-    "dilated": (False, "dilation=(2, 2)"),
-    "odd": (False, "out_channels=6 not a multiple of 4"),
-    "up": (False, "transpose = false"),
-    "fc_ok": (True, ""),
-    "fc_odd": (False, "out_features=10 not a multiple of 4"),
+EXPECTED = {  # layer -> (kernel_ok, use_cudnn, phrase of the reason)
+    "ok": (True, True, ""),
+    "odd": (True, True, ""),
+    "strided": (True, True, ""),
+    "grouped": (False, False, "limited to groups = 1"),
+    "dilated": (False, False, "dilation=(2, 2) (GUESS"),
+    "same": (False, False, "padding='same'"),
+    "valid": (False, False, "padding='valid'"),
+    "reflect": (False, False, "padding_mode='reflect'"),
+    "up": (False, False, "transpose = false"),
+    "c1d": (True, False, "declares Conv2d and Linear only"),
+    "c3d": (False, False, "no QuantizedCUDA quantized::conv3d"),
+    "fc_ok": (True, True, ""),
+    "fc_odd": (False, False, "out_features=10 not a multiple of 4 (GUESS"),
+    "fc_3d": (False, False, "3-d input (2, 16, 8)"),
 }
 
 
+def traced_zoo() -> fx.GraphModule:
+    gm = fx.symbolic_trace(Zoo().eval())
+    ShapeProp(gm).propagate(torch.randn(2, 8, 4, 4))
+    return gm
+
+
 def test_each_rule_decides_its_layer() -> None:
-    decisions = {d.name: d for d in plan_cudnn_lowering(fx.symbolic_trace(Zoo()), CUDNN_CFG, log=False)}
+    decisions = {d.name: d for d in plan_cudnn_lowering(traced_zoo(), CUDNN_CFG, log=False)}
     assert set(decisions) == set(EXPECTED)
-    for name, (ok, phrase) in EXPECTED.items():
+    for name, (kernel_ok, lowered, phrase) in EXPECTED.items():
         d = decisions[name]
-        assert d.use_cudnn is ok and d.kernel_ok is ok, d
-        if ok:
+        assert (d.kernel_ok, d.use_cudnn) == (kernel_ok, lowered), d
+        if lowered:
             assert d.reasons == ()
         else:
             assert len(d.reasons) == 1 and phrase in d.reasons[0], d.reasons
-    assert decisions["up"].op == "conv_transpose" and decisions["fc_ok"].op == "linear"
+    ops = {name: d.op for name, d in decisions.items()}
+    assert (ops["up"], ops["c1d"], ops["c3d"], ops["fc_ok"]) == ("conv_transpose", "conv1d", "conv3d", "linear")
+
+
+def test_any_channel_count_qualifies_for_conv() -> None:
+    """ConvPrepack.cpp / Conv.cpp pad conv channels to multiples of 4 themselves: 3 -> 5 channels is fine."""
+    net = nn.Sequential(nn.Conv2d(3, 5, 3), nn.Conv2d(5, 7, 1)).eval()
+    assert all(d.use_cudnn for d in plan_cudnn_lowering(fx.symbolic_trace(net), CUDNN_CFG, log=False))
+
+
+def test_linear_input_shape_must_be_known() -> None:
+    """Without tensor_meta (no ShapeProp / qdiff_ao.trace) the 2-d input rule cannot be checked: linears stay
+    float, convs are unaffected."""
+    decisions = {d.name: d for d in plan_cudnn_lowering(fx.symbolic_trace(Zoo()), CUDNN_CFG, log=False)}
+    assert not decisions["fc_ok"].use_cudnn and "input shape unknown" in decisions["fc_ok"].reasons[0]
+    assert decisions["ok"].use_cudnn
+
+
+@pytest.mark.parametrize("dtype,ok", [(torch.float32, True), (torch.float64, False), (torch.float16, False)])
+def test_bias_dtype(dtype: torch.dtype, ok: bool) -> None:
+    gm = traced_zoo()
+    for name in ("ok", "fc_ok"):
+        layer = gm.get_submodule(name)
+        layer.bias = nn.Parameter(layer.bias.detach().to(dtype))
+    decisions = {d.name: d for d in plan_cudnn_lowering(gm, CUDNN_CFG, log=False)}
+    for name in ("ok", "fc_ok"):
+        assert decisions[name].use_cudnn is ok
+        assert ok or f"bias is {dtype} (GUESS" in decisions[name].reasons[0]
 
 
 @pytest.mark.parametrize(
@@ -89,8 +137,8 @@ def test_each_rule_decides_its_layer() -> None:
 )
 def test_config_rules_apply_to_every_layer(changes: dict[str, object], phrases: list[str]) -> None:
     cfg = dataclasses.replace(CUDNN_CFG, **changes)
-    for d in plan_cudnn_lowering(fx.symbolic_trace(Zoo()), cfg, log=False):
-        assert not d.use_cudnn
+    for d in plan_cudnn_lowering(traced_zoo(), cfg, log=False):
+        assert not d.use_cudnn and not d.kernel_ok
         assert all(any(p in r for r in d.reasons) for p in phrases), d.reasons
     with pytest.raises(ValueError, match=next(iter(changes))):
         get_cudnn_qconfig_mapping(cfg)
@@ -98,13 +146,82 @@ def test_config_rules_apply_to_every_layer(changes: dict[str, object], phrases: 
 
 def test_one_log_line_per_fallback_layer(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="qdiff_ao.lower_cudnn"):
-        plan_cudnn_lowering(fx.symbolic_trace(Zoo()), CUDNN_CFG)
+        plan_cudnn_lowering(traced_zoo(), CUDNN_CFG)
     lines = [r.getMessage() for r in caplog.records if "stays float" in r.getMessage()]
-    assert len(lines) == sum(not ok for ok, _ in EXPECTED.values())
-    for name, (ok, phrase) in EXPECTED.items():
-        if not ok:
+    assert len(lines) == sum(not lowered for _, lowered, _ in EXPECTED.values())
+    for name, (_, lowered, phrase) in EXPECTED.items():
+        if not lowered:
             assert any(line.startswith(f"cuDNN lowering: {name} (") and phrase in line for line in lines), name
-    assert any("2 of 7 conv/linear layers qualify" in r.getMessage() for r in caplog.records)
+    assert any("4 of 14 conv/linear layers qualify" in r.getMessage() for r in caplog.records)
+
+
+def test_qconfig_reuses_qdiff_observers_on_signed_int8() -> None:
+    """W8A8: full [-128, 127] weights (no x86 reduce_range), qint8 activations with zero point 0; the backend
+    config declares exactly Conv2d and Linear with qint8 in / out / weight and float bias."""
+    cfg = dataclasses.replace(CUDNN_CFG, weight_bits=8, act_bits=8, running_stat=True, range_method="minmax")
+    qconfig = get_cudnn_qconfig_mapping(cfg).global_qconfig
+    act, weight = qconfig.activation(), qconfig.weight()
+    assert (act.dtype, act.qscheme, act.quant_min, act.quant_max) == (
+        torch.qint8, torch.per_tensor_symmetric, -128, 127)
+    assert type(act).__name__ == "EMAMinMaxObserver"  # cfg.running_stat honoured, as in qdiff_ao.qconfig
+    assert (weight.dtype, weight.qscheme, weight.quant_min, weight.quant_max) == (
+        torch.qint8, torch.per_tensor_symmetric, -128, 127)
+    configs = get_cudnn_backend_config(cfg).configs
+    assert [c.pattern for c in configs] == [nn.Conv2d, nn.Linear]
+    for c in configs:
+        [dt] = c.dtype_configs
+        assert (dt.input_dtype, dt.output_dtype, dt.weight_dtype, dt.bias_dtype) == (
+            torch.qint8, torch.qint8, torch.qint8, torch.float)
+
+
+class Small(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def converted_small() -> tuple[fx.GraphModule, list[LayerDecision]]:
+    x = torch.randn(2, 4, 6, 6)
+    gm = fx.symbolic_trace(Small().eval())
+    ShapeProp(gm).propagate(x)
+    prepared, decisions = prepare_cudnn(gm, CUDNN_CFG, {"x": x})
+    with torch.no_grad():
+        prepared(x)
+    lowered = convert_fx(prepared, backend_config=get_cudnn_backend_config(CUDNN_CFG))
+    return lowered, decisions
+
+
+@pytest.mark.parametrize(
+    "breaks", ["none", "weight_zero_point", "per_channel", "output_zero_point", "input_zero_point"])
+def test_plan_reads_quantized_tensors_of_a_converted_graph(breaks: str) -> None:
+    """Zero points (weight, input, output) and the weight qscheme are read from the converted modules and quantize
+    nodes; the linear's 2-d input rule comes from the decisions prepare_cudnn recorded."""
+    lowered, decisions = converted_small()
+    assert all(d.use_cudnn for d in decisions)
+    lowered.meta["qdiff_cudnn_decisions"] = decisions
+    conv = lowered.conv
+    w = conv.weight().dequantize()
+    if breaks == "weight_zero_point":
+        conv.set_weight_bias(torch.quantize_per_tensor(w, 0.1, 2, torch.qint8), conv.bias())
+    elif breaks == "per_channel":
+        qw = torch.quantize_per_channel(w, torch.full((8,), 0.1), torch.zeros(8, dtype=torch.long), 0, torch.qint8)
+        conv.set_weight_bias(qw, conv.bias())
+    elif breaks == "output_zero_point":
+        conv.zero_point = 3
+    elif breaks == "input_zero_point":
+        lowered.conv_input_zero_point_0 = torch.tensor(5)
+    phrase = {"weight_zero_point": "nonzero zero point", "per_channel": "Unsupported qscheme",
+              "output_zero_point": "affine activations", "input_zero_point": "affine activations"}.get(breaks)
+    plan = {d.name: d for d in plan_cudnn_lowering(lowered, CUDNN_CFG, log=False)}
+    assert plan["fc"].use_cudnn
+    assert plan["conv"].use_cudnn is (phrase is None)
+    assert phrase is None or any(phrase in r for r in plan["conv"].reasons), plan["conv"].reasons
+    del lowered.meta["qdiff_cudnn_decisions"]
+    assert "input shape unknown" in plan_cudnn_lowering(lowered, CUDNN_CFG, log=False)[1].reasons[0]
 
 
 def test_plan_reads_observers_of_a_prepared_graph() -> None:
@@ -120,16 +237,18 @@ def test_plan_reads_observers_of_a_prepared_graph() -> None:
 
 
 def test_unet_prepare_convert_keeps_fallback_layers_float() -> None:
-    """Tiny UNet: the 3-channel conv_in / conv_out stay float, every other conv / linear (split halves included)
-    gets qint8 symmetric quantizers and becomes a torch.ao quantized module; the plan agrees on the traced,
-    prepared and converted graphs."""
+    """Tiny UNet: the attention projections (3-d inputs) stay float; every conv (3-channel conv_in / conv_out and
+    split halves included) and the 2-d time-embedding linears get qint8 symmetric quantizers and become torch.ao
+    quantized modules; the plan agrees on the traced, prepared and converted graphs."""
     family = "attn"
     unet = build_unet(family)
     prepared, decisions = prepare_cudnn(unet, CUDNN_CFG, unet_inputs(family, 2))
     fallback = {d.name for d in decisions if not d.use_cudnn}
-    assert fallback == {"conv_in", "conv_out"}
-    assert {"up_blocks.0.resnets.0.conv_shortcut.part0", "up_blocks.0.resnets.0.conv_shortcut.part1"} <= {
-        d.name for d in decisions if d.use_cudnn}
+    assert fallback and all(name.split(".")[-1] in ("to_q", "to_k", "to_v", "0") and ".attentions." in name
+                            for name in fallback)
+    assert all("3-d input" in d.reasons[0] for d in decisions if not d.use_cudnn)
+    assert {"conv_in", "conv_out", "time_embedding.linear_1", "up_blocks.0.resnets.0.conv_shortcut.part0",
+            "up_blocks.0.resnets.0.conv_shortcut.part1"} <= {d.name for d in decisions if d.use_cudnn}
     with torch.no_grad():
         for seed in range(2):
             prepared(**unet_inputs(family, 4, seed=seed))
@@ -149,11 +268,12 @@ def test_unet_prepare_convert_keeps_fallback_layers_float() -> None:
     quantized = {name for name, m in lowered.named_modules() if type(m).__module__.startswith("torch.ao.nn.quantized")
                  and type(m).__name__ in ("Conv2d", "Linear")}
     assert quantized == {d.name for d in decisions if d.use_cudnn}
-    assert all(type(lowered.get_submodule(name)) is nn.Conv2d for name in fallback)
+    assert all(type(lowered.get_submodule(name)) is nn.Linear for name in fallback)
     for name in quantized:
         w = lowered.get_submodule(name).weight()
         assert w.qscheme() == torch.per_tensor_affine and w.q_zero_point() == 0
         assert int(w.int_repr().min()) >= -8 and int(w.int_repr().max()) <= 7
+    lowered.meta["qdiff_cudnn_decisions"] = prepared.meta["qdiff_cudnn_decisions"]  # convert_fx drops meta
     assert [(d.name, d.use_cudnn) for d in plan_cudnn_lowering(lowered, CUDNN_CFG, log=False)] == [
         (d.name, d.use_cudnn) for d in decisions]
 
@@ -166,7 +286,32 @@ def test_add_shape_rule_on_traced_unet() -> None:
     broadcast = [d for d in adds if not d.kernel_ok]
     assert broadcast and len(broadcast) < len(adds)
     assert all("same shape" in d.reasons[0] and ", 1, 1)" in d.reasons[0] for d in broadcast)
+    assert all(d.reasons == ("qdiff_ao keeps adds in float (only conv/linear inputs are quantized)",)
+               for d in adds if d.kernel_ok)
     assert not any(d.use_cudnn for d in adds)
+
+
+@pytest.mark.skipif(not torch._C._has_cudnn, reason="torch built without cuDNN: no QuantizedCUDA kernels")
+def test_rule_sources_in_the_installed_torch() -> None:
+    """The registrations the plan relies on: cuDNN kernels for conv1d / conv2d (+relu), linear (+relu), add and
+    their prepacks; none for transposed or 3-d convs, nor for reflection / replication padding."""
+
+    def quantized_cuda(op: str) -> bool:
+        return any(line.startswith("QuantizedCUDA:") for line in torch._C._dispatch_dump(op).splitlines())
+
+    for op in ("conv1d", "conv1d_relu", "conv2d.new", "conv2d_relu.new", "conv1d_prepack", "conv2d_prepack",
+               "linear", "linear_relu", "linear_prepack", "add", "add_relu"):
+        assert quantized_cuda(f"quantized::{op}"), op
+    for op in ("quantized::conv_transpose2d", "quantized::conv3d.new", "quantized::conv3d_prepack",
+               "aten::reflection_pad2d", "aten::replication_pad2d.out"):
+        assert not quantized_cuda(op), op
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_quantized_conv_rejects_string_padding(padding: str) -> None:
+    """The source of the padding rule: torch.ao's quantized Conv2d hands the string to conv2d_prepack."""
+    with pytest.raises(RuntimeError, match="padding"):
+        nnq.Conv2d(8, 8, 3, padding=padding)
 
 
 def test_bad_arguments() -> None:
