@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import statistics
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,3 +32,48 @@ def bundled_unet() -> UNet2DModel | None:
     if not os.path.isdir(path):
         return None
     return UNet2DModel.from_pretrained(path).eval()
+
+
+def unet_inputs(unet: torch.nn.Module, batch: int, t: int, seed: int) -> dict[str, torch.Tensor]:
+    """Seeded UNet2DModel inputs: ``sample`` [batch, C, S, S] ~ N(0, I) and ``timestep`` = t for every row."""
+    g = torch.Generator().manual_seed(seed)
+    c, s = unet.config.in_channels, unet.config.sample_size
+    return {"sample": torch.randn(batch, c, s, s, generator=g), "timestep": torch.full((batch,), t)}
+
+
+def time_once(fn: Callable[[], object], iters: int) -> float:
+    """Median wall time of ``iters`` calls of ``fn`` (seconds)."""
+    samples = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def interleaved_ratios(
+    variants: dict[str, Callable[[dict[str, torch.Tensor]], object]], unet: torch.nn.Module, batches: list[int],
+    rounds: int, iters: int, baseline: str = "FP32 eager",
+) -> dict[str, list[str]]:
+    """Table cells "ratio (ms)" per variant and batch: median over rounds of baseline_time / variant_time.
+
+    Every round times the baseline, then each variant back to back (median of ``iters`` forwards), so the
+    ratio of one round cancels most of this noisy machine's drift.
+    """
+    cells: dict[str, list[str]] = {v: [] for v in variants}
+    for b in batches:
+        x = unet_inputs(unet, b, 500, seed=99)
+        ratios: dict[str, list[float]] = {v: [] for v in variants}
+        times: dict[str, list[float]] = {v: [] for v in variants}
+        with torch.no_grad():
+            for fn in variants.values():
+                fn(x)  # warm-up (weight packing, allocator, ORT sessions)
+            for _ in range(rounds):
+                ref = time_once(lambda x=x: variants[baseline](x), iters)
+                for v, fn in variants.items():
+                    tv = ref if v == baseline else time_once(lambda fn=fn, x=x: fn(x), iters)
+                    ratios[v].append(ref / tv)
+                    times[v].append(tv)
+        for v in variants:
+            cells[v].append(f"{statistics.median(ratios[v]):.2f}x ({1e3 * statistics.median(times[v]):.1f})")
+    return cells

@@ -14,7 +14,6 @@ over rounds of FP32_eager_time / variant_time. ORT sessions use --threads intra-
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -27,8 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import qdiff_ao  # noqa: E402
-from benchmarks.common import cifar10_ddpm_unet  # noqa: E402
-from benchmarks.speed import _inputs, time_once  # noqa: E402
+from benchmarks.common import cifar10_ddpm_unet, interleaved_ratios, unet_inputs  # noqa: E402
 from qdiff_ao.onnx_export import export_onnx  # noqa: E402
 
 
@@ -50,7 +48,7 @@ def _ort_fn(session) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:  # ty
 
 
 def build(unet: torch.nn.Module, workdir: Path, threads: int) -> dict[str, Callable[[dict[str, torch.Tensor]], object]]:
-    calib = [_inputs(unet, 4, t, seed=i) for i, t in enumerate((950, 700, 400, 100))]
+    calib = [unet_inputs(unet, 4, t, seed=i) for i, t in enumerate((950, 700, 400, 100))]
     variants: dict[str, Callable[[dict[str, torch.Tensor]], object]] = {"FP32 eager": lambda x: unet(**x).sample}
     traced = qdiff_ao.trace(unet, calib[0])
     float_path = workdir / "fp32.onnx"
@@ -72,7 +70,7 @@ def build(unet: torch.nn.Module, workdir: Path, threads: int) -> dict[str, Calla
         lowered = qdiff_ao.convert(prepared)
         variants[f"qdiff_ao W{wb}A8 (fbgemm)"] = lambda x, gm=lowered: gm(**x)
         variants[f"ORT INT8 QDQ W{wb}A8"] = _ort_fn(_session(path, threads))
-        x = _inputs(unet, 2, 500, seed=3)
+        x = unet_inputs(unet, 2, 500, seed=3)
         with torch.no_grad():
             a, b = variants[f"ORT INT8 QDQ W{wb}A8"](x), lowered(**x)
         rel = float((a - b).norm() / b.norm())
@@ -86,23 +84,7 @@ def bench(variants: dict[str, Callable[[dict[str, torch.Tensor]], object]], unet
           batches: list[int], rounds: int, iters: int) -> None:
     print(f"\n| variant | {' | '.join(f'batch {b}: speed-up vs FP32 eager (ms)' for b in batches)} |")
     print("|---|" + "---|" * len(batches))
-    cells: dict[str, list[str]] = {v: [] for v in variants}
-    for b in batches:
-        x = _inputs(unet, b, 500, seed=99)
-        ratios: dict[str, list[float]] = {v: [] for v in variants}
-        times: dict[str, list[float]] = {v: [] for v in variants}
-        with torch.no_grad():
-            for fn in variants.values():
-                fn(x)  # warm-up (weight packing, ORT allocations)
-            for _ in range(rounds):
-                fp = time_once(lambda x=x: variants["FP32 eager"](x), iters)
-                for v, fn in variants.items():
-                    tv = fp if v == "FP32 eager" else time_once(lambda fn=fn, x=x: fn(x), iters)
-                    ratios[v].append(fp / tv)
-                    times[v].append(tv)
-        for v in variants:
-            cells[v].append(f"{statistics.median(ratios[v]):.2f}x ({1e3 * statistics.median(times[v]):.1f})")
-    for v, row in cells.items():
+    for v, row in interleaved_ratios(variants, unet, batches, rounds, iters).items():
         print(f"| {v} | {' | '.join(row)} |")
 
 

@@ -131,6 +131,7 @@ def main() -> None:
         t0 = time.perf_counter()
         qunet = qdiff_ao.quantize(unet, scheduler, row["cfg"], calib=calib_for(row["calib"]), split=row["split"],
                                   reconstruct=row["recon"], bias_correction=row["bias"], progress=False)
+        qunet.optimize_for_inference()  # bit-identical, several times faster to sample with
         seconds = time.perf_counter() - t0
         with tempfile.TemporaryDirectory() as tmp:
             qunet.save_pretrained(Path(tmp) / "ckpt")

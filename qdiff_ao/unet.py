@@ -5,7 +5,8 @@
 
 The wrapper normalises what diffusers pipelines pass (timestep as int, float, 0-d or 1-d tensor; return_dict)
 into what the traced graph takes (a 1-d timestep of the traced dtype, one entry per sample) and wraps the output
-in ``UNet2DOutput`` / ``UNet2DConditionOutput``.
+in ``UNet2DOutput`` / ``UNet2DConditionOutput``. :meth:`QuantizedUNet.optimize_for_inference` swaps the
+GraphModule's Python execution for a frozen TorchScript module running the same kernels (bit-identical output).
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class QuantizedUNet(nn.Module):
         if conditional is None:
             conditional = "encoder_hidden_states" in self._spec
         self.conditional = conditional
+        self._frozen: list[torch.jit.ScriptModule] = []  # a list keeps it out of the module tree and state_dict
+        self._guards: dict[str, tuple[int, torch.dtype, tuple[int, ...]]] = {}
 
     @property
     def config(self) -> Any:
@@ -90,6 +93,36 @@ class QuantizedUNet(nn.Module):
         from qdiff_ao.checkpoint import load
 
         return load(path)
+
+    @property
+    def optimized(self) -> bool:
+        """True after :meth:`optimize_for_inference`."""
+        return bool(self._frozen)
+
+    def optimize_for_inference(self, example_inputs: dict[str, torch.Tensor] | None = None) -> QuantizedUNet:
+        """Run the lowered graph as a frozen TorchScript module (no per-node Python dispatch); returns self.
+
+        Outputs stay bit-identical (the same ``quantized::*`` kernels and packed weights; checked on the
+        example). Inputs are still checked against the traced signature. ``save_pretrained`` is unaffected.
+
+        Args:
+            example_inputs: graph inputs for tracing (default: one random sample at timestep 500, built from
+                the traced signature).
+        """
+        from qdiff_ao.inference import freeze_graph, traced_input_guards
+
+        if example_inputs is None:
+            g = torch.Generator().manual_seed(0)
+            example_inputs = {}
+            for name, (ndim, dtype, tail) in traced_input_guards(self.graph_module).items():
+                shape = (1, *tail) if ndim >= 1 else ()
+                if dtype.is_floating_point and name != "timestep":
+                    example_inputs[name] = torch.randn(shape, generator=g).to(dtype)
+                else:
+                    example_inputs[name] = torch.full(shape, 500 if name == "timestep" else 0, dtype=dtype)
+        self._guards = traced_input_guards(self.graph_module)
+        self._frozen = [freeze_graph(self.graph_module, example_inputs)]
+        return self
 
     def to(self, *args: Any, **kwargs: Any) -> QuantizedUNet:
         dtype = kwargs.get("dtype") or next((a for a in args if isinstance(a, torch.dtype)), None)
@@ -159,7 +192,16 @@ class QuantizedUNet(nn.Module):
             if class_labels is None:
                 raise TypeError("this UNet was traced with class_labels: pass class_labels")
             inputs["class_labels"] = class_labels
-        out = self.graph_module(**{k: inputs[k] for k in self._spec})
+        graph_inputs = {k: inputs[k] for k in self._spec}
+        if self._frozen:
+            from qdiff_ao.tracing import _check_traced_input
+
+            # The frozen module ran the graph's input guards once, at trace time: check every call here.
+            for name, (ndim, dtype, tail) in self._guards.items():
+                _check_traced_input(graph_inputs[name], name, ndim, dtype, tail)
+            out = self._frozen[0](**graph_inputs)
+        else:
+            out = self.graph_module(**graph_inputs)
         if not return_dict:
             return (out,)
         if self.conditional:
