@@ -4,7 +4,8 @@
 
 Model: google/ddpm-cifar10-32's architecture with random weights (no download), calibrated on 4 batches at
 timesteps 950/700/400/100. Variants: FP32 eager (diffusers), ORT FP32 (the traced float graph exported to ONNX),
-qdiff_ao W8A8 / W4A8 lowered to fbgemm (``qdiff_ao.convert``), and the same two calibrated graphs exported with
+qdiff_ao W8A8 / W4A8 lowered to fbgemm (``qdiff_ao.convert``; also with float SDPA attention as frozen TorchScript,
+the fast setting), and the same two calibrated graphs exported with
 ``export_onnx`` and run by ONNX Runtime's CPU provider (QLinearConv / QGemm / MatMulIntegerToFloat after its QDQ
 fusions). Every round times each variant back to back (median of --iters forwards); the table reports the median
 over rounds of FP32_eager_time / variant_time. ORT sessions use --threads intra-op threads with
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import qdiff_ao  # noqa: E402
 from benchmarks.common import cifar10_ddpm_unet, interleaved_ratios, unet_inputs  # noqa: E402
+from qdiff_ao.inference import freeze_graph  # noqa: E402
 from qdiff_ao.onnx_export import export_onnx  # noqa: E402
 
 
@@ -70,6 +72,10 @@ def build(unet: torch.nn.Module, workdir: Path, threads: int) -> dict[str, Calla
         lowered = qdiff_ao.convert(prepared)
         variants[f"qdiff_ao W{wb}A8 (fbgemm)"] = lambda x, gm=lowered: gm(**x)
         variants[f"ORT INT8 QDQ W{wb}A8"] = _ort_fn(_session(path, threads))
+        fast = qdiff_ao.quantize_fx(unet, qdiff_ao.QuantConfig(weight_bits=wb, act_bits=8, quantize_attention=False),
+                                    calib)
+        frozen = freeze_graph(fast, unet_inputs(unet, 1, 500, seed=7))
+        variants[f"qdiff_ao W{wb}A8, float SDPA attention, frozen (fbgemm)"] = lambda x, m=frozen: m(**x)
         x = unet_inputs(unet, 2, 500, seed=3)
         with torch.no_grad():
             a, b = variants[f"ORT INT8 QDQ W{wb}A8"](x), lowered(**x)

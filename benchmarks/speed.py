@@ -4,18 +4,20 @@
 
 For each batch size, every round times each variant (median of --iters forward passes) back to back, and the
 table reports the median over rounds of the per-round ratio FP32_time / variant_time (this machine is noisy;
-ratios taken within a round cancel most of the drift). Variants: FP32 eager (the diffusers UNet), torch.ao's
-default x86 lowering of the same traced graph (HistogramObserver / per-channel MinMax, the baseline), and
-qdiff_ao's W8A8 and W4A8 lowerings (split shortcuts, Lp observers). Also prints the quantize / dequantize calls
-per forward of each lowered graph and the top operators of our W4A8 graph from torch.profiler.
+ratios taken within a round cancel most of the drift). Variants: FP32 eager (the diffusers UNet), the FP32 UNet
+as a frozen TorchScript module (context only: what removing Python dispatch alone gives), torch.ao's default x86
+lowering of the same traced graph (HistogramObserver / per-channel MinMax, the baseline), and qdiff_ao's W8A8 and
+W4A8 lowerings (split shortcuts, Lp observers), each as the converted GraphModule and frozen
+(``QuantizedUNet.optimize_for_inference``). Also prints the quantize / dequantize calls per forward of each
+lowered graph and the top operators of our W4A8 graph from torch.profiler.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,14 +27,9 @@ from torch import fx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import qdiff_ao  # noqa: E402
-from benchmarks.common import bundled_unet, cifar10_ddpm_unet  # noqa: E402
+from benchmarks.common import bundled_unet, cifar10_ddpm_unet, interleaved_ratios, unet_inputs  # noqa: E402
 from qdiff_ao._compat import convert_fx, get_default_qconfig_mapping, prepare_fx  # noqa: E402
-
-
-def _inputs(unet: torch.nn.Module, batch: int, t: int, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    c, s = unet.config.in_channels, unet.config.sample_size
-    return {"sample": torch.randn(batch, c, s, s, generator=g), "timestep": torch.full((batch,), t)}
+from qdiff_ao.inference import freeze_graph  # noqa: E402
 
 
 def torch_default_x86(unet: torch.nn.Module, calib: list[dict[str, torch.Tensor]]) -> fx.GraphModule:
@@ -66,58 +63,59 @@ def count_qdq(gm: fx.GraphModule) -> tuple[int, int]:
     return q, dq
 
 
-def time_once(fn: Callable[[], object], iters: int) -> float:
-    samples = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+def frozen(gm: torch.nn.Module, unet: torch.nn.Module) -> torch.nn.Module:
+    """The same graph as a frozen TorchScript module (``QuantizedUNet.optimize_for_inference``'s engine)."""
+    if isinstance(gm, fx.GraphModule):
+        return freeze_graph(gm, unet_inputs(unet, 1, 500, seed=7))
+    x = unet_inputs(unet, 1, 500, seed=7)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.freeze(torch.jit.trace(gm, example_kwarg_inputs=x, strict=False).eval())
 
 
 def bench(name: str, unet: torch.nn.Module, batches: list[int], rounds: int, iters: int) -> None:
-    calib = [_inputs(unet, 4, t, seed=i) for i, t in enumerate((950, 700, 400, 100))]
+    calib = [unet_inputs(unet, 4, t, seed=i) for i, t in enumerate((950, 700, 400, 100))]
     t0 = time.perf_counter()
-    variants: dict[str, Callable[[dict[str, torch.Tensor]], object]] = {"FP32 eager": lambda x: unet(**x).sample}
     graphs = {"torch.ao default x86": torch_default_x86(unet, calib)}
     for wb in (8, 4):
         graphs[f"qdiff_ao W{wb}A8"] = ours(unet, calib, wb)
     for wb in (8, 4):
         graphs[f"qdiff_ao W{wb}A8, float SDPA attention"] = ours(unet, calib, wb, quantize_attention=False)
+    variants: dict[str, Callable[[dict[str, torch.Tensor]], object]] = {"FP32 eager": lambda x: unet(**x).sample}
+    fp_frozen = frozen(_SampleOnly(unet), unet)
+    variants["FP32 TorchScript frozen (context)"] = lambda x: fp_frozen(**x)
     for v, gm in graphs.items():
         variants[v] = lambda x, gm=gm: gm(**x)
+        if v.startswith("qdiff_ao"):
+            script = frozen(gm, unet)
+            variants[f"{v}, frozen"] = lambda x, m=script: m(**x)
     print(f"\n## {name}: built {len(graphs)} lowered variants in {time.perf_counter() - t0:.0f} s")
     print("\n| variant | q / dq calls per forward |\n|---|---|")
     for v, gm in graphs.items():
         q, dq = count_qdq(gm)
         print(f"| {v} | {q} / {dq} |")
-    print(f"\n| variant | {' | '.join(f'batch {b}: ratio vs FP32 (ms)' for b in batches)} |")
+    print(f"\n| variant | {' | '.join(f'batch {b}: ratio vs FP32 eager (ms)' for b in batches)} |")
     print("|---|" + "---|" * len(batches))
-    results: dict[str, list[str]] = {v: [] for v in variants}
-    for b in batches:
-        x = _inputs(unet, b, 500, seed=99)
-        ratios: dict[str, list[float]] = {v: [] for v in variants}
-        times: dict[str, list[float]] = {v: [] for v in variants}
-        with torch.no_grad():
-            for fn in variants.values():
-                fn(x)  # warm-up (packing, allocator)
-            for _ in range(rounds):
-                fp = time_once(lambda x=x: variants["FP32 eager"](x), iters)
-                for v, fn in variants.items():
-                    tv = fp if v == "FP32 eager" else time_once(lambda fn=fn, x=x: fn(x), iters)
-                    ratios[v].append(fp / tv)
-                    times[v].append(tv)
-        for v in variants:
-            results[v].append(f"{statistics.median(ratios[v]):.2f}x ({1e3 * statistics.median(times[v]):.1f})")
-    for v, cells in results.items():
+    for v, cells in interleaved_ratios(variants, unet, batches, rounds, iters).items():
         print(f"| {v} | {' | '.join(cells)} |")
-    gm = graphs["qdiff_ao W4A8"]
-    x = _inputs(unet, batches[0], 500, seed=5)
+    gm = graphs["qdiff_ao W4A8, float SDPA attention"]
+    x = unet_inputs(unet, batches[0], 500, seed=5)
     with torch.no_grad(), torch.profiler.profile() as prof:
         for _ in range(3):
             gm(**x)
-    print(f"\nTop operators, qdiff_ao W4A8, batch {batches[0]} (3 forwards):\n")
+    print(f"\nTop operators, qdiff_ao W4A8 with float SDPA attention, batch {batches[0]} (3 forwards):\n")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+class _SampleOnly(torch.nn.Module):
+    """The diffusers UNet returning a plain tensor (TorchScript tracing needs tensor outputs)."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep).sample
 
 
 def main() -> None:

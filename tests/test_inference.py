@@ -9,15 +9,25 @@ import qdiff_ao
 from qdiff_ao.inference import freeze_graph, traced_input_guards
 from tests.unet_factory import build_unet, unet_inputs
 
+_GRAPHS: dict[tuple[str, bool], tuple[torch.nn.Module, torch.fx.GraphModule]] = {}
+
 
 def _qunet(family: str, quantize_attention: bool = True) -> tuple[torch.nn.Module, qdiff_ao.QuantizedUNet]:
-    unet = build_unet(family)
-    calib = [unet_inputs(family, 4, t, seed=i) for i, t in enumerate((900, 100))]
-    cfg = qdiff_ao.QuantConfig(weight_bits=4, act_bits=8, quantize_attention=quantize_attention)
-    return unet, qdiff_ao.QuantizedUNet(qdiff_ao.quantize_fx(unet, cfg, calib), like=unet)
+    """A fresh (not optimized) QuantizedUNet around a lowered graph shared between tests (lowering is slow)."""
+    key = (family, quantize_attention)
+    if key not in _GRAPHS:
+        unet = build_unet(family)
+        calib = [unet_inputs(family, 4, t, seed=i) for i, t in enumerate((900, 100))]
+        cfg = qdiff_ao.QuantConfig(weight_bits=4, act_bits=8, quantize_attention=quantize_attention)
+        _GRAPHS[key] = (unet, qdiff_ao.quantize_fx(unet, cfg, calib))
+    unet, gm = _GRAPHS[key]
+    return unet, qdiff_ao.QuantizedUNet(gm, like=unet)
 
 
-@pytest.mark.parametrize("family", ["attn", "cross_attn", "class_embeds", "skip_fourier"])
+@pytest.mark.parametrize("family", [
+    "attn", "cross_attn",
+    pytest.param("class_embeds", marks=pytest.mark.slow), pytest.param("skip_fourier", marks=pytest.mark.slow),
+])
 def test_frozen_module_is_bit_identical(family: str) -> None:
     _, qunet = _qunet(family)
     cases = [unet_inputs(family, b, t, seed=10 + b) for b, t in ((1, 999), (3, 500), (5, 0))]
