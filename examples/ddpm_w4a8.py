@@ -48,13 +48,14 @@ def main() -> None:
     qdiff_ao.passes.observe_softmax(prepared, cfg)
     # 3. Calibrate timestep by timestep, then lower to fbgemm/x86 INT8 kernels.
     qdiff_ao.calibrate(prepared, calib, batch_size=8)
+    qdiff_ao.passes.correct_output_bias(prepared, calib, unet)  # remove the mean error of the noise prediction
     quantized = convert_fx(prepared, backend_config=qdiff_ao.get_backend_config(cfg))
     n_int8 = sum(type(m).__module__.startswith("torch.ao.nn.quantized") for m in quantized.modules())
     print(f"{n_int8} quantized modules; {len(gm.meta['qdiff_splits'])} skip concats split")
 
     # 4. Drop into a diffusers pipeline and sample from the same noise as the float model.
     images = []
-    for model in (unet, qdiff_ao.QuantizedUNet(quantized, like=unet)):
+    for model in (unet, qdiff_ao.QuantizedUNet(quantized, like=unet).optimize_for_inference()):
         pipe = DDIMPipeline(unet=model, scheduler=scheduler)
         out = pipe(batch_size=4, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0),
                    output_type="pt")
