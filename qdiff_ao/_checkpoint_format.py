@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.ao.nn.quantized as nnq
@@ -230,8 +230,8 @@ def export_tensors(
             raise ValueError(f"{path}: {type(module).__name__} is not supported by qdiff_ao checkpoints")
         if isinstance(module, _REFERENCE):
             put_codes(path, module.get_quantized_weight().int_repr())
-            put_qparams(_join(path, "weight_"), module.weight_scale.float(), module.weight_zero_point.int(),
-                        _QDTYPE_BOUNDS[module.weight_dtype])
+            put_qparams(_join(path, "weight_"), cast(torch.Tensor, module.weight_scale).float(),  # buffers
+                        cast(torch.Tensor, module.weight_zero_point).int(), _QDTYPE_BOUNDS[module.weight_dtype])
             handled = {"weight", "weight_scale", "weight_zero_point"}
         own_params = {n: t for n, t in module.named_parameters(recurse=False)}
         own = {**own_params, **dict(module.named_buffers(recurse=False))}
@@ -340,8 +340,8 @@ def import_tensors(gm: fx.GraphModule, tensors: Mapping[str, torch.Tensor], slot
                 zero_point = tensors[_join(path, "weight_zero_point")]
                 view = (-1,) + (1,) * (q.dim() - 1) if scale.dim() == 1 else ()
                 module.weight.copy_((q - zero_point.float().reshape(view)) * scale.reshape(view))
-                module.weight_scale.copy_(scale)
-                module.weight_zero_point.copy_(zero_point)
+                cast(torch.Tensor, module.weight_scale).copy_(scale)  # buffers of torch.ao reference modules
+                cast(torch.Tensor, module.weight_zero_point).copy_(zero_point)
                 handled = {"weight", "weight_scale", "weight_zero_point"}
             own = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
             for name, t in own.items():

@@ -41,12 +41,15 @@ import math
 import operator
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import fx
 from torch.fx.node import Argument, Target, map_aggregate
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
 
 __all__ = ["ConcreteProxy", "ConcreteTracer", "torch_patches"]
 
@@ -191,7 +194,8 @@ class ConcreteTracer(fx.Tracer):
             if decomposed is not None:
                 return decomposed
         value = self._compute(kind, target, args, kwargs)
-        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        # built by self.proxy(): a ConcreteProxy (fx passes no proxy_factory_fn, as param_shapes_constant is False)
+        proxy = cast(ConcreteProxy, super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn))
         proxy.value = value
         return proxy
 
@@ -245,7 +249,8 @@ class ConcreteTracer(fx.Tracer):
         return bool(obj.value)  # type: ignore[attr-defined]
 
     def iter(self, obj: fx.Proxy) -> Iterator[Any]:
-        return iter([obj[i] for i in range(len(obj.value))])  # type: ignore[attr-defined]
+        proxy: Any = obj  # a ConcreteProxy; fx.Proxy gets __getitem__ at runtime, its stubs do not declare it
+        return iter([proxy[i] for i in range(len(proxy.value))])
 
     def keys(self, obj: fx.Proxy) -> Any:
         return obj.value.keys()  # type: ignore[attr-defined]
@@ -273,7 +278,8 @@ def _decompose_sdpa(tracer: ConcreteTracer, args: tuple[Any, ...], kwargs: dict[
     scale = bound["scale"]
     scale = 1.0 / math.sqrt(q_val.shape[-1]) if scale is None else float(_concrete(scale))
 
-    scores = torch.matmul(q, k.transpose(-1, -2))
+    # q, k, v are ConcreteProxy: each op below returns a ConcreteProxy (via __torch_function__), not a Tensor
+    scores: Any = torch.matmul(q, k.transpose(-1, -2))
     scores.node.meta["qdiff_attention"] = "qk"
     scores = scores * scale
     if bool(_concrete(bound["is_causal"])):
@@ -286,9 +292,9 @@ def _decompose_sdpa(tracer: ConcreteTracer, args: tuple[Any, ...], kwargs: dict[
         else:
             scores = scores + mask
     scores.node.meta["qdiff_attention"] = "scores"
-    probs = torch.softmax(scores, dim=-1)
+    probs: Any = torch.softmax(scores, dim=-1)
     probs.node.meta["qdiff_attention"] = "softmax"
-    out = torch.matmul(probs, v)
+    out: Any = torch.matmul(probs, v)
     out.node.meta["qdiff_attention"] = "pv"
     tracer.num_decomposed_attention += 1
     return out
@@ -339,7 +345,8 @@ def torch_patches() -> Iterator[None]:
     with _PATCH_LOCK:
         if _patch_depth == 0:
             _saved_torch_attrs["is_tensor"] = torch.is_tensor
-            torch.is_tensor = _is_tensor(torch.is_tensor)
+            # a drop-in for torch.is_tensor (whose stub returns TypeIs[Tensor]), also True for a tensor proxy
+            torch.is_tensor = cast("Callable[[object], TypeIs[torch.Tensor]]", _is_tensor(torch.is_tensor))
             for name in _VARARG_FACTORIES:
                 _saved_torch_attrs[name] = getattr(torch, name)
                 setattr(torch, name, _vararg_factory(_saved_torch_attrs[name]))

@@ -26,7 +26,7 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx, nn
@@ -43,6 +43,9 @@ from qdiff_ao.config import QuantConfig
 from qdiff_ao.lowering import convert, prepare
 from qdiff_ao.tracing import trace
 from qdiff_ao.unet import QuantizedUNet
+
+if TYPE_CHECKING:
+    from diffusers import ModelMixin  # at runtime diffusers is imported inside the functions that use it
 
 __all__ = ["CheckpointError", "FORMAT_VERSION", "load", "save"]
 
@@ -175,7 +178,7 @@ def _quant_config(data: Mapping[str, Any], where: str) -> tuple[QuantConfig, Qua
     return saved, skeleton
 
 
-def _unet_class(name: str, where: str) -> type[nn.Module]:
+def _unet_class(name: str, where: str) -> type[ModelMixin]:
     import diffusers
 
     cls = getattr(diffusers, name, None) if name.isidentifier() else None

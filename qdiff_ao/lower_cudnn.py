@@ -150,7 +150,7 @@ def _module_scheme(gm: fx.GraphModule, node: fx.Node, mod: nn.Module, default: _
         act_zero = bool(act_zero) and int(getattr(mod, "zero_point", 0)) == 0  # output zero point
     elif hasattr(mod, "weight_qscheme"):  # torch.ao reference module
         w_pt = mod.weight_qscheme in _PER_TENSOR
-        w_dtype = mod.weight_dtype
+        w_dtype = cast(torch.dtype, mod.weight_dtype)  # plain attributes of torch.ao reference modules
         w_zero = bool(torch.as_tensor(mod.weight_zero_point).eq(0).all())
     return _Scheme(act_dtype, act_zero, w_pt, w_dtype, w_zero)
 
@@ -189,7 +189,7 @@ def _bias_reasons(mod: nn.Module) -> list[str]:
 
 def _conv_reasons(mod: nn.Module) -> tuple[str, list[str]]:
     """Conv rules: cudnn/ConvPrepack.cpp prepack, Conv.cpp registrations, ao/nn/quantized/modules/conv.py Conv2d."""
-    dims = len(mod.kernel_size)
+    dims = len(cast("tuple[int, ...]", mod.kernel_size))  # float and torch.ao convs hold int tuples
     if getattr(mod, "transposed", False):
         return "conv_transpose", ["transposed conv: 'cudNN quantized conv prepack expects transpose = false' "
                                   "(ConvPrepack.cpp prepack); no QuantizedCUDA conv_transpose kernel"]
@@ -206,8 +206,9 @@ def _conv_reasons(mod: nn.Module) -> tuple[str, list[str]]:
     if getattr(mod, "padding_mode", "zeros") != "zeros":
         reasons.append(f"padding_mode={mod.padding_mode!r}: quantized Conv pads it with F.pad (conv.py "
                        "Conv2d.forward); reflection/replication pads have no QuantizedCUDA kernel (circular: GUESS)")
-    if any(d != 1 for d in mod.dilation):
-        reasons.append(f"dilation={tuple(mod.dilation)} (GUESS: Conv.cpp passes it to cuDNN unchecked; torch's "
+    dilation = cast("tuple[int, ...]", mod.dilation)
+    if any(d != 1 for d in dilation):
+        reasons.append(f"dilation={tuple(dilation)} (GUESS: Conv.cpp passes it to cuDNN unchecked; torch's "
                        "test_qconv*_cudnn verify dilation 1 only)")
     return f"conv{dims}d", reasons + _bias_reasons(mod)
 
@@ -235,7 +236,8 @@ def _linear_reasons(mod: nn.Module, shape: tuple[int, ...] | None, recorded: Lay
     elif len(shape) != 2:
         reasons.append(f"{len(shape)}-d input {shape}: {_RANK}; it views its input as (1, size(0), in_features) "
                        "(Linear.cpp PackedLinearWeightCudnn::apply_impl)")
-    bad = [f"{k}={v}" for k, v in (("in_features", mod.in_features), ("out_features", mod.out_features)) if v % 4]
+    features = (("in_features", cast(int, mod.in_features)), ("out_features", cast(int, mod.out_features)))
+    bad = [f"{k}={v}" for k, v in features if v % 4]
     if bad:
         reasons.append(f"{', '.join(bad)} not a multiple of 4 (GUESS: cuDNN int8 matmul alignment; unlike convs, "
                        "LinearPrepack.cpp does not pad)")
@@ -249,7 +251,7 @@ def _add_decision(node: fx.Node) -> LayerDecision | None:
     args = [a for a in node.args[:2] if isinstance(a, fx.Node)]
     if len(args) != 2:
         return None
-    shapes = [getattr(a.meta.get("tensor_meta"), "shape", None) for a in args]
+    shapes: list[Any] = [getattr(a.meta.get("tensor_meta"), "shape", None) for a in args]  # torch.Size or None
     reasons = []
     if any(s is None for s in shapes):
         reasons.append("operand shapes unknown (plan on the graph from qdiff_ao.trace, before prepare, to check the "

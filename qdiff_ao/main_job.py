@@ -154,12 +154,12 @@ def run_main_job(args: argparse.Namespace) -> dict[str, Any]:
     c, s = unet.config.in_channels, unet.config.sample_size
     for b in (1, 8):
         report["speed_ratio_vs_fp32"][f"batch_{b}"] = round(speed_ratio(unet, qunet, torch.randn(b, c, s, s)), 2)
-    err = metrics.noise_prediction_error(
+    noise_err = metrics.noise_prediction_error(
         lambda sample, timestep: unet(sample, timestep), lambda sample, timestep: qunet(sample, timestep),
         scheduler, num_samples=min(64, args.num_samples), num_inference_steps=args.sampling_steps,
         sample_shape=(c, s, s), seed=args.seed,
     )
-    report["noise_prediction_error_mean"] = float(err.mean())
+    report["noise_prediction_error_mean"] = float(noise_err.mean())
     if (c, s) == (1, bundled.IMAGE_SIZE):
         metric = metrics.DigitsFD.from_bundled()
         report["fd"] = {k: metric.fd(v) for k, v in samples.items()}

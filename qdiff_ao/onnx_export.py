@@ -50,6 +50,7 @@ import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -138,10 +139,10 @@ class _WeightQDQ(nn.Module):
     scale: torch.Tensor
     zero_point: torch.Tensor
 
-    def __init__(self, layer: nn.Module, observer: ObserverBase) -> None:
+    def __init__(self, layer: nn.Conv2d | nn.Linear, observer: ObserverBase) -> None:
         super().__init__()
         scale, zero_point = observer.calculate_qparams()
-        qmin, qmax = int(observer.quant_min), int(observer.quant_max)
+        qmin, qmax = int(cast(int, observer.quant_min)), int(cast(int, observer.quant_max))
         self.container = CONTAINER_RANGES[observer.dtype]
         self.axis = int(getattr(observer, "ch_axis", 0)) if scale.dim() == 1 else None
         if self.axis not in (None, 0):
@@ -192,7 +193,7 @@ def _observed_names(prepared: fx.GraphModule) -> set[str] | None:
     return set(names) if names is not None else None
 
 
-def _weight_observer(layer: nn.Module) -> ObserverBase | None:
+def _weight_observer(layer: nn.Conv2d | nn.Linear) -> ObserverBase | None:
     """The weight observer convert_fx would use for ``layer`` (None if its weight stays float)."""
     fake_quant = getattr(layer, "weight_fake_quant", None)
     if fake_quant is not None:
@@ -249,23 +250,25 @@ def to_fake_quant_graph(
                 identity.append(node)
                 continue
             scale, zero_point = mod.calculate_qparams()
+            qmin, qmax = cast(int, mod.quant_min), cast(int, mod.quant_max)  # plain ints on torch.ao observers
             if mod.dtype in _QDQ_CONTAINERS:
-                new = _ActivationQDQ(scale, zero_point, mod.quant_min, mod.quant_max, CONTAINER_RANGES[mod.dtype])
+                new = _ActivationQDQ(scale, zero_point, qmin, qmax, CONTAINER_RANGES[mod.dtype])
                 counts["activation_qdq"] += 1
             else:
-                new = _FloatFakeQuant(scale, zero_point, mod.quant_min, mod.quant_max)
+                new = _FloatFakeQuant(scale, zero_point, qmin, qmax)
                 counts["float_fake_quant"] += 1
         elif type(mod) in (nn.Conv2d, nn.Linear) and (observed is None or node.name in observed):
-            observer = _weight_observer(mod)
+            layer = cast("nn.Conv2d | nn.Linear", mod)  # its type is checked just above
+            observer = _weight_observer(layer)
             if observer is not None:
-                new = _WeightQDQ(mod, observer)
+                new = _WeightQDQ(layer, observer)
                 weight_ranges[name] = new.quant_range
                 counts["weight_qdq"] += 1
         if new is not None:
             gm.delete_submodule(name)
             gm.add_submodule(name, new)
     for node in identity:
-        node.replace_all_uses_with(node.args[0])
+        node.replace_all_uses_with(cast(fx.Node, node.args[0]))  # an observer's input node
         gm.graph.erase_node(node)
     if quantize_bias:
         _round_biases(gm)
@@ -284,7 +287,7 @@ def _round_biases(gm: fx.GraphModule) -> None:
         if isinstance(src, fx.Node) and src.op == "call_module":
             act = gm.get_submodule(str(src.target))
             if isinstance(act, _ActivationQDQ):
-                gm.get_submodule(str(node.target)).round_bias(act.scale)
+                cast(_WeightQDQ, gm.get_submodule(str(node.target))).round_bias(act.scale)
 
 
 def _signed_activations(gm: fx.GraphModule) -> None:

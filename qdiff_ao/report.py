@@ -63,7 +63,7 @@ def format_ranges_table(rows: list[dict[str, Any]], top: int = 10) -> str:
              "|---|---:|---|---|---|---:|"]
     for r in rows[:top]:
         widths = {t: hi - lo for t, (lo, hi) in r["steps"].items()}
-        t_lo, t_hi = min(widths, key=widths.get), max(widths, key=widths.get)
+        t_lo, t_hi = min(widths, key=widths.__getitem__), max(widths, key=widths.__getitem__)
         lo, hi = r["overall"]
         lines.append(f"| `{r['value']}` | {len(r['steps'])} | [{lo:.3g}, {hi:.3g}] | t={t_lo}: {widths[t_lo]:.3g} "
                      f"| t={t_hi}: {widths[t_hi]:.3g} | {r['drift']:.2f} |")

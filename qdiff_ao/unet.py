@@ -46,6 +46,8 @@ class QuantizedUNet(nn.Module):
         conditional: output ``UNet2DConditionOutput`` (True) or ``UNet2DOutput``; inferred from ``like``.
     """
 
+    quantization_info: dict[str, Any]  # set by qdiff_ao.quantize (absent on a wrapper built otherwise)
+
     def __init__(
         self,
         graph_module: fx.GraphModule,

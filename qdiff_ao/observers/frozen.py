@@ -7,7 +7,7 @@ a ``FrozenObserver`` where an observer was (activations), or in a module's ``qco
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -68,9 +68,11 @@ class FrozenObserver(ObserverBase):
     @classmethod
     def like(cls, observer: ObserverBase, scale: torch.Tensor, zero_point: torch.Tensor) -> FrozenObserver:
         """A frozen observer with ``observer``'s dtype / qscheme / range and the given qparams."""
+        # torch.ao observers set these as plain attributes, which nn.Module's stubs type as Tensor | Module
         return cls(
-            scale, zero_point, dtype=observer.dtype, qscheme=observer.qscheme,
-            quant_min=observer.quant_min, quant_max=observer.quant_max, ch_axis=getattr(observer, "ch_axis", 0),
+            scale, zero_point, dtype=observer.dtype, qscheme=cast(torch.qscheme, observer.qscheme),
+            quant_min=cast(int, observer.quant_min), quant_max=cast(int, observer.quant_max),
+            ch_axis=getattr(observer, "ch_axis", 0),
         )
 
     def reset_min_max_vals(self) -> None:

@@ -22,7 +22,7 @@ __all__ = ["register_observer", "get_observer", "list_observers", "unregister_ob
 
 T = TypeVar("T", bound=type)
 
-_OBSERVERS: dict[str, type] = {}
+_OBSERVERS: dict[str, type[ObserverBase]] = {}
 
 
 def register_observer(name: str) -> Callable[[T], T]:
@@ -52,7 +52,7 @@ def register_observer(name: str) -> Callable[[T], T]:
     return deco
 
 
-def get_observer(name: str) -> type:
+def get_observer(name: str) -> type[ObserverBase]:
     """The class registered under ``name``.
 
     Raises:

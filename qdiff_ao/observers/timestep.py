@@ -13,7 +13,7 @@ filed under no step (they still reach the base observer).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -56,18 +56,19 @@ class TimestepAwareObserver(ObserverBase):
         self.register_buffer("step_min", torch.zeros(0))
         self.register_buffer("step_max", torch.zeros(0))
 
-    # torch.ao reads these attributes from the observer it converts.
+    # torch.ao reads these attributes from the observer it converts (plain attributes of the base observer, which
+    # nn.Module's stubs type as Tensor | Module).
     @property
     def qscheme(self) -> torch.qscheme:  # type: ignore[override]
-        return self.base.qscheme
+        return cast(torch.qscheme, self.base.qscheme)
 
     @property
     def quant_min(self) -> int:
-        return self.base.quant_min
+        return cast(int, self.base.quant_min)
 
     @property
     def quant_max(self) -> int:
-        return self.base.quant_max
+        return cast(int, self.base.quant_max)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -98,7 +99,7 @@ class TimestepAwareObserver(ObserverBase):
 
     def reset_min_max_vals(self) -> None:
         if hasattr(self.base, "reset_min_max_vals"):
-            self.base.reset_min_max_vals()
+            cast(Callable[[], None], self.base.reset_min_max_vals)()
         self.timesteps = torch.zeros(0, dtype=torch.float64)
         self.step_min = torch.zeros(0)
         self.step_max = torch.zeros(0)

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import TypeGuard, cast
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from qdiff_ao._compat import ObserverBase, PlaceholderObserver
+from qdiff_ao._compat import ObserverBase, PlaceholderObserver, QConfig
 from qdiff_ao.passes._adaround import AdaRoundWeight, LearnedStepQuant
 from qdiff_ao.passes.observe_softmax import FixedFakeQuantize
 from qdiff_ao.primitives import fake_quant
@@ -42,7 +43,7 @@ class SimState:
     fp: bool = False
 
 
-def is_quantized_layer(module: nn.Module) -> bool:
+def is_quantized_layer(module: nn.Module) -> TypeGuard[nn.Conv2d | nn.Linear]:
     """A Conv2d / Linear that convert_fx will quantize (it carries a qconfig with a quantized weight)."""
     qconfig = getattr(module, "qconfig", None)
     if type(module) not in (nn.Conv2d, nn.Linear) or qconfig is None or qconfig.weight is None:
@@ -59,9 +60,9 @@ class SimLayer(nn.Module):
         weight_observer: the observer whose qparams ``quant`` uses (for freezing them later).
     """
 
-    def __init__(self, layer: nn.Module, state: SimState) -> None:
+    def __init__(self, layer: nn.Conv2d | nn.Linear, state: SimState) -> None:
         super().__init__()
-        obs = layer.qconfig.weight()
+        obs = cast(QConfig, layer.qconfig).weight()  # set by prepare_fx (see is_quantized_layer)
         obs(layer.weight.detach())
         scale, zero_point = obs.calculate_qparams()
         per_channel = getattr(obs, "qscheme", None) in _PER_CHANNEL
@@ -115,6 +116,9 @@ class SimActQuant(nn.Module):
 class _FixedChannelQuant(nn.Module):
     """Fixed per-channel activation fake-quant (observers with per-channel qparams are not learned)."""
 
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+
     def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, ch_axis: int) -> None:
         super().__init__()
         self.register_buffer("scale", scale.detach().clone().float())
@@ -138,7 +142,7 @@ def _act_quant(observer: nn.Module, name: str) -> nn.Module | None:
             f"activation observer {name!r} has no qparams ({err}); run qdiff_ao.calibrate(prepared, calib) on "
             "the prepared model before reconstruct"
         ) from None
-    qmin, qmax = int(observer.quant_min), int(observer.quant_max)
+    qmin, qmax = int(cast(int, observer.quant_min)), int(cast(int, observer.quant_max))
     if scale.numel() != 1:
         return _FixedChannelQuant(scale, zero_point, qmin, qmax, int(getattr(observer, "ch_axis", 1)))
     # Codes wider than 8 bits (16-bit softmax) have no integer kernel and are frozen by lowering: keep fixed.

@@ -226,14 +226,14 @@ def partition_graph(
         if n.op == "call_module":
             if str(n.target) not in act_set:
                 continue  # GroupNorm / SiLU outside any block: glue
-            root = assign[ds[0]] if ds and ds[0] in assign else None
+            chosen = assign[ds[0]] if ds and ds[0] in assign else None
         else:
-            root = max(owners, key=lambda r: blocks[r].first_index)
-            ok = all(assign.get(d) == root or d in inputs_of[root] or assign.get(d) in feeders[root] for d in ds)
-            root = root if ok else None
-        if root is not None:
-            assign[n.name] = root
-            note(n.name, root)
+            latest = max(owners, key=lambda r: blocks[r].first_index)
+            ok = all(assign.get(d) == latest or d in inputs_of[latest] or assign.get(d) in feeders[latest] for d in ds)
+            chosen = latest if ok else None
+        if chosen is not None:
+            assign[n.name] = chosen
+            note(n.name, chosen)
 
     unit: dict[str, str | None] = {n.name: assign.get(n.name) for n in nodes if n.name not in meta}
     for name, root in assign.items():

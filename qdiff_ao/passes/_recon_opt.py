@@ -17,13 +17,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import fx
 from tqdm import tqdm
 
 from qdiff_ao.config import ReconstructionConfig
-from qdiff_ao.passes._adaround import beta_schedule, lp_loss
+from qdiff_ao.passes._adaround import LearnedStepQuant, beta_schedule, lp_loss
 from qdiff_ao.passes._fake_quant_sim import SimActQuant, SimLayer
 
 __all__ = ["BlockErrors", "BlockTrainer", "evaluate_block"]
@@ -160,7 +161,8 @@ class BlockTrainer:
     def learn_step_sizes(self, acts: list[SimActQuant], bar: tqdm) -> float:
         """Activation phase over the learnable quantizers in ``acts``. Returns seconds."""
         start = time.perf_counter()
-        params = [act.quant.log_ratio for act in acts if act.learnable]  # type: ignore[union-attr]
+        # a learnable SimActQuant's quantizer is a LearnedStepQuant
+        params: list[torch.Tensor] = [cast(LearnedStepQuant, act.quant).log_ratio for act in acts if act.learnable]
         if params and self.rcfg.act_iters > 0:
             self._loop(self.rcfg.act_iters, params, self.rcfg.act_lr, lambda it: None, bar, "a", cosine=True)
         return time.perf_counter() - start

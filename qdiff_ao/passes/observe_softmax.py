@@ -14,10 +14,13 @@ replaces such observers by a fixed fake-quant module before conversion, so the m
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from qdiff_ao._compat import ObserverBase
 from qdiff_ao.config import QuantConfig
 from qdiff_ao.primitives import fake_quant
 from qdiff_ao.qconfig import softmax_observer
@@ -88,8 +91,10 @@ def freeze_wide_softmax_observers(prepared: fx.GraphModule) -> list[str]:
     """Replace softmax observers whose codes do not fit 8 bits by :class:`FixedFakeQuantize` (before convert)."""
     frozen = []
     for name, mod in list(prepared.named_children()):
-        if name.startswith(_PREFIX) and mod.quant_max > 255:
-            scale, zero_point = mod.calculate_qparams()
-            setattr(prepared, name, FixedFakeQuantize(scale, zero_point, mod.quant_min, mod.quant_max))
+        # the prefixed children are softmax observers, whose quant_min / quant_max are plain ints
+        if name.startswith(_PREFIX) and cast(int, mod.quant_max) > 255:
+            scale, zero_point = cast(ObserverBase, mod).calculate_qparams()
+            qmin, qmax = cast(int, mod.quant_min), cast(int, mod.quant_max)
+            setattr(prepared, name, FixedFakeQuantize(scale, zero_point, qmin, qmax))
             frozen.append(name)
     return frozen

@@ -46,15 +46,17 @@ import os
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
 from tqdm import tqdm
 
+from qdiff_ao._compat import ObserverBase, QConfig
 from qdiff_ao.calibration_set import CalibrationSet
 from qdiff_ao.config import QuantConfig, ReconstructionConfig
 from qdiff_ao.observers.frozen import FrozenObserver
+from qdiff_ao.passes._adaround import LearnedStepQuant
 from qdiff_ao.passes._fake_quant_sim import Simulation, build_simulation
 from qdiff_ao.passes._recon_blocks import BlockSpec, Partition, compile_block, partition_graph
 from qdiff_ao.passes._recon_cache import Frontier, peak_bytes_per_sample, plan_steps
@@ -174,11 +176,12 @@ def _bake(prepared: fx.GraphModule, sim: Simulation, learned_acts: list[str]) ->
             scale=q.scale.clone(), zero_point=q.zero_point.clone(), dtype=obs.dtype, qscheme=obs.qscheme,
             quant_min=q.quant_min, quant_max=q.quant_max, ch_axis=q.ch_axis,
         )
-        module.qconfig = module.qconfig._replace(weight=factory)
-    for name in learned_acts:
-        act = sim.acts[name].quant
-        observer = prepared.get_submodule(name)
-        frozen = FrozenObserver.like(observer, act.scale.detach().clone(), act.zero_point.clone())  # type: ignore[union-attr]
+        # nn.Module.__setattr__'s stub only admits Tensor | Module values; a module's qconfig is a QConfig
+        module.qconfig = cast(QConfig, module.qconfig)._replace(weight=factory)  # type: ignore[assignment]
+    for name in learned_acts:  # learned quantizers are LearnedStepQuant, standing in for torch.ao observers
+        act = cast(LearnedStepQuant, sim.acts[name].quant)
+        observer = cast(ObserverBase, prepared.get_submodule(name))
+        frozen = FrozenObserver.like(observer, act.scale.detach().clone(), act.zero_point.clone())
         parent, _, leaf = name.rpartition(".")
         setattr(prepared.get_submodule(parent) if parent else prepared, leaf, frozen)
 
@@ -240,7 +243,7 @@ def _reconstruct_block(
             after, outputs = errors(keep=True)
             if after.lp > rounded.lp:  # keep the calibrated step sizes unless the learned ones are better
                 for act in learnable:
-                    act.quant.reset()  # type: ignore[union-attr]
+                    cast(LearnedStepQuant, act.quant).reset()  # learnable: a LearnedStepQuant
                 after, outputs = errors(keep=True)
             else:
                 entry["step_sizes"] = "learned"
@@ -274,7 +277,7 @@ def _restore_block(
         saved = state.act(name)
         if saved is not None:
             with torch.no_grad():
-                sim.acts[name].quant.log_ratio.copy_(saved)  # type: ignore[union-attr]
+                cast(LearnedStepQuant, sim.acts[name].quant).log_ratio.copy_(saved)  # saved: a learned quantizer
             learned_acts.append(name)
     quant.store(spec, quant.run_block(spec, module))
     return {**state.blocks[spec.name], "resumed": True}
@@ -374,8 +377,10 @@ def reconstruct(
                                                        progress, learned_acts)
                 if state is not None:
                     codes = {name: sim.layers[name].quant.hard_codes() for name in spec.layers}
-                    acts = {name: sim.acts[name].quant.log_ratio for name in spec.acts  # type: ignore[union-attr]
-                            if name in learned_acts}
+                    acts: dict[str, torch.Tensor] = {
+                        name: cast(LearnedStepQuant, sim.acts[name].quant).log_ratio  # learned: LearnedStepQuant
+                        for name in spec.acts if name in learned_acts
+                    }
                     state.add(spec.name, blocks[spec.name], codes, acts)
             fp.free(step.free_after)
             quant.free(step.free_after)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import torch
 from torch import fx, nn
@@ -29,6 +30,8 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 __all__ = ["SplitConv2d", "SplitRecord", "SplitShortcutPass", "split_shortcut"]
 
 logger = logging.getLogger(__name__)
+
+_Pair = tuple[int, int]  # Conv2d stores kernel_size / stride / dilation as 2-tuples; torch types them tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -63,14 +66,15 @@ class SplitConv2d(nn.Module):
         parts = []
         for i, (start, size) in enumerate(zip((0, split_index), sizes)):
             part = nn.Conv2d(
-                size, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                size, conv.out_channels, cast(_Pair, conv.kernel_size), cast(_Pair, conv.stride),
+                cast("str | _Pair", conv.padding), cast(_Pair, conv.dilation),
                 bias=conv.bias is not None and i == 0, padding_mode=conv.padding_mode,
                 device=conv.weight.device, dtype=conv.weight.dtype,
             )
             with torch.no_grad():
                 part.weight.copy_(conv.weight[:, start:start + size])
                 if part.bias is not None:
-                    part.bias.copy_(conv.bias)
+                    part.bias.copy_(cast(torch.Tensor, conv.bias))  # part0 has a bias only if conv has one
             parts.append(part)
         self.part0, self.part1 = parts
 
@@ -142,7 +146,7 @@ class SplitShortcutPass(PassBase):
 
     def _rewrite(self, gm: fx.GraphModule, cat: fx.Node, user: fx.Node, parts: list[fx.Node], split: int) -> None:
         target = str(user.target)
-        conv = gm.get_submodule(target)
+        conv = cast(nn.Conv2d, gm.get_submodule(target))  # checked by _match
         parent_name, _, leaf = target.rpartition(".")
         parent = gm.get_submodule(parent_name) if parent_name else gm
         setattr(parent, leaf, SplitConv2d(conv, split))
