@@ -146,16 +146,16 @@ def test_trace_equals_eager_at_another_batch_size(name: str, processor: str, dec
 
 
 def test_decomposed_attention_pattern() -> None:
-    """Each softmax reads mul(matmul(q, k.transpose(-1, -2)), scale) and feeds matmul(probs, v)."""
+    """Each softmax reads matmul(mul(q, scale), k.transpose(-1, -2)) and feeds matmul(probs, v)."""
     unet, num_attn = _build("cross_attn_cond")
     gm = trace(unet, _inputs("cross_attn_cond", 1, seed=1))
     softmaxes = [n for n in gm.graph.nodes if n.target is torch.softmax]
     assert len(softmaxes) == num_attn
     for sm in softmaxes:
         assert sm.kwargs == {"dim": -1} and sm.meta["qdiff_attention"] == "softmax"
-        scaled = sm.args[0]
-        qk = scaled.args[0]
-        head_dim = qk.args[0].meta["tensor_meta"].shape[-1]
+        qk = sm.args[0]
+        scaled = qk.args[0]
+        head_dim = scaled.args[0].meta["tensor_meta"].shape[-1]
         assert scaled.target is operator.mul and scaled.args[1] == pytest.approx(head_dim**-0.5)
         assert qk.target is torch.matmul and qk.meta["qdiff_attention"] == "qk"
         assert qk.args[1].target == "transpose" and qk.args[1].args[1:] == (-1, -2)
