@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ __all__ = [
     "frechet_distance",
     "frechet_distance_from_statistics",
     "noise_prediction_error",
+    "noise_prediction_offset",
 ]
 
 logger = logging.getLogger(__name__)
@@ -320,16 +321,53 @@ def noise_prediction_error(
     Raises:
         ValueError: if ``num_samples`` or ``num_inference_steps`` is below 1.
     """
+    errors = [((eps_q - eps_fp).norm() / eps_fp.norm().clamp(min=1e-12)).item()
+              for eps_fp, eps_q in _fp_trajectory(unet_fp, unet_q, scheduler, num_samples, num_inference_steps,
+                                                  sample_shape, seed)]
+    return torch.tensor(errors)
+
+
+@torch.no_grad()
+def noise_prediction_offset(
+    unet_fp: Callable[..., Any],
+    unet_q: Callable[..., Any],
+    scheduler: Any,
+    *,
+    num_samples: int = 64,
+    num_inference_steps: int = 50,
+    sample_shape: tuple[int, ...] = (1, IMAGE_SIZE, IMAGE_SIZE),
+    seed: int = 0,
+) -> torch.Tensor:
+    """Mean (signed) error of the quantized noise prediction per channel at every step of the FP DDIM trajectory.
+
+    ``o_k[c] = mean_{n,h,w} (eps_q(x_k, t_k) - eps_fp(x_k, t_k))[n, c, h, w]`` on the same inputs as
+    :func:`noise_prediction_error`. A sampler adds such an offset up over all its steps (a brightness drift of
+    the images), which :func:`qdiff_ao.passes.correct_output_bias` removes; this function measures it.
+
+    Returns:
+        Float tensor ``(num_inference_steps, C)``, steps ordered like ``scheduler.timesteps``.
+
+    Raises:
+        ValueError: if ``num_samples`` or ``num_inference_steps`` is below 1.
+    """
+    offsets = [(eps_q - eps_fp).double().mean(dim=(0, 2, 3)).float()
+               for eps_fp, eps_q in _fp_trajectory(unet_fp, unet_q, scheduler, num_samples, num_inference_steps,
+                                                   sample_shape, seed)]
+    return torch.stack(offsets)
+
+
+def _fp_trajectory(
+    unet_fp: Callable[..., Any], unet_q: Callable[..., Any], scheduler: Any, num_samples: int,
+    num_inference_steps: int, sample_shape: tuple[int, ...], seed: int,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(eps_fp, eps_q) at every step of the float model's deterministic DDIM (eta 0) run from seeded noise."""
     if num_samples < 1 or num_inference_steps < 1:
         raise ValueError(f"num_samples and num_inference_steps must be >= 1, got {num_samples} and "
                          f"{num_inference_steps}")
     ddim = DDIMScheduler.from_config(scheduler.config)
     ddim.set_timesteps(num_inference_steps)
     x = torch.randn((num_samples, *sample_shape), generator=torch.Generator().manual_seed(seed))
-    errors = []
     for t in ddim.timesteps:
         eps_fp = _eps(unet_fp, x, t)
-        eps_q = _eps(unet_q, x, t)
-        errors.append(((eps_q - eps_fp).norm() / eps_fp.norm().clamp(min=1e-12)).item())
+        yield eps_fp, _eps(unet_q, x, t)
         x = ddim.step(eps_fp, t, x).prev_sample
-    return torch.tensor(errors)

@@ -16,6 +16,7 @@ from qdiff_ao.metrics import (
     frechet_distance,
     frechet_distance_from_statistics,
     noise_prediction_error,
+    noise_prediction_offset,
 )
 
 needs_classifier = pytest.mark.skipif(
@@ -173,6 +174,23 @@ def test_noise_prediction_error_known_answers() -> None:
     assert torch.allclose(err, torch.full((4,), 0.1), atol=1e-5)
     other = noise_prediction_error(unet, _tiny_unet(1), scheduler, num_samples=3, num_inference_steps=4)
     assert bool((other > 0.05).all()) and bool(other.isfinite().all())
+
+
+def test_noise_prediction_offset_known_answers() -> None:
+    from diffusers import DDPMScheduler
+
+    unet = _tiny_unet(0)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    same = noise_prediction_offset(unet, unet, scheduler, num_samples=3, num_inference_steps=4)
+    assert same.shape == (4, 1) and torch.equal(same, torch.zeros(4, 1))
+
+    def shifted(sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return unet(sample, timestep).sample + 0.25
+
+    offset = noise_prediction_offset(unet, shifted, scheduler, num_samples=3, num_inference_steps=4)
+    assert torch.allclose(offset, torch.full((4, 1), 0.25), atol=1e-5)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        noise_prediction_offset(unet, unet, scheduler, num_samples=0)
 
 
 @needs_ddpm
