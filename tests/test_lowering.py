@@ -8,17 +8,7 @@ from torch import nn
 
 import qdiff_ao
 from qdiff_ao._compat import convert_fx, convert_to_reference_fx, prepare_fx
-from tests.unet_factory import FAMILIES, build_unet, unet_inputs
-
-
-def _calibrated(family: str, cfg: qdiff_ao.QuantConfig) -> tuple[nn.Module, torch.fx.GraphModule]:
-    unet = build_unet(family)
-    prepared = qdiff_ao.prepare(unet, cfg, unet_inputs(family, 2))
-    with torch.no_grad():
-        for i, t in enumerate((900, 500, 100)):
-            with qdiff_ao.timestep_context(t):
-                prepared(**unet_inputs(family, 4, t=t, seed=10 + i))
-    return unet, prepared
+from tests.unet_factory import FAMILIES, build_unet, calibrated_unet, unet_inputs
 
 
 def _float_layers(unet: nn.Module) -> int:
@@ -28,7 +18,7 @@ def _float_layers(unet: nn.Module) -> int:
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_family_lowers_to_quantized_modules(family: str) -> None:
     cfg = qdiff_ao.QuantConfig(weight_bits=4, act_bits=8)
-    unet, prepared = _calibrated(family, cfg)
+    unet, prepared = calibrated_unet(family, cfg)
     quantized = qdiff_ao.convert(prepared)
     q_layers = [m for m in quantized.modules() if type(m).__module__.startswith("torch.ao.nn.quantized.modules")
                 and type(m).__name__ in ("Conv2d", "Linear")]
@@ -53,7 +43,7 @@ def test_lowered_kernels_agree_with_fake_quant_reference(family: str) -> None:
     in test_qconfig_fx); through ~20 layers of a random-weight UNet that accumulates to 2-3% (measured 2.9%).
     """
     cfg = qdiff_ao.QuantConfig(weight_bits=8, act_bits=8)
-    _, prepared = _calibrated(family, cfg)
+    _, prepared = calibrated_unet(family, cfg)
     import copy
 
     reference = convert_to_reference_fx(copy.deepcopy(prepared), backend_config=qdiff_ao.get_backend_config(cfg))
@@ -68,7 +58,7 @@ def test_lowered_kernels_agree_with_fake_quant_reference(family: str) -> None:
 @pytest.mark.parametrize("weight_bits,act_bits", [(8, 8), (4, None), (8, None)])
 def test_w8a8_and_weights_only(weight_bits: int, act_bits: int | None) -> None:
     cfg = qdiff_ao.QuantConfig(weight_bits=weight_bits, act_bits=act_bits)
-    unet, prepared = _calibrated("attn", cfg)
+    unet, prepared = calibrated_unet("attn", cfg)
     quantized = qdiff_ao.convert(prepared)
     inputs = unet_inputs("attn", 2, seed=5)
     with torch.no_grad():
@@ -99,7 +89,7 @@ def test_users_own_prepare_fx_and_convert_fx_with_our_mapping() -> None:
 def test_softmax_outputs_are_quantized_unsigned() -> None:
     for bits in (8, 16):
         cfg = qdiff_ao.QuantConfig(softmax_bits=bits)
-        _, prepared = _calibrated("attn", cfg)
+        _, prepared = calibrated_unet("attn", cfg)
         observers = [m for n, m in prepared.named_children() if n.startswith("qdiff_softmax_observer_")]
         assert observers and all(o.quant_min == 0 and o.quant_max == 2**bits - 1 for o in observers)
         for o in observers:
@@ -113,7 +103,7 @@ def test_quantized_unet_runs_in_ddim_pipeline() -> None:
     from diffusers import DDIMPipeline, DDIMScheduler
 
     cfg = qdiff_ao.QuantConfig(weight_bits=8, act_bits=8)
-    unet, prepared = _calibrated("attn", cfg)
+    unet, prepared = calibrated_unet("attn", cfg)
     qunet = qdiff_ao.QuantizedUNet(qdiff_ao.convert(prepared), like=unet)
     assert qunet.config.sample_size == 16 and qunet.dtype == torch.float32
     pipe = DDIMPipeline(unet=qunet, scheduler=DDIMScheduler(num_train_timesteps=1000))
@@ -132,7 +122,7 @@ def test_quantized_unet_runs_in_ddim_pipeline() -> None:
 
 def test_quantized_unet_refuses_dtype_and_device_changes() -> None:
     cfg = qdiff_ao.QuantConfig(weight_bits=8, act_bits=8)
-    unet, prepared = _calibrated("attn", cfg)
+    unet, prepared = calibrated_unet("attn", cfg)
     qunet = qdiff_ao.QuantizedUNet(qdiff_ao.convert(prepared), like=unet)
     assert qunet.to("cpu") is qunet and qunet.to(torch.float32) is qunet
     with pytest.raises(TypeError, match="cannot be cast"):

@@ -25,7 +25,7 @@ ort = pytest.importorskip("onnxruntime")
 import qdiff_ao  # noqa: E402
 from qdiff_ao._onnx_graph import constant_arrays  # noqa: E402
 from qdiff_ao.onnx_export import export_onnx, to_fake_quant_graph  # noqa: E402
-from tests.unet_factory import build_unet, unet_inputs  # noqa: E402
+from tests.unet_factory import calibrated_unet, unet_inputs  # noqa: E402
 
 
 class SkipNet(nn.Module):
@@ -224,12 +224,7 @@ def test_bad_arguments(tmp_path: Path) -> None:
 
 def _unet_case(family: str, weight_bits: int, tmp_path: Path, softmax_bits: int = 8) -> dict[str, object]:
     cfg = qdiff_ao.QuantConfig(weight_bits=weight_bits, act_bits=8, softmax_bits=softmax_bits)
-    unet = build_unet(family)
-    prepared = qdiff_ao.prepare(unet, cfg, unet_inputs(family, 2))
-    with torch.no_grad():
-        for i, t in enumerate((900, 500, 100)):
-            with qdiff_ao.timestep_context(t):
-                prepared(**unet_inputs(family, 4, t=t, seed=10 + i))
+    unet, prepared = calibrated_unet(family, cfg)
     path = tmp_path / f"{family}.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

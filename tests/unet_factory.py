@@ -45,3 +45,16 @@ def unet_inputs(family: str, batch: int, t: int = 500, seed: int = 1) -> dict[st
     if family == "class_embeds":
         inputs["class_labels"] = torch.randint(0, 10, (batch,), generator=g)
     return inputs
+
+
+def calibrated_unet(family: str, cfg: Any) -> tuple[torch.nn.Module, torch.fx.GraphModule]:
+    """(float UNet, prepared graph) after three calibration batches at t = 900 / 500 / 100."""
+    import qdiff_ao
+
+    unet = build_unet(family)
+    prepared = qdiff_ao.prepare(unet, cfg, unet_inputs(family, 2))
+    with torch.no_grad():
+        for i, t in enumerate((900, 500, 100)):
+            with qdiff_ao.timestep_context(t):
+                prepared(**unet_inputs(family, 4, t=t, seed=10 + i))
+    return unet, prepared
