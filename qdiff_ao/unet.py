@@ -18,16 +18,15 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from qdiff_ao.inference import freeze_graph, traced_input_guards
+from qdiff_ao.tracing import _check_traced_input
+
 __all__ = ["QuantizedUNet", "graph_input_spec"]
 
 
 def graph_input_spec(gm: fx.GraphModule) -> dict[str, tuple[int, torch.dtype]]:
     """{input name: (rank, dtype)} as traced, read from the input guard nodes of ``qdiff_ao.trace``."""
-    spec: dict[str, tuple[int, torch.dtype]] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and getattr(node.target, "__name__", "") == "_check_traced_input":
-            _, name, ndim, dtype = node.args[:4]
-            spec[str(name)] = (int(ndim), dtype)
+    spec = {name: (ndim, dtype) for name, (ndim, dtype, _) in traced_input_guards(gm).items()}
     if not spec:
         for node in gm.graph.nodes:
             if node.op == "placeholder":
@@ -111,19 +110,18 @@ class QuantizedUNet(nn.Module):
             example_inputs: graph inputs for tracing (default: one random sample at timestep 500, built from
                 the traced signature).
         """
-        from qdiff_ao.inference import freeze_graph, traced_input_guards
-
+        guards = traced_input_guards(self.graph_module)
         if example_inputs is None:
             g = torch.Generator().manual_seed(0)
             example_inputs = {}
-            for name, (ndim, dtype, tail) in traced_input_guards(self.graph_module).items():
+            for name, (ndim, dtype, tail) in guards.items():
                 shape = (1, *tail) if ndim >= 1 else ()
                 if dtype.is_floating_point and name != "timestep":
                     example_inputs[name] = torch.randn(shape, generator=g).to(dtype)
                 else:
                     example_inputs[name] = torch.full(shape, 500 if name == "timestep" else 0, dtype=dtype)
-        self._guards = traced_input_guards(self.graph_module)
         self._frozen = [freeze_graph(self.graph_module, example_inputs)]
+        self._guards = guards
         return self
 
     def to(self, *args: Any, **kwargs: Any) -> QuantizedUNet:
@@ -196,8 +194,6 @@ class QuantizedUNet(nn.Module):
             inputs["class_labels"] = class_labels
         graph_inputs = {k: inputs[k] for k in self._spec}
         if self._frozen:
-            from qdiff_ao.tracing import _check_traced_input
-
             # The frozen module ran the graph's input guards once, at trace time: check every call here.
             for name, (ndim, dtype, tail) in self._guards.items():
                 _check_traced_input(graph_inputs[name], name, ndim, dtype, tail)
