@@ -110,11 +110,11 @@ def quantize(
 
         t0 = time.perf_counter()
         try:
-            find_output_layer(prepared)
+            output_layer, _ = find_output_layer(prepared)
         except ValueError as err:
             logger.warning("output bias correction skipped: %s", err)
         else:
-            bias_report = correct_output_bias(prepared, calib, unet, batch_size=batch_size)
+            bias_report = correct_output_bias(prepared, calib, unet, layer=output_layer, batch_size=batch_size)
             timings["bias_correction_s"] = time.perf_counter() - t0
     if on_prepared is not None:
         on_prepared(prepared, calib)

@@ -65,6 +65,15 @@ def test_correction_removes_the_mean_output_error(family: str) -> None:
     assert abs(mean_after) < abs(mean_before) and abs(mean_after) < 0.5 * abs(mean_before) + 1e-4
 
 
+def test_named_layer_is_measured_after_its_output_quantizer() -> None:
+    unet, prepared, calib = _prepared("attn", qdiff_ao.QuantConfig(weight_bits=4, act_bits=8))
+    found = find_output_layer(prepared)
+    auto = correct_output_bias(copy.deepcopy(prepared), calib, unet)
+    named = correct_output_bias(prepared, calib, unet, layer="conv_out")
+    assert (named["layer"], named["quantizer"]) == found == (auto["layer"], auto["quantizer"])
+    assert named["correction"] == auto["correction"]
+
+
 def test_fourier_output_rescale_is_walked_through() -> None:
     unet, prepared, calib = _prepared("skip_fourier", qdiff_ao.QuantConfig(weight_bits=4, act_bits=8))
     layer, quantizer = find_output_layer(prepared)

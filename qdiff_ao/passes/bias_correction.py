@@ -79,6 +79,15 @@ def find_output_layer(prepared: fx.GraphModule) -> tuple[str, str | None]:
     )
 
 
+def _output_quantizer(prepared: fx.GraphModule, layer: str) -> str | None:
+    """The activation quantizer that is the only consumer of ``layer``'s output, if any."""
+    for node in prepared.graph.nodes:
+        if node.op == "call_module" and str(node.target) == layer and len(node.users) == 1:
+            (user,) = node.users
+            return str(user.target) if _is_quantizer(prepared, user) else None
+    return None
+
+
 def _channel_mean(diff: torch.Tensor, module: nn.Module) -> tuple[torch.Tensor, int]:
     """Sum over every dim but the channel dim (1 for conv, last for linear) and the count summed per channel."""
     if isinstance(module, nn.Conv2d):
@@ -115,7 +124,8 @@ def correct_output_bias(
         prepared: the calibrated (and possibly reconstructed) output of ``qdiff_ao.prepare``.
         calib: calibration set whose rows are fed to both models (its inputs must match the graph's).
         model: the float diffusers UNet the graph was traced from (unchanged).
-        layer: the output layer's module name; default: found by :func:`find_output_layer`.
+        layer: the output layer's module name; default: found by :func:`find_output_layer`. Its output is
+            measured after its output quantizer when that is its only consumer.
         batch_size: rows per forward.
 
     Returns:
@@ -135,9 +145,10 @@ def correct_output_bias(
         raise TypeError(f"model must be the float diffusers UNet (an nn.Module), got {type(model).__name__}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    quantizer = None
     if layer is None:
         layer, quantizer = find_output_layer(prepared)
+    else:
+        quantizer = _output_quantizer(prepared, layer)
     target = prepared.get_submodule(layer)
     if not is_quantized_layer(target):
         raise ValueError(f"layer {layer!r} is not a quantized Conv2d/Linear of the prepared graph")
