@@ -11,111 +11,21 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel, UNet2DModel
-from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers import UNet2DConditionModel
 from torch import fx, nn
 
 from qdiff_ao import _tracer_impl
 from qdiff_ao.tracing import trace
-
-ATOL = 1e-5
-TRACE_BATCH, CHECK_BATCH = 1, 3
-
-_SMALL = {
-    "sample_size": 16,
-    "in_channels": 3,
-    "out_channels": 3,
-    "block_out_channels": (32, 64),
-    "norm_num_groups": 8,
-    "layers_per_block": 1,
-    "attention_head_dim": 8,
-}
-# Every 2D block family UNet2DModel accepts, both time embeddings, class conditioning, resnet
-# up/down sampling and a UNet without mid block. Skip blocks fix their own GroupNorm groups
-# (min(channels // 4, 32)), which 32/64 channels satisfy.
-UNET2D_CONFIGS: dict[str, dict[str, Any]] = {
-    "down_attn": {
-        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
-        "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
-    },
-    "resnet_sampling_scale_shift": {
-        "down_block_types": ("ResnetDownsampleBlock2D", "AttnDownBlock2D"),
-        "up_block_types": ("AttnUpBlock2D", "ResnetUpsampleBlock2D"),
-        "resnet_time_scale_shift": "scale_shift",
-    },
-    "skip_fourier": {
-        "down_block_types": ("SkipDownBlock2D", "AttnSkipDownBlock2D"),
-        "up_block_types": ("AttnSkipUpBlock2D", "SkipUpBlock2D"),
-        "time_embedding_type": "fourier",
-    },
-    "class_embeds": {
-        "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
-        "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
-        "num_class_embeds": 10,
-    },
-    "attn_resnet_updown_no_mid": {
-        "down_block_types": ("AttnDownBlock2D", "AttnDownBlock2D"),
-        "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D"),
-        "downsample_type": "resnet",
-        "upsample_type": "resnet",
-        "mid_block_type": None,
-    },
-}
-COND_CONFIG: dict[str, Any] = {  # SD-1.x layout at reduced width
-    "sample_size": 16,
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": (32, 64),
-    "norm_num_groups": 8,
-    "layers_per_block": 1,
-    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-    "cross_attention_dim": 32,
-    "attention_head_dim": 8,
-}
-ALL_CONFIGS = [*UNET2D_CONFIGS, "cross_attn_cond"]
-
-
-def _set_processor(unet: nn.Module, processor: str) -> int:
-    """Install the attention processor; return the number of Attention modules."""
-    attns = [m for m in unet.modules() if isinstance(m, Attention)]
-    if processor == "classic":
-        for attn in attns:  # UNet2DModel has no set_attn_processor in diffusers 0.42
-            attn.set_processor(AttnProcessor())
-    else:
-        assert all(isinstance(a.processor, AttnProcessor2_0) for a in attns)
-    return len(attns)
-
-
-def _build(name: str, processor: str = "sdpa") -> tuple[nn.Module, int]:
-    torch.manual_seed(0)
-    if name == "cross_attn_cond":
-        unet: nn.Module = UNet2DConditionModel(**COND_CONFIG)
-    else:
-        unet = UNet2DModel(**{**_SMALL, **UNET2D_CONFIGS[name]})
-    return unet.eval(), _set_processor(unet, processor)
-
-
-def _inputs(name: str, batch: int, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    channels = 4 if name == "cross_attn_cond" else 3
-    inputs = {"sample": torch.randn(batch, channels, 16, 16, generator=g)}
-    t = torch.randint(0, 1000, (batch,), generator=g)
-    inputs["timestep"] = t.float() if UNET2D_CONFIGS.get(name, {}).get("time_embedding_type") == "fourier" else t
-    if name == "cross_attn_cond":
-        inputs["encoder_hidden_states"] = torch.randn(batch, 7, 32, generator=g)
-    if name == "class_embeds":
-        inputs["class_labels"] = torch.randint(0, 10, (batch,), generator=g)
-    return inputs
-
-
-def _eager(unet: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        return unet(**inputs).sample
-
-
-def _targets(gm: fx.GraphModule) -> collections.Counter:
-    return collections.Counter(n.target for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+from tests.tracing_helpers import (
+    ALL_CONFIGS,
+    ATOL,
+    CHECK_BATCH,
+    TRACE_BATCH,
+    _build,
+    _eager,
+    _inputs,
+    _targets,
+)
 
 
 @pytest.mark.parametrize("decompose", [True, False], ids=["decomposed", "sdpa_node"])
@@ -143,52 +53,6 @@ def test_trace_equals_eager_at_another_batch_size(name: str, processor: str, dec
     else:
         assert counts[F.scaled_dot_product_attention] == num_attn
         assert counts[torch.softmax] == counts[torch.matmul] == 0
-
-
-def test_decomposed_attention_pattern() -> None:
-    """Each softmax reads matmul(mul(q, scale), k.transpose(-1, -2)) and feeds matmul(probs, v)."""
-    unet, num_attn = _build("cross_attn_cond")
-    gm = trace(unet, _inputs("cross_attn_cond", 1, seed=1))
-    softmaxes = [n for n in gm.graph.nodes if n.target is torch.softmax]
-    assert len(softmaxes) == num_attn
-    for sm in softmaxes:
-        assert sm.kwargs == {"dim": -1} and sm.meta["qdiff_attention"] == "softmax"
-        qk = sm.args[0]
-        scaled = qk.args[0]
-        head_dim = scaled.args[0].meta["tensor_meta"].shape[-1]
-        assert scaled.target is operator.mul and scaled.args[1] == pytest.approx(head_dim**-0.5)
-        assert qk.target is torch.matmul and qk.meta["qdiff_attention"] == "qk"
-        assert qk.args[1].target == "transpose" and qk.args[1].args[1:] == (-1, -2)
-        (pv,) = sm.users
-        assert pv.target is torch.matmul and pv.args[0] is sm and pv.meta["qdiff_attention"] == "pv"
-        assert sm.meta["nn_module_stack"]  # grouped under the Attention module that owns it
-
-
-class _SDPA(nn.Module):
-    """q, k, v ─► F.scaled_dot_product_attention(mask / causal) ─► out"""
-
-    def __init__(self, mode: str) -> None:
-        super().__init__()
-        self.mode = mode
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        length, source = int(q.shape[-2]), int(k.shape[-2])  # non-batch dims: constants are fine
-        if self.mode == "causal":
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        if self.mode == "bool_mask":
-            mask = torch.rand(length, source, generator=torch.Generator().manual_seed(0)) > 0.3
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask | torch.eye(length, source, dtype=torch.bool))
-        mask = torch.randn(length, source, generator=torch.Generator().manual_seed(0))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
-
-
-@pytest.mark.parametrize("mode", ["causal", "bool_mask", "float_mask_scale"])
-def test_sdpa_decomposition_matches_masks_and_scale(mode: str) -> None:
-    q, k, v = (torch.randn(1, 2, 5, 4) for _ in range(3))
-    gm = trace(_SDPA(mode), {"q": q, "k": k, "v": v})
-    assert _targets(gm)[F.scaled_dot_product_attention] == 0
-    q, k, v = (torch.randn(3, 2, 5, 4) for _ in range(3))
-    assert (gm(q, k, v) - _SDPA(mode)(q, k, v)).abs().max().item() <= ATOL
 
 
 class _ShapeDriven(nn.Module):
