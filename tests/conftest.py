@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -49,3 +52,23 @@ def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untype
     except ImportError:
         pass
     terminalreporter.write_line(f"hypothesis: {total} generated examples ran in this session")
+
+
+@pytest.fixture(scope="session")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], tuple[Any, Path]]:
+    """(arch, scheme) -> (in-memory quantized UNet, its checkpoint directory), built once per test session.
+
+    Shared by tests/test_checkpoint.py and tests/test_checkpoint_validation.py (quantizing is the slow part).
+    """
+    from qdiff_ao.checkpoint import save
+    from tests.checkpoint_helpers import _quantize
+
+    cache: dict[tuple[str, str], tuple[Any, Path]] = {}
+
+    def get(arch: str, scheme: str) -> tuple[Any, Path]:
+        if (arch, scheme) not in cache:
+            _, model = _quantize(arch, scheme)
+            cache[arch, scheme] = model, save(model, tmp_path_factory.mktemp("ckpt") / f"{arch}-{scheme}")
+        return cache[arch, scheme]
+
+    return get

@@ -3,96 +3,24 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel
-from hypothesis import given, settings
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
+from hypothesis import given
 from hypothesis import strategies as st
 
 import qdiff_ao
 from qdiff_ao import _checkpoint_io
 from qdiff_ao._checkpoint_format import TensorSlot, check_tensors, pack_int4, unpack_int4
-from qdiff_ao._checkpoint_io import read_checkpoint, write_checkpoint
+from qdiff_ao._checkpoint_io import read_checkpoint
 from qdiff_ao.checkpoint import CheckpointError, load, save
+from tests.checkpoint_helpers import SCHEMES, _inputs, _out, _unet
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
-
-SCHEMES = {"W8A8": (8, 8, 8), "W4A8": (4, 8, 8), "W4A8s16": (4, 8, 16), "W4A32": (4, None, 8)}
-
-
-def _unet(arch: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    if arch == "cond":
-        return UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
-            layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16, attention_head_dim=4,
-        ).eval()
-    return UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=4,
-        layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4,
-    ).eval()
-
-
-def _inputs(arch: str, batch: int, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    timestep = torch.randint(0, 1000, (batch,), generator=g)
-    if arch == "cond":
-        return {"sample": torch.randn(batch, 4, 8, 8, generator=g), "timestep": timestep,
-                "encoder_hidden_states": torch.randn(batch, 5, 16, generator=g)}
-    return {"sample": torch.randn(batch, 1, 8, 8, generator=g), "timestep": timestep}
-
-
-def _quantize(arch: str, scheme: str, **overrides: Any) -> tuple[torch.nn.Module, qdiff_ao.QuantizedUNet]:
-    weight_bits, act_bits, softmax_bits = SCHEMES[scheme]
-    kwargs = dict(weight_bits=weight_bits, act_bits=act_bits, softmax_bits=softmax_bits, range_method="minmax")
-    cfg = qdiff_ao.QuantConfig(**{**kwargs, **overrides})
-    unet = _unet(arch)
-    gm = qdiff_ao.quantize_fx(unet, cfg, [_inputs(arch, 2, 1), _inputs(arch, 2, 2)])
-    return unet, qdiff_ao.QuantizedUNet(gm, like=unet)
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], tuple[qdiff_ao.QuantizedUNet, Path]]:
-    """(arch, scheme) -> (in-memory quantized UNet, its checkpoint directory), built once per module."""
-    cache: dict[tuple[str, str], tuple[qdiff_ao.QuantizedUNet, Path]] = {}
-
-    def get(arch: str, scheme: str) -> tuple[qdiff_ao.QuantizedUNet, Path]:
-        if (arch, scheme) not in cache:
-            _, model = _quantize(arch, scheme)
-            cache[arch, scheme] = model, save(model, tmp_path_factory.mktemp("ckpt") / f"{arch}-{scheme}")
-        return cache[arch, scheme]
-
-    return get
-
-
-def _out(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).sample
-
-
-def _copy(src: Path, dst_parent: Path) -> Path:
-    return Path(shutil.copytree(src, dst_parent / "copy"))
-
-
-def _resign(src: Path, dst: Path, *, body: dict[str, Any] | None = None, tensors: dict[str, torch.Tensor] | None = None,
-            edit: Callable[[dict[str, Any], dict[str, torch.Tensor]], None] | None = None) -> Path:
-    """Rewrite a checkpoint with edited content but valid hashes (to reach the checks after the integrity ones)."""
-    body0, tensors0 = read_checkpoint(src)
-    body = {k: v for k, v in (body or body0).items() if k not in ("tensors_bytes", "tensors_sha256")}
-    tensors = dict(tensors or tensors0)
-    if edit is not None:
-        edit(body, tensors)
-    return write_checkpoint(dst, body, tensors, overwrite=False)
-
 
 # --- format primitives ------------------------------------------------------------------------------------------
 
@@ -270,134 +198,3 @@ def test_save_rejects_what_load_could_not_rebuild(saved: Any, tmp_path: Path) ->
     with pytest.raises(ValueError, match="convert"):
         save(prepared, tmp_path / "c", unet_config=unet.config)
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
-
-
-# --- validation ---------------------------------------------------------------------------------------------------
-
-
-def test_rejects_directories_that_are_not_checkpoints(saved: Any, tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="no such checkpoint"):
-        load(tmp_path / "missing")
-    with pytest.raises(CheckpointError, match="config.json is missing"):
-        load(tmp_path)
-    _unet("plain").save_pretrained(tmp_path / "diffusers")
-    with pytest.raises(CheckpointError, match="diffusers model folder"):
-        load(tmp_path / "diffusers")
-    path = _copy(saved("plain", "W4A8")[1], tmp_path)
-    body = json.loads((path / "config.json").read_text())
-    body["format_version"] = 2
-    (path / "config.json").write_text(json.dumps(body))
-    with pytest.raises(CheckpointError, match="format_version 2 is not supported"):
-        load(path)
-
-
-@pytest.mark.parametrize("damage", ["truncate", "header", "data", "config_value", "missing_file"])
-def test_detects_file_damage(saved: Any, tmp_path: Path, damage: str) -> None:
-    path = _copy(saved("plain", "W4A8")[1], tmp_path)
-    tensors = path / "model.safetensors"
-    data = bytearray(tensors.read_bytes())
-    match = "SHA-256"
-    if damage == "truncate":
-        tensors.write_bytes(data[: len(data) // 2])
-        match = "truncated"
-    elif damage in ("header", "data"):
-        data[20 if damage == "header" else len(data) - 3] ^= 0x10
-        tensors.write_bytes(bytes(data))
-    elif damage == "config_value":
-        body = json.loads((path / "config.json").read_text())
-        body["quant_config"]["act_bits"] = 6
-        (path / "config.json").write_text(json.dumps(body))
-        match = "config_sha256"
-    else:
-        tensors.unlink()
-        match = "model.safetensors is missing"
-    with pytest.raises(CheckpointError, match=match):
-        load(path)
-
-
-def _set(name: str, value: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[dict[str, Any], dict[str, Any]], None]:
-    def edit(body: dict[str, Any], tensors: dict[str, Any]) -> None:
-        tensors[name] = value(tensors[name])
-
-    return edit
-
-
-def _drop(body: dict[str, Any], tensors: dict[str, Any]) -> None:
-    del tensors["conv_out.bias"]
-
-
-def _add(body: dict[str, Any], tensors: dict[str, Any]) -> None:
-    tensors["conv_out.extra"] = torch.zeros(2)
-
-
-@pytest.mark.parametrize(
-    ("edit", "match"),
-    [
-        (_set("conv_in.weight_scale", lambda t: t.float()), r"'conv_in.weight_scale' is torch.float32"),
-        (_set("conv_out.bias", lambda t: t.repeat(2)), r"'conv_out.bias' is torch.float32 of shape \(2,\)"),
-        (_drop, r"missing \['conv_out.bias'\]"),
-        (_add, r"unexpected \['conv_out.extra'\]"),
-        (_set("_scale_0", lambda t: torch.full_like(t, float("nan"))), r"'_scale_0' holds scales that are not finite"),
-        (_set("_scale_1", lambda t: torch.full_like(t, float("inf"))), "not finite and > 0"),
-        (_set("conv_in.weight_scale", lambda t: t * 0), "'conv_in.weight_scale' holds scales"),
-        (_set("conv_in.scale", lambda t: -t), "'conv_in.scale' holds scales"),
-        (_set("_zero_point_0", lambda t: t + 300), r"'_zero_point_0' has zero points outside \[0, 255\]"),
-        (_set("conv_in.weight_zero_point", lambda t: t - 200), r"zero points outside \[-128, 127\]"),
-    ],
-)
-def test_rejects_tensors_that_do_not_fit_the_config(saved: Any, tmp_path: Path, edit: Any, match: str) -> None:
-    path = _resign(saved("plain", "W4A8")[1], tmp_path / "bad", edit=edit)
-    with pytest.raises(CheckpointError, match=match) as info:
-        load(path)
-    assert "model.safetensors" in str(info.value)
-
-
-def test_rejects_codes_outside_the_weight_range(saved: Any, tmp_path: Path) -> None:
-    """W8A8 under reduce_range="auto" keeps weights in [-64, 63]; a code of 100 is refused."""
-    edit = _set("conv_in.weight", lambda t: t.clone().fill_(100))
-    with pytest.raises(CheckpointError, match=r"'conv_in.weight' has weight codes outside \[-64, 63\]"):
-        load(_resign(saved("plain", "W8A8")[1], tmp_path / "bad", edit=edit))
-
-
-@pytest.mark.parametrize(
-    ("key", "value", "match"),
-    [
-        ("unet_config", {"block_out_channels": [8, 24]},
-         r"'down_blocks.1.resnets.0.conv1.weight' is torch.uint8 of shape \(576,\), but the config needs .* \(864,\)"),
-        ("unet_config", {"norm_num_groups": 8}, "does not describe the saved model"),
-        ("unet_class", "UNet2DConditionModel", "cannot rebuild"),
-        ("unet_class", "os.system", "not a diffusers model class"),
-        ("quant_config", {"weight_bits": 9}, "invalid quant_config"),
-    ],
-)
-def test_rejects_a_config_for_another_model(saved: Any, tmp_path: Path, key: str, value: Any, match: str) -> None:
-    def edit(body: dict[str, Any], tensors: dict[str, Any]) -> None:
-        body[key] = {**body[key], **value} if isinstance(value, dict) else value
-
-    with pytest.raises(CheckpointError, match=match):
-        load(_resign(saved("plain", "W4A8")[1], tmp_path / "other", edit=edit))
-
-
-@settings(max_examples=25, deadline=None)
-@given(file=st.sampled_from(["config.json", "model.safetensors"]), where=st.floats(0, 1, exclude_max=True),
-       mask=st.integers(1, 255), truncate=st.booleans())
-def test_random_corruption_is_detected_or_harmless(saved: Any, file: str, where: float, mask: int,
-                                                   truncate: bool) -> None:
-    """Any damaged byte gives a CheckpointError, or a model computing exactly the original (e.g. JSON whitespace)."""
-    model, path = saved("plain", "W4A8")
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = _copy(path, Path(tmp))
-        target = copy / file
-        data = bytearray(target.read_bytes())
-        pos = int(where * len(data))
-        if truncate:
-            del data[pos:]
-        else:
-            data[pos] ^= mask
-        target.write_bytes(bytes(data))
-        try:
-            loaded = load(copy)
-        except CheckpointError:
-            return
-        x = _inputs("plain", 2, 11)
-        assert torch.equal(_out(loaded, x), _out(model, x))
