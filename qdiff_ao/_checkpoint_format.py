@@ -35,6 +35,7 @@ import torch.ao.nn.quantized as nnq
 import torch.ao.nn.quantized.reference as nnqr
 from torch import fx, nn
 
+from qdiff_ao._int4_pack import INT4_RANGE, pack_int4, packed_padding, unpack_int4
 from qdiff_ao.passes.observe_softmax import FixedFakeQuantize
 
 __all__ = [
@@ -50,7 +51,6 @@ __all__ = [
 
 _QUANTIZED = (nnq.Conv2d, nnq.Linear)
 _REFERENCE = (nnqr.Conv2d, nnqr.Linear)
-_INT4 = (-8, 7)
 # Module attributes that the lowered graph's numerics depend on and that tensor shapes do not reveal.
 _SETTINGS = (
     "num_groups", "eps", "affine", "normalized_shape", "elementwise_affine", "kernel_size", "stride", "padding",
@@ -85,48 +85,6 @@ class TensorSlot:
     dtype: torch.dtype
     bounds: tuple[int, int] | None = None
     code_shape: tuple[int, ...] | None = None
-
-
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Pack signed 4-bit codes (an int8 tensor in [-8, 7]) two per byte: ``(q0 & 0xF) | (q1 & 0xF) << 4``.
-
-    Returns a flat uint8 tensor of ``ceil(numel / 2)`` bytes; an odd count is padded with a zero nibble.
-
-    Example:
-        >>> pack_int4(torch.tensor([-8, 7, -1], dtype=torch.int8)).tolist()
-        [120, 15]
-    """
-    if codes.dtype != torch.int8:
-        raise TypeError(f"pack_int4 takes int8 codes, got {codes.dtype}")
-    flat = codes.reshape(-1)
-    if flat.numel() and (int(flat.min()) < _INT4[0] or int(flat.max()) > _INT4[1]):
-        raise ValueError(
-            f"pack_int4 takes codes in [-8, 7], got [{int(flat.min())}, {int(flat.max())}]; store them as int8"
-        )
-    nibbles = (flat.to(torch.int16) & 0xF).to(torch.uint8)
-    if nibbles.numel() % 2:
-        nibbles = torch.cat([nibbles, nibbles.new_zeros(1)])
-    return nibbles[0::2] | (nibbles[1::2] << 4)
-
-
-def unpack_int4(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of :func:`pack_int4`: int8 codes of ``shape`` (sign-extended nibbles, ``v - 16 if v >= 8``)."""
-    numel = 1
-    for size in shape:
-        numel *= int(size)
-    if packed.dtype != torch.uint8 or packed.shape != ((numel + 1) // 2,):
-        raise ValueError(
-            f"unpack_int4 needs a flat uint8 tensor of {(numel + 1) // 2} bytes for shape {tuple(shape)}, got "
-            f"{packed.dtype} of shape {tuple(packed.shape)}"
-        )
-    nibbles = torch.stack([packed & 0xF, packed >> 4], dim=1).reshape(-1)[:numel].to(torch.int16)
-    return torch.where(nibbles >= 8, nibbles - 16, nibbles).to(torch.int8).reshape(shape)
-
-
-def _packed_padding(packed: torch.Tensor, shape: tuple[int, ...]) -> int:
-    """The padding nibble of an odd-sized packed tensor (0 when there is none)."""
-    numel = int(torch.Size(shape).numel())
-    return int(packed[-1]) >> 4 if numel % 2 and packed.numel() else 0
 
 
 def _tensor_slot(t: torch.Tensor, kind: str = "tensor", bounds: tuple[int, int] | None = None) -> TensorSlot:
@@ -184,7 +142,7 @@ def export_tensors(
         ValueError: the graph still has observers, holds a quantized module of another kind, or has weight
             codes outside ``weight_qrange``.
     """
-    packed = _INT4[0] <= weight_qrange[0] and weight_qrange[1] <= _INT4[1]
+    packed = INT4_RANGE[0] <= weight_qrange[0] and weight_qrange[1] <= INT4_RANGE[1]
     tensors: dict[str, torch.Tensor] = {}
     slots: dict[str, TensorSlot] = {}
 
@@ -292,7 +250,7 @@ def check_tensors(tensors: Mapping[str, torch.Tensor], slots: Mapping[str, Tenso
                     f"{filename}: tensor {name!r} has {_NOUNS[slot.kind]} outside [{lo}, {hi}] "
                     f"(found [{int(values.min())}, {int(values.max())}])"
                 )
-            if slot.code_shape is not None and _packed_padding(t, slot.code_shape):
+            if slot.code_shape is not None and packed_padding(t, slot.code_shape):
                 raise CheckpointError(f"{filename}: tensor {name!r} has a nonzero padding nibble")
 
 
