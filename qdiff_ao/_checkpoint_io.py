@@ -122,6 +122,20 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header keys sorted, so equal tensors give equal bytes.
+
+    safetensors writes the ``__metadata__`` map in hash order, which changes from one process to the next; the
+    header is rewritten as ``json.dumps(header, sort_keys=True)`` padded with spaces to a multiple of 8 bytes (the
+    format's alignment), followed by the unchanged tensor data.
+    """
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + size :]
+
+
 def write_checkpoint(
     path: str | os.PathLike[str], body: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], *, overwrite: bool
 ) -> Path:
@@ -135,7 +149,7 @@ def write_checkpoint(
     target.parent.mkdir(parents=True, exist_ok=True)
     config_sha = hashlib.sha256(_canonical(body)).hexdigest()
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "config_sha256": config_sha}
-    data = _st_save(dict(tensors), metadata=metadata)
+    data = _canonical_safetensors(_st_save(dict(tensors), metadata=metadata))
     full = {**body, "tensors_bytes": len(data), "tensors_sha256": hashlib.sha256(data).hexdigest()}
     text = json.dumps(full, indent=2, sort_keys=True, allow_nan=False) + "\n"
     tmp = _fresh_dir(target, "tmp")

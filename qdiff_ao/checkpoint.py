@@ -138,6 +138,8 @@ def save(
         )
     tensors, _ = export_tensors(gm, cfg.weight_qrange())
     config = _jsonable(dict(unet_config), "unet_config")
+    if isinstance(config.get("_use_default_values"), list):  # diffusers builds it from a set: its order varies
+        config["_use_default_values"] = sorted(config["_use_default_values"])
     body = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

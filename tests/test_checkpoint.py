@@ -68,11 +68,9 @@ def test_round_trip_is_bit_identical(saved: Any, arch: str, scheme: str, tmp_pat
         assert weight.dtype == torch.uint8 and weight.numel() == (numel + 1) // 2
     else:
         assert weight.dtype == torch.int8 and weight.numel() == numel
-    (body, tensors), (body2, tensors2) = read_checkpoint(path), read_checkpoint(save(loaded, tmp_path / "again"))
-    body.pop("tensors_sha256"), body2.pop("tensors_sha256")  # the safetensors header's key order varies
-    assert body == body2
-    assert tensors.keys() == tensors2.keys()
-    assert all(tensors[k].dtype == tensors2[k].dtype and torch.equal(tensors[k], tensors2[k]) for k in tensors)
+    again = save(loaded, tmp_path / "again")
+    for name in ("model.safetensors", "config.json"):  # byte-identical files: the writer is deterministic
+        assert (again / name).read_bytes() == (path / name).read_bytes(), name
 
 
 @pytest.mark.slow

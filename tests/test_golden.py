@@ -1,0 +1,113 @@
+"""Golden pin of the whole recipe: refactors must leave the checkpoint bytes and the outputs bit-identical.
+
+Three tiny UNets (self-attention with skip concats, class conditioning, cross-attention) are quantized W4A8 with
+the full recipe (split shortcut, timestep-aware calibration, AdaRound/LSQ reconstruction, output bias
+correction) on seeded calibration data, one thread; the test compares
+
+* the SHA-256 of the checkpoint's ``model.safetensors`` (every integer code, qparam and float tensor), and
+* the SHA-256 of the quantized model's float32 output on fixed inputs
+
+with the values in ``tests/golden/golden.json``. Float kernels may round differently on another instruction
+set, so the values are kept per CPU capability (``torch.backends.cpu.get_cpu_capability()``); on a capability
+with no record the test skips and says how to record one. A deliberate numeric change re-records the values
+(``python -m tests.test_golden --record``) in its own commit that says why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+import qdiff_ao
+from tests.unet_factory import build_unet, unet_inputs
+
+GOLDEN_FILE = Path(__file__).parent / "golden" / "golden.json"
+FAMILIES = ("attn", "class_embeds", "cross_attn")
+_TIMESTEPS = (900, 600, 300, 50)
+
+
+def _calibration_set(family: str) -> qdiff_ao.CalibrationSet:
+    rows = [unet_inputs(family, 4, t=t, seed=100 + i) for i, t in enumerate(_TIMESTEPS)]
+    return qdiff_ao.CalibrationSet(
+        torch.cat([r["sample"] for r in rows]),
+        torch.cat([r["timestep"] for r in rows]),
+        encoder_hidden_states=torch.cat([r["encoder_hidden_states"] for r in rows]) if family == "cross_attn" else None,
+        class_labels=torch.cat([r["class_labels"] for r in rows]) if family == "class_embeds" else None,
+    )
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def golden_values(family: str, workdir: Path) -> dict[str, str]:
+    """{"checkpoint_sha256", "output_sha256"} of the W4A8 recipe on ``family`` (seeded, one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        unet = build_unet(family)
+        cfg = qdiff_ao.QuantConfig(
+            weight_bits=4, act_bits=8,
+            reconstruction=qdiff_ao.ReconstructionConfig(weight_iters=12, act_iters=6, batch_size=4),
+        )
+        qunet = qdiff_ao.quantize(unet, DDIMScheduler(), cfg, calib=_calibration_set(family), batch_size=8,
+                                  progress=False)
+        path = qunet.save_pretrained(workdir / family)
+        with torch.no_grad():
+            out = qunet(**unet_inputs(family, 3, t=400, seed=7)).sample
+        return {
+            "checkpoint_sha256": _sha256((path / "model.safetensors").read_bytes()),
+            "output_sha256": _sha256(out.contiguous().numpy().tobytes()),
+        }
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _capability() -> str:
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
+def _recorded() -> dict[str, Any]:
+    return json.loads(GOLDEN_FILE.read_text()) if GOLDEN_FILE.exists() else {}
+
+
+@pytest.fixture()
+def expected() -> Iterator[dict[str, Any]]:
+    table = _recorded().get(_capability())
+    if table is None:
+        pytest.skip(f"no golden values recorded for CPU capability {_capability()!r}; record them on the "
+                    "commit before a refactor with `python -m tests.test_golden --record`")
+    yield table
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recipe_is_bit_identical_to_golden(family: str, expected: dict[str, Any], tmp_path: Path) -> None:
+    """Same checkpoint bytes and same output bytes as recorded (a refactor must not move a single bit)."""
+    assert golden_values(family, tmp_path) == expected[family]
+
+
+def _record() -> None:
+    import tempfile
+
+    table = _recorded()
+    with tempfile.TemporaryDirectory() as tmp:
+        table[_capability()] = {family: golden_values(family, Path(tmp)) for family in FAMILIES}
+    GOLDEN_FILE.parent.mkdir(exist_ok=True)
+    GOLDEN_FILE.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
+    print(f"recorded {GOLDEN_FILE} for {_capability()}: {table[_capability()]}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--record", action="store_true", help="(re)write the golden values of this CPU capability")
+    if parser.parse_args().record:
+        _record()
