@@ -42,6 +42,7 @@ from torch.ao.quantization.backend_config import (
     ObservationType,
 )
 from torch.ao.quantization.fx import _lower_to_native_backend as _lowering
+from torch.ao.quantization.fx.custom_config import ConvertCustomConfig, PrepareCustomConfig
 from torch.ao.quantization.quantize_fx import convert_fx as _convert_fx
 from torch.ao.quantization.quantize_fx import convert_to_reference_fx as _convert_to_reference_fx
 from torch.ao.quantization.quantize_fx import prepare_fx as _prepare_fx
@@ -51,6 +52,7 @@ __all__ = [
     "BackendPatternConfig",
     "ClampedReferenceConv2d",
     "ClampedReferenceLinear",
+    "ConvertCustomConfig",
     "DTypeConfig",
     "DTypeWithConstraints",
     "MinMaxObserver",
@@ -58,6 +60,7 @@ __all__ = [
     "ObserverBase",
     "PerChannelMinMaxObserver",
     "PlaceholderObserver",
+    "PrepareCustomConfig",
     "QConfig",
     "QConfigMapping",
     "convert_fx",
