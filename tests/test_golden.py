@@ -4,7 +4,10 @@ Three tiny UNets (self-attention with skip concats, class conditioning, cross-at
 the full recipe (split shortcut, timestep-aware calibration, AdaRound/LSQ reconstruction, output bias
 correction) on seeded calibration data, one thread; the test compares
 
-* the SHA-256 of the checkpoint's ``model.safetensors`` (every integer code, qparam and float tensor), and
+* the SHA-256 of the checkpoint's ``model.safetensors`` file (every integer code, qparam and float tensor, and
+  the header's hash of ``config.json``),
+* the SHA-256 of its tensors alone (names, dtypes, shapes and bytes in name order), which tells a changed
+  number from a changed config record when the file hash moves, and
 * the SHA-256 of the quantized model's float32 output on fixed inputs
 
 with the values in ``tests/golden/golden.json``. Float kernels may round differently on another instruction
@@ -25,6 +28,7 @@ from typing import Any
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from safetensors.torch import load_file
 
 import qdiff_ao
 from tests.unet_factory import build_unet, unet_inputs
@@ -48,8 +52,16 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _tensors_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    for name, t in sorted(load_file(path).items()):
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def golden_values(family: str, workdir: Path) -> dict[str, str]:
-    """{"checkpoint_sha256", "output_sha256"} of the W4A8 recipe on ``family`` (seeded, one thread)."""
+    """{"checkpoint_sha256", "tensors_sha256", "output_sha256"} of the W4A8 recipe on ``family`` (seeded, 1 thread)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -66,6 +78,7 @@ def golden_values(family: str, workdir: Path) -> dict[str, str]:
             out = qunet(**unet_inputs(family, 3, t=400, seed=7)).sample
         return {
             "checkpoint_sha256": _sha256((path / "model.safetensors").read_bytes()),
+            "tensors_sha256": _tensors_sha256(path / "model.safetensors"),
             "output_sha256": _sha256(out.contiguous().numpy().tobytes()),
         }
     finally:
