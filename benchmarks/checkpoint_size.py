@@ -4,11 +4,11 @@
     python benchmarks/checkpoint_size.py --schemes W4A8 W8A8
 
 For each scheme the UNet is quantized (min/max calibration on one random batch: the size does not depend on the
-observer), saved with ``qdiff_ao.checkpoint.save`` and reloaded; the table gives the bytes of the checkpoint
+observer), saved with ``QuantizedUNet.save_pretrained`` and reloaded; the table gives the bytes of the checkpoint
 directory (model.safetensors + config.json) over those of ``unet.save_pretrained(..., safe_serialization=True)``
 and whether the reloaded model's output is bit-identical. Targets: W4 <= 0.14x, W8 <= 0.26x.
 
-The trained digits DDPM in ``qdiff_ao/bundled/digits-ddpm/unet`` is measured too when it exists.
+The trained digits DDPM in ``qdiff_ao/app/bundled/digits-ddpm/unet`` is measured too when it exists.
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import qdiff_ao  # noqa: E402
-from benchmarks.common import CIFAR10_DDPM  # noqa: E402
-from qdiff_ao import checkpoint  # noqa: E402
+from benchmarks.common import CIFAR10_DDPM, quantize_plain  # noqa: E402
 
 _TARGETS = {4: 0.14, 8: 0.26}
 _SCHEMES = {"W4A8": (4, 8), "W8A8": (8, 8), "W4A32": (4, None), "W8A32": (8, None)}
@@ -53,9 +52,9 @@ def measure(unet: torch.nn.Module, name: str, schemes: list[str], workdir: Path)
         cfg = qdiff_ao.QuantConfig(weight_bits=weight_bits, act_bits=act_bits, range_method="minmax",
                                    timestep_aware=False)
         start = time.perf_counter()
-        quantized = qdiff_ao.QuantizedUNet(qdiff_ao.quantize_fx(unet, cfg, [inputs]), like=unet)
-        target = checkpoint.save(quantized, workdir / f"{name}-{scheme}")
-        loaded = checkpoint.load(target)
+        quantized = qdiff_ao.QuantizedUNet(quantize_plain(unet, cfg, [inputs]), like=unet)
+        target = quantized.save_pretrained(workdir / f"{name}-{scheme}")
+        loaded = qdiff_ao.QuantizedUNet.from_pretrained(target)
         with torch.no_grad():
             identical = torch.equal(quantized(**inputs).sample, loaded(**inputs).sample)
         ours = _dir_bytes(target)

@@ -26,7 +26,7 @@ def cifar10_ddpm_unet(seed: int = 0) -> UNet2DModel:
 
 def bundled_unet() -> UNet2DModel | None:
     """The project's trained digits DDPM, if its weights are in the package."""
-    from qdiff_ao.bundled import DIGITS_DDPM_DIR
+    from qdiff_ao.app.bundled import DIGITS_DDPM_DIR
 
     path = os.path.join(DIGITS_DDPM_DIR, "unet")
     if not os.path.isdir(path):
@@ -77,3 +77,14 @@ def interleaved_ratios(
         for v in variants:
             cells[v].append(f"{statistics.median(ratios[v]):.2f}x ({1e3 * statistics.median(times[v]):.1f})")
     return cells
+
+
+def quantize_plain(unet: torch.nn.Module, cfg: Any, batches: list[dict[str, torch.Tensor]]) -> torch.fx.GraphModule:
+    """qdiff_ao.prepare -> run every batch (plain calibration) -> qdiff_ao.convert."""
+    import qdiff_ao
+
+    prepared = qdiff_ao.prepare(unet, cfg, batches[0])
+    with torch.no_grad():
+        for batch in batches:
+            prepared(**batch)
+    return qdiff_ao.convert(prepared)

@@ -27,9 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import qdiff_ao  # noqa: E402
-from benchmarks.common import cifar10_ddpm_unet, interleaved_ratios, unet_inputs  # noqa: E402
-from qdiff_ao.inference import freeze_graph  # noqa: E402
-from qdiff_ao.onnx_export import export_onnx  # noqa: E402
+from benchmarks.common import cifar10_ddpm_unet, interleaved_ratios, quantize_plain, unet_inputs  # noqa: E402
+from qdiff_ao.deploy.freezing import freeze_graph  # noqa: E402
+from qdiff_ao.deploy.onnx.export import export_onnx  # noqa: E402
 
 
 def _session(path: Path, threads: int):  # type: ignore[no-untyped-def]
@@ -72,7 +72,7 @@ def build(unet: torch.nn.Module, workdir: Path, threads: int) -> dict[str, Calla
         lowered = qdiff_ao.convert(prepared)
         variants[f"qdiff_ao W{wb}A8 (fbgemm)"] = lambda x, gm=lowered: gm(**x)
         variants[f"ORT INT8 QDQ W{wb}A8"] = _ort_fn(_session(path, threads))
-        fast = qdiff_ao.quantize_fx(unet, qdiff_ao.QuantConfig(weight_bits=wb, act_bits=8, quantize_attention=False),
+        fast = quantize_plain(unet, qdiff_ao.QuantConfig(weight_bits=wb, act_bits=8, quantize_attention=False),
                                     calib)
         frozen = freeze_graph(fast, unet_inputs(unet, 1, 500, seed=7))
         variants[f"qdiff_ao W{wb}A8, float SDPA attention, frozen (fbgemm)"] = lambda x, m=frozen: m(**x)

@@ -4,7 +4,7 @@
 
 Every row samples with the same sampler (DDIM, --steps steps, eta 0) from the same initial noise per seed.
 Columns: digits FD (Frechet distance of classifier features to held-out real digits; an FID analogue, see
-qdiff_ao.metrics) as mean ± std over seeds, mean classifier confidence, mean relative noise-prediction error along
+qdiff_ao.app.metrics) as mean ± std over seeds, mean classifier confidence, mean relative noise-prediction error along
 the FP DDIM trajectory, checkpoint size, latency ratio vs FP32 (batch 8, median of interleaved rounds).
 
 Rows: FP32; naive PTQ at W8A8 / W4A8 (min/max observers, no split, no timestep-aware statistics, calibration on a
@@ -30,9 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import qdiff_ao  # noqa: E402
-from qdiff_ao.main_job import load_model_folder, speed_ratio  # noqa: E402
-from qdiff_ao.metrics import DigitsFD, noise_prediction_error  # noqa: E402
-from qdiff_ao.sampling import ddim_sample, initial_noise  # noqa: E402
+from qdiff_ao.app.main_job import load_model_folder, speed_ratio  # noqa: E402
+from qdiff_ao.app.metrics import DigitsFD, noise_prediction_error  # noqa: E402
+from qdiff_ao.app.sampling import ddim_sample, initial_noise  # noqa: E402
 
 
 def rows(recon: qdiff_ao.ReconstructionConfig) -> list[dict[str, Any]]:

@@ -5,7 +5,7 @@
 
 1. Per-block output MSE at W4 (weights only) on a small UNet: round-to-nearest vs reconstructed, on the
    blocks' cached calibration rows. The UNet is the bundled digits DDPM when its weights are in the package
-   (``qdiff_ao/bundled/digits-ddpm/unet``), else a random UNet of the same shape (the table says which).
+   (``qdiff_ao/app/bundled/digits-ddpm/unet``), else a random UNet of the same shape (the table says which).
 2. Noise-prediction relative error ||eps_q - eps_fp|| / ||eps_fp|| along a DDIM trajectory of the FP model
    (held-out noise seed), W4A8 converted models (integer kernels): nearest vs reconstructed; plus the
    relative error of the final samples when each model runs its own trajectory. ``--sweep`` repeats the
@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import qdiff_ao  # noqa: E402
 from benchmarks.common import bundled_unet, cifar10_ddpm_unet  # noqa: E402
-from qdiff_ao.passes.reconstruct import reconstruct  # noqa: E402
+from qdiff_ao import graph_info  # noqa: E402
+from qdiff_ao.passes import reconstruct  # noqa: E402
 
 DIGITS_SHAPE: dict[str, Any] = dict(
     sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(32, 64, 64),
@@ -47,7 +48,7 @@ SCHEDULER: dict[str, Any] = dict(num_train_timesteps=1000, beta_schedule="square
 def small_unet() -> tuple[UNet2DModel, DDIMScheduler, str]:
     unet = bundled_unet()
     if unet is not None:
-        from qdiff_ao.bundled import DIGITS_DDPM_DIR
+        from qdiff_ao.app.bundled import DIGITS_DDPM_DIR
 
         sched_dir = Path(DIGITS_DDPM_DIR) / "scheduler"
         scheduler = DDIMScheduler.from_pretrained(str(sched_dir)) if sched_dir.is_dir() else DDIMScheduler(**SCHEDULER)
@@ -78,7 +79,8 @@ def table(rows: list[list[Any]], header: list[str]) -> None:
 
 def part_blocks(unet: UNet2DModel, calib: qdiff_ao.CalibrationSet, args: argparse.Namespace) -> None:
     prepared = prepared_for(unet, calib, weight_bits=4, act_bits=None)
-    report = reconstruct(prepared, calib, rcfg_from(args, act_iters=0), model=unet, progress=args.progress)
+    report = graph_info(reconstruct(prepared, calib, rcfg_from(args, act_iters=0), model=unet,
+                                    progress=args.progress)).reconstruction
     rows = [[name, b["kind"], b["num_layers"], b["mse_before"], b["mse_after"], b["mse_after"] / b["mse_before"],
              b["rounding"], b["seconds"]] for name, b in report["blocks"].items()]
     print(f"\n[1] per-block output MSE, W4 weights only ({report['num_samples']} cached rows, "
@@ -125,8 +127,8 @@ def part_trajectory(unet: UNet2DModel, scheduler: DDIMScheduler, calib: qdiff_ao
     for iters, act in runs:
         label = f"W4A8 recon w{iters}/a{act}"
         p = copy.deepcopy(prepared)
-        report = reconstruct(p, calib, rcfg_from(args, weight_iters=iters, act_iters=act), model=unet,
-                             progress=args.progress)
+        report = graph_info(reconstruct(p, calib, rcfg_from(args, weight_iters=iters, act_iters=act), model=unet,
+                                        progress=args.progress)).reconstruction
         models[label] = qdiff_ao.convert(p)
         times[label] = report["seconds"]
     ts, errs, final = trajectory_errors(models, unet, scheduler, args.steps, args.eval_samples, args.seed + 1000)
@@ -152,7 +154,7 @@ def part_cifar(args: argparse.Namespace) -> None:
     full = args.cifar == "full"
     probe = args.probe_iters
     rcfg = rcfg_from(args) if full else rcfg_from(args, weight_iters=probe, act_iters=probe)
-    report = reconstruct(prepared, calib, rcfg, model=unet, progress=args.progress)
+    report = graph_info(reconstruct(prepared, calib, rcfg, model=unet, progress=args.progress)).reconstruction
     t3 = time.perf_counter()
     blocks = report["blocks"].values()
     opt_w = sum(b["weight_seconds"] for b in blocks)

@@ -27,9 +27,15 @@ from torch import fx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import qdiff_ao  # noqa: E402
-from benchmarks.common import bundled_unet, cifar10_ddpm_unet, interleaved_ratios, unet_inputs  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    bundled_unet,
+    cifar10_ddpm_unet,
+    interleaved_ratios,
+    quantize_plain,
+    unet_inputs,
+)
 from qdiff_ao._compat import convert_fx, get_default_qconfig_mapping, prepare_fx  # noqa: E402
-from qdiff_ao.inference import freeze_graph  # noqa: E402
+from qdiff_ao.deploy.freezing import freeze_graph  # noqa: E402
 
 
 def torch_default_x86(unet: torch.nn.Module, calib: list[dict[str, torch.Tensor]]) -> fx.GraphModule:
@@ -54,7 +60,7 @@ def torch_default_x86(unet: torch.nn.Module, calib: list[dict[str, torch.Tensor]
 def ours(unet: torch.nn.Module, calib: list[dict[str, torch.Tensor]], weight_bits: int,
          quantize_attention: bool = True) -> fx.GraphModule:
     cfg = qdiff_ao.QuantConfig(weight_bits=weight_bits, act_bits=8, quantize_attention=quantize_attention)
-    return qdiff_ao.quantize_fx(unet, cfg, calib)
+    return quantize_plain(unet, cfg, calib)
 
 
 def count_qdq(gm: fx.GraphModule) -> tuple[int, int]:

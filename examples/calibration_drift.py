@@ -16,7 +16,12 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 import qdiff_ao
-from qdiff_ao.report import activation_ranges, format_ranges_table, plot_activation_ranges, plot_split_histograms
+from qdiff_ao.calibration.range_report import (
+    activation_ranges,
+    format_ranges_table,
+    plot_activation_ranges,
+    plot_split_histograms,
+)
 
 
 def main() -> None:

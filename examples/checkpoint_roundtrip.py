@@ -1,10 +1,10 @@
 """Quantize a DDPM UNet, save a compressed checkpoint, reload it without the FP weights, sample with both.
 
     python examples/checkpoint_roundtrip.py                                  # tiny random UNet, W4A8, < 1 min
-    python examples/checkpoint_roundtrip.py --unet qdiff_ao/bundled/digits-ddpm/unet --weight-bits 8
+    python examples/checkpoint_roundtrip.py --unet qdiff_ao/app/bundled/digits-ddpm/unet --weight-bits 8
 
 Steps: Q-Diffusion calibration data from the FP DDIM sampler -> prepare -> calibrate -> convert ->
-``qdiff_ao.checkpoint.save`` -> ``qdiff_ao.checkpoint.load`` -> DDIM sampling with the in-memory and the
+``QuantizedUNet.save_pretrained`` -> ``QuantizedUNet.from_pretrained`` -> DDIM sampling with the in-memory and the
 reloaded model from the same generator. The images are bit-identical; the script prints the sizes of the
 FP32 safetensors and of the checkpoint.
 """
@@ -21,7 +21,6 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
 
 import qdiff_ao
-from qdiff_ao import checkpoint
 
 logger = logging.getLogger("checkpoint_roundtrip")
 
@@ -81,18 +80,18 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         target = args.out or Path(tmp) / "checkpoint"
-        checkpoint.save(quantized, target, overwrite=args.out is not None)
+        quantized.save_pretrained(target, overwrite=args.out is not None)
         unet.save_pretrained(Path(tmp) / "fp32", safe_serialization=True)
         fp32 = folder_bytes(Path(tmp) / "fp32", "*.safetensors")
         ours = folder_bytes(target, "*")
-        reloaded = checkpoint.load(target)  # rebuilt from config.json + model.safetensors alone
+        reloaded = qdiff_ao.QuantizedUNet.from_pretrained(target)  # rebuilt from config.json + model.safetensors
 
     pipe = DDIMPipeline(unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     with torch.inference_mode():
         before, after = sample(pipe, quantized, args), sample(pipe, reloaded, args)
     logger.info("FP32 safetensors: %.1f KiB, %s checkpoint: %.1f KiB (%.3fx)", fp32 / 1024,
-                quantized.graph_module.meta["qdiff_config"].name, ours / 1024, ours / fp32)
+                qdiff_ao.graph_info(quantized.graph_module).config.name, ours / 1024, ours / fp32)
     logger.info("images %s, bit-identical after reload: %s", before.shape, bool(np.array_equal(before, after)))
 
 

@@ -3,7 +3,7 @@
     python examples/ddpm_w4a8.py [--model DIR] [--steps 10] [--out ddpm_w4a8.png]
 
 Without --model a small UNet2DModel is built from a config (random weights, runs in well under a minute); with
---model, a diffusers folder holding unet/ and scheduler/ (e.g. qdiff_ao/bundled/digits-ddpm).
+--model, a diffusers folder holding unet/ and scheduler/ (e.g. qdiff_ao/app/bundled/digits-ddpm).
 """
 
 from __future__ import annotations
@@ -41,17 +41,21 @@ def main() -> None:
     calib = qdiff_ao.collect_calibration_data(unet, scheduler, num_inference_steps=args.steps,
                                               num_timesteps=min(5, args.steps), samples_per_timestep=8)
     example = calib.example_inputs(2)
-    # 2. Trace, split skip concats, and the user's own prepare_fx with our mapping and backend config.
+    # 2. Trace, split skip concats, and the user's own prepare_fx with our mapping and backend config; the
+    #    custom config carries qdiff_ao's graph info (trace record, splits, config) through torch.ao.
     gm = qdiff_ao.passes.split_shortcut(qdiff_ao.trace(unet, example))
     prepared = prepare_fx(gm, qdiff_ao.get_qconfig_mapping(cfg), tuple(example.values()),
+                          prepare_custom_config=qdiff_ao.prepare_custom_config(),
                           backend_config=qdiff_ao.get_backend_config(cfg))
     qdiff_ao.passes.observe_softmax(prepared, cfg)
     # 3. Calibrate timestep by timestep, then lower to fbgemm/x86 INT8 kernels.
     qdiff_ao.calibrate(prepared, calib, batch_size=8)
     qdiff_ao.passes.correct_output_bias(prepared, calib, unet)  # remove the mean error of the noise prediction
-    quantized = convert_fx(prepared, backend_config=qdiff_ao.get_backend_config(cfg))
+    qdiff_ao.passes.freeze_wide_softmax_observers(prepared)  # only acts on 16-bit softmax observers
+    quantized = convert_fx(prepared, convert_custom_config=qdiff_ao.convert_custom_config(),
+                           backend_config=qdiff_ao.get_backend_config(cfg))
     n_int8 = sum(type(m).__module__.startswith("torch.ao.nn.quantized") for m in quantized.modules())
-    print(f"{n_int8} quantized modules; {len(gm.meta['qdiff_splits'])} skip concats split")
+    print(f"{n_int8} quantized modules; {len(qdiff_ao.graph_info(quantized).splits)} skip concats split")
 
     # 4. Drop into a diffusers pipeline and sample from the same noise as the float model.
     images = []

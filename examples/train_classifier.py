@@ -1,9 +1,9 @@
 """Train the digit classifier behind the digits FD, store the reference statistics, report floor/ceilings.
 
-A small CNN (:class:`qdiff_ao.metrics.DigitClassifier`) is trained on the 1,497 training digits (16x16,
+A small CNN (:class:`qdiff_ao.app.metrics.DigitClassifier`) is trained on the 1,497 training digits (16x16,
 seeded, random shifts of up to 2 pixels as the only augmentation: digits must not be flipped). Its
 penultimate features of the 300 held-out digits give the reference ``(mu, Sigma)``; both go to
-``qdiff_ao/bundled/digits_classifier.safetensors``. The report then measures the FD scale:
+``qdiff_ao/app/bundled/digits_classifier.safetensors``. The report then measures the FD scale:
 
 - floor: 300 training digits vs the held-out reference (two real sets of the same size);
 - ceilings: uniform noise images, and DDIM-50 samples of an untrained UNet of the bundled architecture;
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMPipeline, DDPMScheduler, UNet2DModel
 
-from qdiff_ao.bundled import CLASSIFIER_FILE, DIGITS_DDPM_DIR, load_digits_tensor
-from qdiff_ao.metrics import DigitClassifier, DigitsFD, feature_statistics
+from qdiff_ao.app.bundled import CLASSIFIER_FILE, DIGITS_DDPM_DIR, load_digits_tensor
+from qdiff_ao.app.metrics import DigitClassifier, DigitsFD, feature_statistics
 
 logger = logging.getLogger("train_classifier")
 

@@ -9,7 +9,7 @@ schedule spreads the signal-to-noise ratio evenly (Nichol & Dhariwal 2021).
 
 Training is seeded and resumable: a checkpoint goes to ``--out`` every ``--ckpt-every`` steps and a rerun
 with ``--resume`` continues from it. At the end the EMA weights are exported to
-``qdiff_ao/bundled/digits-ddpm/{unet,scheduler}`` and a 64-sample DDIM-50 grid is written to the run folder
+``qdiff_ao/app/bundled/digits-ddpm/{unet,scheduler}`` and a 64-sample DDIM-50 grid is written to the run folder
 and to ``docs/figures/digits_fp_samples.png``.
 
     python examples/train_ddpm.py --steps 12000 --resume   # ~1 h on one CPU thread
@@ -30,7 +30,7 @@ from diffusers.training_utils import EMAModel
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from qdiff_ao.bundled import DIGITS_DDPM_DIR, load_digits_tensor
+from qdiff_ao.app.bundled import DIGITS_DDPM_DIR, load_digits_tensor
 
 logger = logging.getLogger("train_ddpm")
 REPO = Path(__file__).resolve().parents[1]

@@ -1,19 +1,31 @@
 """qdiff_ao: post-training quantization of diffusion UNets (Q-Diffusion) on torch.ao FX graph mode.
 
-Public API (see README.md): ``QuantConfig``, ``get_qconfig_mapping``, ``get_backend_config``, the observers in
-``qdiff_ao.observers``, ``timestep_context``, and the passes in ``qdiff_ao.passes``.
+The package is laid out by pipeline stage (docs/DESIGN.md)::
+
+    capture/ ──► calibration/ ──► passes/ (+ quantizers/, observers/) ──► backends/ ──► deploy/      app/ (CLI)
+    trace        collect, calibrate  split, softmax, reconstruct, bias     x86, cuDNN      QuantizedUNet,
+                                                                                           checkpoint, ONNX
+
+Public API (see README.md): ``quantize`` (one call); ``prepare -> calibrate -> [passes] -> convert``;
+``QuantizedUNet.save_pretrained`` / ``from_pretrained`` (``save`` / ``load`` are aliases); the torch.ao plug-in
+surface ``get_qconfig_mapping``, ``get_backend_config``, ``prepare_custom_config``, ``convert_custom_config``;
+the observers in ``qdiff_ao.observers``; the passes in ``qdiff_ao.passes``; the backends in ``qdiff_ao.backends``.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from qdiff_ao import passes, report
-from qdiff_ao.calibration import calibrate, collect_calibration_data, select_step_indices
-from qdiff_ao.calibration_set import CalibrationSet
-from qdiff_ao.checkpoint import CheckpointError, load, save
+from qdiff_ao import backends, capture, passes
+from qdiff_ao.calibration import range_report as report
+from qdiff_ao.calibration.calibration_set import CalibrationSet
+from qdiff_ao.calibration.collection import calibrate, collect_calibration_data, select_step_indices
+from qdiff_ao.capture.graph_state import convert_custom_config, graph_info, prepare_custom_config
+from qdiff_ao.capture.tracing import trace
 from qdiff_ao.config import QuantConfig, ReconstructionConfig
-from qdiff_ao.lowering import convert, prepare, quantize_fx
+from qdiff_ao.deploy.checkpoint import CheckpointError
+from qdiff_ao.deploy.onnx.export import export_onnx
+from qdiff_ao.deploy.quantized_unet import QuantizedUNet, load, save
 from qdiff_ao.observers import (
     EMAMinMaxObserver,
     LpObserver,
@@ -25,14 +37,16 @@ from qdiff_ao.observers import (
     register_observer,
     timestep_context,
 )
-from qdiff_ao.onnx_export import export_onnx
 from qdiff_ao.qconfig import get_backend_config, get_qconfig_mapping
-from qdiff_ao.recipe import quantize
-from qdiff_ao.tracing import trace
-from qdiff_ao.unet import QuantizedUNet
+from qdiff_ao.workflow import convert, prepare, quantize
 
 __all__ = [
     "__version__",
+    "backends",
+    "capture",
+    "convert_custom_config",
+    "graph_info",
+    "prepare_custom_config",
     "calibrate",
     "CalibrationSet",
     "CheckpointError",
@@ -50,7 +64,6 @@ __all__ = [
     "prepare",
     "QuantConfig",
     "quantize",
-    "quantize_fx",
     "QuantizedUNet",
     "RangeMinMaxObserver",
     "ReconstructionConfig",

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from qdiff_ao.observers.registry import get_observer
 from qdiff_ao.primitives import qrange
 
 __all__ = ["QuantConfig", "ReconstructionConfig"]
@@ -145,8 +146,6 @@ class QuantConfig:
         for name in ("weight_observer", "act_observer"):
             value = getattr(self, name)
             if value is not None:
-                from qdiff_ao.observers.registry import get_observer
-
                 try:
                     get_observer(value)
                 except KeyError as err:

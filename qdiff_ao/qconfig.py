@@ -42,15 +42,12 @@ from torch import nn
 from qdiff_ao._compat import (
     BackendConfig,
     BackendPatternConfig,
-    ClampedReferenceConv2d,
-    ClampedReferenceLinear,
     DTypeConfig,
     ObservationType,
     ObserverBase,
     PlaceholderObserver,
     QConfig,
     QConfigMapping,
-    register_clamped_reference_modules,
 )
 from qdiff_ao.config import QuantConfig
 from qdiff_ao.observers import (
@@ -62,6 +59,7 @@ from qdiff_ao.observers import (
     TimestepAwareObserver,
     get_observer,
 )
+from qdiff_ao.quantizers.reference import ClampedReferenceConv2d, ClampedReferenceLinear
 
 __all__ = [
     "activation_observer",
@@ -139,7 +137,6 @@ def get_backend_config(cfg: QuantConfig | None = None) -> BackendConfig:
     clamped to the observer's range (see ``_compat``), and from there to fbgemm's quantized modules.
     """
     cfg = cfg or QuantConfig()
-    register_clamped_reference_modules()
     if cfg.act_bits is None:
         weighted = DTypeConfig(input_dtype=torch.float, output_dtype=torch.float, weight_dtype=torch.qint8,
                                bias_dtype=torch.float)

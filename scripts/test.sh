@@ -7,4 +7,4 @@ bash scripts/setup.sh test
 .venv/bin/ruff check qdiff_ao tests benchmarks examples
 .venv/bin/mypy qdiff_ao
 export HYPOTHESIS_PROFILE=ci
-exec .venv/bin/python -m pytest -m "not slow" -q -p no:cacheprovider --doctest-modules qdiff_ao tests
+exec .venv/bin/python -m pytest -m "not slow" -q -p no:cacheprovider --durations=15 --doctest-modules qdiff_ao tests

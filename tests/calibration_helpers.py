@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
-from qdiff_ao.calibration import collect_calibration_data
-from qdiff_ao.calibration_set import CalibrationSet
+from qdiff_ao.calibration.calibration_set import CalibrationSet
+from qdiff_ao.calibration.collection import collect_calibration_data
 
 STEPS = 10
 

@@ -11,7 +11,8 @@ import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
 import qdiff_ao
-from qdiff_ao._checkpoint_io import read_checkpoint, write_checkpoint
+from qdiff_ao.deploy.checkpoint.files import read_checkpoint, write_checkpoint
+from tests.unet_factory import quantize_plain
 
 SCHEMES = {"W8A8": (8, 8, 8), "W4A8": (4, 8, 8), "W4A8s16": (4, 8, 16), "W4A32": (4, None, 8)}
 
@@ -45,7 +46,7 @@ def _quantize(arch: str, scheme: str, **overrides: Any) -> tuple[torch.nn.Module
     kwargs = dict(weight_bits=weight_bits, act_bits=act_bits, softmax_bits=softmax_bits, range_method="minmax")
     cfg = qdiff_ao.QuantConfig(**{**kwargs, **overrides})
     unet = _unet(arch)
-    gm = qdiff_ao.quantize_fx(unet, cfg, [_inputs(arch, 2, 1), _inputs(arch, 2, 2)])
+    gm = quantize_plain(unet, cfg, [_inputs(arch, 2, 1), _inputs(arch, 2, 2)])
     return unet, qdiff_ao.QuantizedUNet(gm, like=unet)
 
 

@@ -60,7 +60,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], tupl
 
     Shared by tests/test_checkpoint.py and tests/test_checkpoint_validation.py (quantizing is the slow part).
     """
-    from qdiff_ao.checkpoint import save
+    from qdiff_ao import save
     from tests.checkpoint_helpers import _quantize
 
     cache: dict[tuple[str, str], tuple[Any, Path]] = {}

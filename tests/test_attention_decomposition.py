@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qdiff_ao.tracing import trace
+from qdiff_ao.capture.graph_state import ATTENTION_ROLE
+from qdiff_ao.capture.tracing import trace
 from tests.tracing_helpers import ATOL, _build, _inputs, _targets
 
 
@@ -20,15 +21,15 @@ def test_decomposed_attention_pattern() -> None:
     softmaxes = [n for n in gm.graph.nodes if n.target is torch.softmax]
     assert len(softmaxes) == num_attn
     for sm in softmaxes:
-        assert sm.kwargs == {"dim": -1} and sm.meta["qdiff_attention"] == "softmax"
+        assert sm.kwargs == {"dim": -1} and sm.meta[ATTENTION_ROLE] == "softmax"
         qk = sm.args[0]
         scaled = qk.args[0]
         head_dim = scaled.args[0].meta["tensor_meta"].shape[-1]
         assert scaled.target is operator.mul and scaled.args[1] == pytest.approx(head_dim**-0.5)
-        assert qk.target is torch.matmul and qk.meta["qdiff_attention"] == "qk"
+        assert qk.target is torch.matmul and qk.meta[ATTENTION_ROLE] == "qk"
         assert qk.args[1].target == "transpose" and qk.args[1].args[1:] == (-1, -2)
         (pv,) = sm.users
-        assert pv.target is torch.matmul and pv.args[0] is sm and pv.meta["qdiff_attention"] == "pv"
+        assert pv.target is torch.matmul and pv.args[0] is sm and pv.meta[ATTENTION_ROLE] == "pv"
         assert sm.meta["nn_module_stack"]  # grouped under the Attention module that owns it
 
 

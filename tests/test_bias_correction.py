@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
@@ -47,19 +48,25 @@ def _converted_output_bias(unet: nn.Module, prepared: torch.fx.GraphModule, cali
     return float(torch.cat(diffs).mean())
 
 
+def _correct(prepared: torch.fx.GraphModule, calib: Any, unet: nn.Module, **kwargs: Any) -> Any:
+    """correct_output_bias, returning the report it stored in the graph info (the pass returns the graph)."""
+    assert correct_output_bias(prepared, calib, unet, **kwargs) is prepared
+    return qdiff_ao.graph_info(prepared).bias_correction
+
+
 @pytest.mark.parametrize("family", ["attn", "cross_attn"])
 def test_correction_removes_the_mean_output_error(family: str) -> None:
     unet, prepared, calib = _prepared(family, qdiff_ao.QuantConfig(weight_bits=4, act_bits=8))
     bias_before = prepared.conv_out.bias.detach().clone()
     mean_before = _converted_output_bias(unet, prepared, calib)
-    report = correct_output_bias(prepared, calib, unet)
+    report = _correct(prepared, calib, unet)
     assert report["layer"] == "conv_out" and report["quantizer"] is not None
     correction = torch.tensor(report["correction"])
     assert correction.shape == (unet.config.out_channels,)
     torch.testing.assert_close(prepared.conv_out.bias.detach(), bias_before - correction)
-    assert prepared.meta["qdiff_bias_correction"] is report
+    assert qdiff_ao.graph_info(prepared).bias_correction is report  # the pass returns the graph, report inside
     # What is left after the correction is rounding at the output quantizer: far below what was removed.
-    again = correct_output_bias(prepared, calib, unet)
+    again = _correct(prepared, calib, unet)
     assert torch.tensor(again["correction"]).abs().max() <= 0.2 * correction.abs().max() + 1e-4
     mean_after = _converted_output_bias(unet, prepared, calib)
     assert abs(mean_after) < abs(mean_before) and abs(mean_after) < 0.5 * abs(mean_before) + 1e-4
@@ -68,8 +75,8 @@ def test_correction_removes_the_mean_output_error(family: str) -> None:
 def test_named_layer_is_measured_after_its_output_quantizer() -> None:
     unet, prepared, calib = _prepared("attn", qdiff_ao.QuantConfig(weight_bits=4, act_bits=8))
     found = find_output_layer(prepared)
-    auto = correct_output_bias(copy.deepcopy(prepared), calib, unet)
-    named = correct_output_bias(prepared, calib, unet, layer="conv_out")
+    auto = _correct(copy.deepcopy(prepared), calib, unet)
+    named = _correct(prepared, calib, unet, layer="conv_out")
     assert (named["layer"], named["quantizer"]) == found == (auto["layer"], auto["quantizer"])
     assert named["correction"] == auto["correction"]
 
@@ -82,9 +89,9 @@ def test_fourier_output_rescale_is_walked_through() -> None:
 
 def test_weights_only_has_no_output_quantizer() -> None:
     unet, prepared, calib = _prepared("attn", qdiff_ao.QuantConfig(weight_bits=4, act_bits=None))
-    report = correct_output_bias(prepared, calib, unet)
+    report = _correct(prepared, calib, unet)
     assert report["layer"] == "conv_out" and report["quantizer"] is None
-    again = correct_output_bias(prepared, calib, unet)
+    again = _correct(prepared, calib, unet)
     # Without an output quantizer the correction is exact up to float summation.
     assert torch.tensor(again["correction"]).abs().max() < 1e-5
 

@@ -1,4 +1,4 @@
-"""Tests for qdiff_ao.calibration: timestep-uniform calibration data from the FP sampler."""
+"""Tests for qdiff_ao.calibration.collection: timestep-uniform calibration data from the FP sampler."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from diffusers import (
     PNDMScheduler,
 )
 
-from qdiff_ao.calibration import select_step_indices
+from qdiff_ao.calibration.collection import select_step_indices
 from tests.calibration_helpers import STEPS, collect, count_calls, sched_timesteps, tiny_cond_unet, tiny_unet
 
 # --- step selection and coverage --------------------------------------------------------------------------------

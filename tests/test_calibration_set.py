@@ -1,4 +1,4 @@
-"""Tests for qdiff_ao.calibration_set.CalibrationSet (grouping, subsets, safetensors) and calibrate()."""
+"""Tests for qdiff_ao.calibration.calibration_set.CalibrationSet (grouping, subsets, safetensors) and calibrate()."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
 from safetensors.torch import save_file
 
-from qdiff_ao.calibration import calibrate
-from qdiff_ao.calibration_set import CalibrationSet
+from qdiff_ao.calibration.calibration_set import CalibrationSet
+from qdiff_ao.calibration.collection import calibrate
 from qdiff_ao.observers.timestep_context import current_timestep
 from tests.calibration_helpers import collect, count_calls, tiny_cond_unet, tiny_unet
 

@@ -1,4 +1,4 @@
-"""Tests for qdiff_ao.checkpoint: compressed save/load of lowered UNets, bit-identical outputs, strict validation."""
+"""Tests for qdiff_ao.deploy.checkpoint: compressed save/load of lowered UNets, bit-identical outputs, validation."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import qdiff_ao
-from qdiff_ao import _checkpoint_io
-from qdiff_ao._checkpoint_format import TensorSlot, check_tensors, pack_int4, unpack_int4
-from qdiff_ao._checkpoint_io import read_checkpoint
-from qdiff_ao.checkpoint import CheckpointError, load, save
+from qdiff_ao import CheckpointError, load, save
+from qdiff_ao.deploy.checkpoint import files as _checkpoint_io
+from qdiff_ao.deploy.checkpoint.files import read_checkpoint
+from qdiff_ao.deploy.checkpoint.tensor_layout import TensorSlot, check_tensors, pack_int4, unpack_int4
 from tests.checkpoint_helpers import SCHEMES, _inputs, _out, _unet
+from tests.unet_factory import quantize_plain
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
@@ -78,9 +79,9 @@ def test_round_trip_default_config_lp_timestep_aware(tmp_path: Path) -> None:
     """Q-Diffusion's default W4A8 (Lp search, timestep-aware observers) reloads bit-identically."""
     unet = _unet("plain")
     cfg = qdiff_ao.QuantConfig()
-    model = qdiff_ao.QuantizedUNet(qdiff_ao.quantize_fx(unet, cfg, [_inputs("plain", 2, 1)]), like=unet)
+    model = qdiff_ao.QuantizedUNet(quantize_plain(unet, cfg, [_inputs("plain", 2, 1)]), like=unet)
     loaded = load(save(model, tmp_path / "w4a8"))
-    assert loaded.graph_module.meta["qdiff_config"] == cfg
+    assert qdiff_ao.graph_info(loaded.graph_module).config == cfg
     x = _inputs("plain", 4, 3)
     assert torch.equal(_out(loaded, x), _out(model, x))
 
@@ -90,7 +91,7 @@ def test_config_json_contents(saved: Any) -> None:
     body = json.loads((path / "config.json").read_text())
     assert body["format_version"] == 1 and body["library"]["qdiff_ao"] == qdiff_ao.__version__
     assert body["unet_class"] == "UNet2DModel" and body["unet_config"]["block_out_channels"] == [8, 16]
-    assert qdiff_ao.QuantConfig.from_dict(body["quant_config"]) == model.graph_module.meta["qdiff_config"]
+    assert qdiff_ao.QuantConfig.from_dict(body["quant_config"]) == qdiff_ao.graph_info(model.graph_module).config
     assert body["trace"]["input_names"] == ["sample", "timestep"]
     assert body["trace"]["inputs"]["sample"] == {"ndim": 4, "dtype": "float32", "shape": [1, 8, 8]}
     assert body["split_shortcut"] and len(body["splits"]) == 4

@@ -1,4 +1,4 @@
-"""Tests for qdiff_ao.checkpoint validation: foreign directories, damaged files, tensors that do not fit."""
+"""Tests for qdiff_ao.deploy.checkpoint validation: foreign directories, damaged files, tensors that do not fit."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qdiff_ao.checkpoint import CheckpointError, load
+from qdiff_ao import CheckpointError, load
 from tests.checkpoint_helpers import _copy, _inputs, _out, _resign, _unet
 
 # --- validation ---------------------------------------------------------------------------------------------------

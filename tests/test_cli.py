@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline
 
-from qdiff_ao.cli import main
+from qdiff_ao.app.cli import main
 from tests.unet_factory import build_unet
 
 
@@ -44,7 +44,7 @@ def test_quantize_tiny_model_end_to_end(tmp_path) -> None:
                  "report.md"):
         assert (out / name).stat().st_size > 0, name
     # The checkpoint reloads and runs.
-    from qdiff_ao.checkpoint import load
+    from qdiff_ao import load
 
     qunet = load(out / "checkpoint")
     assert qunet(torch.randn(2, 3, 16, 16), 10).sample.shape == (2, 3, 16, 16)

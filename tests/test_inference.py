@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import qdiff_ao
-from qdiff_ao.inference import freeze_graph, traced_input_guards
-from tests.unet_factory import build_unet, unet_inputs
+from qdiff_ao.capture.input_guards import traced_input_guards
+from qdiff_ao.deploy.freezing import freeze_graph
+from tests.unet_factory import build_unet, quantize_plain, unet_inputs
 
 _GRAPHS: dict[tuple[str, bool], tuple[torch.nn.Module, torch.fx.GraphModule]] = {}
 
@@ -19,7 +20,7 @@ def _qunet(family: str, quantize_attention: bool = True) -> tuple[torch.nn.Modul
         unet = build_unet(family)
         calib = [unet_inputs(family, 4, t, seed=i) for i, t in enumerate((900, 100))]
         cfg = qdiff_ao.QuantConfig(weight_bits=4, act_bits=8, quantize_attention=quantize_attention)
-        _GRAPHS[key] = (unet, qdiff_ao.quantize_fx(unet, cfg, calib))
+        _GRAPHS[key] = (unet, quantize_plain(unet, cfg, calib))
     unet, gm = _GRAPHS[key]
     return unet, qdiff_ao.QuantizedUNet(gm, like=unet)
 
@@ -99,7 +100,7 @@ def test_guards_and_errors(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_sixteen_bit_softmax_graph_freezes() -> None:
     unet = build_unet("attn")
     calib = [unet_inputs("attn", 4, t, seed=i) for i, t in enumerate((900, 100))]
-    gm = qdiff_ao.quantize_fx(unet, qdiff_ao.QuantConfig(softmax_bits=16), calib)
+    gm = quantize_plain(unet, qdiff_ao.QuantConfig(softmax_bits=16), calib)
     qunet = qdiff_ao.QuantizedUNet(gm, like=unet)
     x = unet_inputs("attn", 2, 400, seed=8)
     with torch.no_grad():

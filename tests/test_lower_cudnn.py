@@ -1,6 +1,6 @@
 """cuDNN lowering plan: which layers qualify for torch's QuantizedCUDA kernels and why the others stay float.
 
-Every rule of ``qdiff_ao.lower_cudnn`` is tested here on CPU in both directions (a layer that meets it, a layer
+Every rule of ``qdiff_ao.backends.cudnn`` is tested here on CPU in both directions (a layer that meets it, a layer
 that breaks it); where torch itself can be asked on CPU (dispatcher registrations, torch.ao's quantized Conv2d),
 the rule's source is checked too. The kernels need a GPU.
 """
@@ -18,15 +18,12 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 import qdiff_ao
-from qdiff_ao._compat import convert_fx, convert_to_reference_fx
-from qdiff_ao.lower_cudnn import (
-    LayerDecision,
-    get_cudnn_backend_config,
-    get_cudnn_qconfig_mapping,
-    plan_cudnn_lowering,
-    prepare_cudnn,
-)
+from qdiff_ao._compat import convert_to_reference_fx
+from qdiff_ao.backends import CudnnBackend, LayerDecision, plan_cudnn_lowering
+from qdiff_ao.capture.graph_state import update_graph_info
 from tests.unet_factory import build_unet, unet_inputs
+
+CUDNN = CudnnBackend()
 
 CUDNN_CFG = qdiff_ao.QuantConfig(weight_bits=4, act_bits=8, act_symmetric=True, weight_granularity="per_tensor",
                                  timestep_aware=False)
@@ -141,11 +138,11 @@ def test_config_rules_apply_to_every_layer(changes: dict[str, object], phrases: 
         assert not d.use_cudnn and not d.kernel_ok
         assert all(any(p in r for r in d.reasons) for p in phrases), d.reasons
     with pytest.raises(ValueError, match=next(iter(changes))):
-        get_cudnn_qconfig_mapping(cfg)
+        CUDNN.qconfig_mapping(cfg, traced_zoo())
 
 
 def test_one_log_line_per_fallback_layer(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="qdiff_ao.lower_cudnn"):
+    with caplog.at_level(logging.INFO, logger="qdiff_ao.backends.cudnn_rules"):
         plan_cudnn_lowering(traced_zoo(), CUDNN_CFG)
     lines = [r.getMessage() for r in caplog.records if "stays float" in r.getMessage()]
     assert len(lines) == sum(not lowered for _, lowered, _ in EXPECTED.values())
@@ -159,14 +156,14 @@ def test_qconfig_reuses_qdiff_observers_on_signed_int8() -> None:
     """W8A8: full [-128, 127] weights (no x86 reduce_range), qint8 activations with zero point 0; the backend
     config declares exactly Conv2d and Linear with qint8 in / out / weight and float bias."""
     cfg = dataclasses.replace(CUDNN_CFG, weight_bits=8, act_bits=8, running_stat=True, range_method="minmax")
-    qconfig = get_cudnn_qconfig_mapping(cfg).global_qconfig
+    qconfig = CUDNN.qconfig_mapping(cfg, traced_zoo()).global_qconfig
     act, weight = qconfig.activation(), qconfig.weight()
     assert (act.dtype, act.qscheme, act.quant_min, act.quant_max) == (
         torch.qint8, torch.per_tensor_symmetric, -128, 127)
     assert type(act).__name__ == "EMAMinMaxObserver"  # cfg.running_stat honoured, as in qdiff_ao.qconfig
     assert (weight.dtype, weight.qscheme, weight.quant_min, weight.quant_max) == (
         torch.qint8, torch.per_tensor_symmetric, -128, 127)
-    configs = get_cudnn_backend_config(cfg).configs
+    configs = CUDNN.backend_config(cfg).configs
     assert [c.pattern for c in configs] == [nn.Conv2d, nn.Linear]
     for c in configs:
         [dt] = c.dtype_configs
@@ -188,21 +185,20 @@ def converted_small() -> tuple[fx.GraphModule, list[LayerDecision]]:
     x = torch.randn(2, 4, 6, 6)
     gm = fx.symbolic_trace(Small().eval())
     ShapeProp(gm).propagate(x)
-    prepared, decisions = prepare_cudnn(gm, CUDNN_CFG, {"x": x})
+    prepared = qdiff_ao.prepare(gm, CUDNN_CFG, {"x": x}, split=False, backend=CUDNN)
     with torch.no_grad():
         prepared(x)
-    lowered = convert_fx(prepared, backend_config=get_cudnn_backend_config(CUDNN_CFG))
-    return lowered, decisions
+    lowered = qdiff_ao.convert(prepared)
+    return lowered, list(qdiff_ao.graph_info(lowered).cudnn_decisions or ())
 
 
 @pytest.mark.parametrize(
     "breaks", ["none", "weight_zero_point", "per_channel", "output_zero_point", "input_zero_point"])
 def test_plan_reads_quantized_tensors_of_a_converted_graph(breaks: str) -> None:
     """Zero points (weight, input, output) and the weight qscheme are read from the converted modules and quantize
-    nodes; the linear's 2-d input rule comes from the decisions prepare_cudnn recorded."""
+    nodes; the linear's 2-d input rule comes from the decisions CudnnBackend recorded (carried through convert)."""
     lowered, decisions = converted_small()
     assert all(d.use_cudnn for d in decisions)
-    lowered.meta["qdiff_cudnn_decisions"] = decisions
     conv = lowered.conv
     w = conv.weight().dequantize()
     if breaks == "weight_zero_point":
@@ -220,7 +216,7 @@ def test_plan_reads_quantized_tensors_of_a_converted_graph(breaks: str) -> None:
     assert plan["fc"].use_cudnn
     assert plan["conv"].use_cudnn is (phrase is None)
     assert phrase is None or any(phrase in r for r in plan["conv"].reasons), plan["conv"].reasons
-    del lowered.meta["qdiff_cudnn_decisions"]
+    update_graph_info(lowered, cudnn_decisions=None)
     assert "input shape unknown" in plan_cudnn_lowering(lowered, CUDNN_CFG, log=False)[1].reasons[0]
 
 
@@ -242,7 +238,8 @@ def test_unet_prepare_convert_keeps_fallback_layers_float() -> None:
     quantized modules; the plan agrees on the traced, prepared and converted graphs."""
     family = "attn"
     unet = build_unet(family)
-    prepared, decisions = prepare_cudnn(unet, CUDNN_CFG, unet_inputs(family, 2))
+    prepared = qdiff_ao.prepare(unet, CUDNN_CFG, unet_inputs(family, 2), backend=CUDNN)
+    decisions = list(qdiff_ao.graph_info(prepared).cudnn_decisions or ())
     fallback = {d.name for d in decisions if not d.use_cudnn}
     assert fallback and all(name.split(".")[-1] in ("to_q", "to_k", "to_v", "0") and ".attentions." in name
                             for name in fallback)
@@ -254,7 +251,7 @@ def test_unet_prepare_convert_keeps_fallback_layers_float() -> None:
             prepared(**unet_inputs(family, 4, seed=seed))
     assert [(d.name, d.use_cudnn) for d in plan_cudnn_lowering(prepared, CUDNN_CFG, log=False)] == [
         (d.name, d.use_cudnn) for d in decisions]
-    backend = get_cudnn_backend_config(CUDNN_CFG)
+    backend = CUDNN.backend_config(CUDNN_CFG)
     reference = convert_to_reference_fx(copy.deepcopy(prepared), backend_config=backend)
     quantizers = [n for n in reference.graph.nodes if n.target == torch.quantize_per_tensor]
     assert quantizers and all(n.args[3] == torch.qint8 for n in quantizers)
@@ -264,7 +261,7 @@ def test_unet_prepare_convert_keeps_fallback_layers_float() -> None:
     with torch.no_grad():
         ref, fp = reference(**inputs), unet(**inputs).sample
     assert float((ref - fp).norm() / fp.norm()) < 0.5  # W4A8 simulated; the GPU kernels are not run here
-    lowered = convert_fx(copy.deepcopy(prepared), backend_config=backend)
+    lowered = qdiff_ao.convert(copy.deepcopy(prepared))
     quantized = {name for name, m in lowered.named_modules() if type(m).__module__.startswith("torch.ao.nn.quantized")
                  and type(m).__name__ in ("Conv2d", "Linear")}
     assert quantized == {d.name for d in decisions if d.use_cudnn}
@@ -273,7 +270,7 @@ def test_unet_prepare_convert_keeps_fallback_layers_float() -> None:
         w = lowered.get_submodule(name).weight()
         assert w.qscheme() == torch.per_tensor_affine and w.q_zero_point() == 0
         assert int(w.int_repr().min()) >= -8 and int(w.int_repr().max()) <= 7
-    lowered.meta["qdiff_cudnn_decisions"] = prepared.meta["qdiff_cudnn_decisions"]  # convert_fx drops meta
+    assert qdiff_ao.graph_info(lowered).cudnn_decisions == tuple(decisions)  # carried through convert
     assert [(d.name, d.use_cudnn) for d in plan_cudnn_lowering(lowered, CUDNN_CFG, log=False)] == [
         (d.name, d.use_cudnn) for d in decisions]
 
@@ -328,13 +325,12 @@ def test_cudnn_kernels_match_reference_on_gpu() -> None:
     family = "attn"
     unet = build_unet(family).cuda()
     inputs = {k: v.cuda() for k, v in unet_inputs(family, 2).items()}
-    prepared, _ = prepare_cudnn(unet, CUDNN_CFG, inputs)
+    prepared = qdiff_ao.prepare(unet, CUDNN_CFG, inputs, backend=CUDNN)
     with torch.no_grad():
         for seed in range(2):
             prepared(**{k: v.cuda() for k, v in unet_inputs(family, 4, seed=seed).items()})
-    backend = get_cudnn_backend_config(CUDNN_CFG)
-    reference = convert_to_reference_fx(copy.deepcopy(prepared), backend_config=backend)
-    lowered = convert_fx(prepared, backend_config=backend)
+    reference = convert_to_reference_fx(copy.deepcopy(prepared), backend_config=CUDNN.backend_config(CUDNN_CFG))
+    lowered = qdiff_ao.convert(prepared)
     x = {k: v.cuda() for k, v in unet_inputs(family, 2, seed=9).items()}
     with torch.no_grad():
         out, ref = lowered(**x), reference(**x)

@@ -22,7 +22,7 @@ def test_every_family_lowers_to_quantized_modules(family: str) -> None:
     quantized = qdiff_ao.convert(prepared)
     q_layers = [m for m in quantized.modules() if type(m).__module__.startswith("torch.ao.nn.quantized.modules")
                 and type(m).__name__ in ("Conv2d", "Linear")]
-    n_splits = len(quantized.meta.get("qdiff_splits", []))
+    n_splits = len(qdiff_ao.graph_info(quantized).splits or ())
     # Every float conv/linear became a quantized module; each split conv became two.
     assert len(q_layers) == _float_layers(unet) + n_splits
     for m in q_layers:

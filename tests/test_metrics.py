@@ -1,4 +1,4 @@
-"""Tests for qdiff_ao.metrics (digits FD, noise-prediction error) and the bundled digits artifacts."""
+"""Tests for qdiff_ao.app.metrics (digits FD, noise-prediction error) and the bundled digits artifacts."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from qdiff_ao.bundled import CLASSIFIER_FILE, DIGITS_DDPM_DIR, DIGITS_FILE, load_digits_tensor
-from qdiff_ao.metrics import (
+from qdiff_ao.app.bundled import CLASSIFIER_FILE, DIGITS_DDPM_DIR, DIGITS_FILE, load_digits_tensor
+from qdiff_ao.app.metrics import (
     DigitsFD,
     feature_statistics,
     frechet_distance,
@@ -116,8 +116,8 @@ def test_digits_split_is_fixed_disjoint_and_in_range() -> None:
 
 def test_runtime_imports_do_not_need_sklearn() -> None:
     code = (
-        "import sys; import qdiff_ao.bundled, qdiff_ao.metrics; "
-        "qdiff_ao.bundled.load_digits_tensor('heldout'); "
+        "import sys; import qdiff_ao.app.bundled, qdiff_ao.app.metrics; "
+        "qdiff_ao.app.bundled.load_digits_tensor('heldout'); "
         "sys.exit(1 if any(m.startswith('sklearn') for m in sys.modules) else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

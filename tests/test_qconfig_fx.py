@@ -10,6 +10,7 @@ from torch import nn
 
 import qdiff_ao
 from qdiff_ao._compat import convert_fx, prepare_fx
+from qdiff_ao.quantizers.reference import ClampedReferenceConv2d, ClampedReferenceLinear
 
 
 class ConvLinearNet(nn.Module):
@@ -55,7 +56,7 @@ def test_converted_modules_are_quantized_and_weights_in_range(weight_bits, act_b
         mod = quantized.get_submodule(name)
         if act_bits is None:
             # Weights only: torch.ao reference modules (float activations) holding integer weights.
-            assert isinstance(mod, (qdiff_ao._compat.ClampedReferenceConv2d, qdiff_ao._compat.ClampedReferenceLinear))
+            assert isinstance(mod, (ClampedReferenceConv2d, ClampedReferenceLinear))
             codes = mod.get_quantized_weight().int_repr()
         else:
             assert type(mod).__module__.startswith("torch.ao.nn.quantized.modules"), type(mod)

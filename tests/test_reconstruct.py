@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib
 from typing import Any
 
 import pytest
@@ -13,12 +12,13 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 
 import qdiff_ao
+from qdiff_ao.capture.graph_state import update_graph_info
 from qdiff_ao.observers.frozen import FrozenObserver
-from qdiff_ao.passes._adaround import AdaRoundWeight, LearnedStepQuant, beta_schedule, rectified_sigmoid
-from qdiff_ao.passes.reconstruct import module_types_of, reconstruct
 
 # The module itself (qdiff_ao.passes.reconstruct is the function of the same name).
-recon_module = importlib.import_module("qdiff_ao.passes.reconstruct")
+from qdiff_ao.passes.reconstruction import runner as recon_module  # noqa: E402
+from qdiff_ao.passes.reconstruction.runner import module_types_of, reconstruct
+from qdiff_ao.quantizers.adaround import AdaRoundWeight, LearnedStepQuant, beta_schedule, rectified_sigmoid
 
 
 def tiny_unet(seed: int = 0) -> UNet2DModel:
@@ -68,9 +68,9 @@ def run(prepared: torch.fx.GraphModule, calib: qdiff_ao.CalibrationSet, unet: to
     monkeypatch.setattr(recon_module, "build_simulation", spy)
     rcfg.setdefault("batch_size", 4)
     state_path = rcfg.pop("state_path", None)
-    report = reconstruct(prepared, calib, qdiff_ao.ReconstructionConfig(**rcfg), model=unet, progress=False,
-                         state_path=state_path)
-    return report, seen["sim"]
+    reconstruct(prepared, calib, qdiff_ao.ReconstructionConfig(**rcfg), model=unet, progress=False,
+                state_path=state_path)
+    return qdiff_ao.graph_info(prepared).reconstruction, seen["sim"]
 
 
 # ---------------------------------------------------------------- quantizer math
@@ -142,8 +142,8 @@ def test_missing_module_hierarchy_and_bad_arguments_raise() -> None:
     unet = tiny_unet()
     calib = calib_for(unet, rows=4)
     prepared = prepared_for(unet, calib)
-    assert set(prepared.meta["qdiff_module_types"]) == set(module_types_of(unet))  # recorded by trace()
-    prepared.meta.pop("qdiff_module_types")
+    assert set(qdiff_ao.graph_info(prepared).module_types) == set(module_types_of(unet))  # recorded by trace()
+    update_graph_info(prepared, module_types={})
     with pytest.raises(ValueError, match="model=<the diffusers UNet"):
         reconstruct(prepared, calib, qdiff_ao.ReconstructionConfig(weight_iters=1), progress=False)
     with pytest.raises(TypeError, match="CalibrationSet"):
@@ -204,7 +204,6 @@ def _assert_layers_compute_the_simulation(sim: Any, quantized: torch.fx.GraphMod
         quantized(**x)
     for h in hooks:
         h.remove()
-    sim.state.fp = False
     nodes = {str(n.target): n for n in sim.gm.graph.nodes if n.op == "call_module"}
     for name, layer in sim.layers.items():
         q_in, q_out = seen[name]
@@ -276,15 +275,15 @@ def test_conditional_unet_with_transformer_blocks(monkeypatch: pytest.MonkeyPatc
 
 
 def test_module_types_from_meta_and_w8a8(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The hierarchy may come from prepared.meta; W8A8 uses the reduced [-64, 63] weight range."""
+    """The hierarchy may come from the graph info; W8A8 uses the reduced [-64, 63] weight range."""
     unet = tiny_unet()
     calib = calib_for(unet, rows=4)
     prepared = prepared_for(unet, calib, weight_bits=8, act_bits=8)
-    prepared.meta[recon_module.MODULE_TYPES_KEY] = module_types_of(unet)
-    report = reconstruct(prepared, calib, qdiff_ao.ReconstructionConfig(weight_iters=5, act_iters=2, batch_size=2),
-                         progress=False)
+    update_graph_info(prepared, module_types=module_types_of(unet))
+    assert reconstruct(prepared, calib, qdiff_ao.ReconstructionConfig(weight_iters=5, act_iters=2, batch_size=2),
+                       progress=False) is prepared
+    report = qdiff_ao.graph_info(prepared).reconstruction
     assert "down_blocks.0.resnets.0" in report["blocks"]
-    assert prepared.meta["qdiff_reconstruction"] is report
     quantized = qdiff_ao.convert(prepared)
     codes = quantized.get_submodule("conv_in").weight().int_repr()
     assert int(codes.min()) >= -64 and int(codes.max()) <= 63

@@ -11,7 +11,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 import qdiff_ao
 from qdiff_ao._compat import convert_fx, prepare_fx
-from qdiff_ao.passes.split_shortcut import SplitConv2d, SplitShortcutPass, split_shortcut
+from qdiff_ao.passes.shortcut_split import SplitConv2d, SplitRecord, SplitShortcutPass, split_shortcut
 
 
 class SkipBlock(nn.Module):
@@ -55,9 +55,7 @@ def test_split_rewrites_only_the_conv_consuming_the_concat() -> None:
     assert isinstance(gm.conv_shortcut, SplitConv2d)
     assert gm.conv_shortcut.part0.weight.shape == (8, 8, 1, 1) and gm.conv_shortcut.part1.weight.shape == (8, 4, 1, 1)
     assert gm.conv_shortcut.part1.bias is None
-    assert gm.meta["qdiff_splits"] == [
-        {"cat_node": "cat", "conv": "conv_shortcut", "split_index": 8, "channels": (8, 4)}
-    ]
+    assert qdiff_ao.graph_info(gm).splits == (SplitRecord("cat", "conv_shortcut", 8, (8, 4)),)
     with torch.no_grad():
         assert float((gm(*inputs) - ref).abs().max()) <= 1e-5
 
@@ -112,7 +110,7 @@ def test_ddpm_cifar10_architecture_has_twelve_skip_splits() -> None:
     ).eval()
     x, t = torch.randn(1, 3, 32, 32), torch.tensor([10])
     gm = split_shortcut(qdiff_ao.trace(unet, {"sample": x, "timestep": t}))
-    counts = Counter(tuple(r["channels"]) for r in gm.meta["qdiff_splits"])
+    counts = Counter(r.channels for r in qdiff_ao.graph_info(gm).splits)
     assert counts == {(256, 256): 8, (256, 128): 2, (128, 128): 2}
     x2, t2 = torch.randn(2, 3, 32, 32), torch.tensor([5, 5])
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Tests for qdiff_ao.tracing: diffusers UNets -> flat GraphModule, equal to eager at other batch sizes."""
+"""Tests for qdiff_ao.capture.tracing: diffusers UNets -> flat GraphModule, equal to eager at other batch sizes."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from torch import fx, nn
 
-from qdiff_ao import _tracer_impl
-from qdiff_ao.tracing import trace
+import qdiff_ao
+from qdiff_ao.capture import _concrete_tracer as _tracer_impl
+from qdiff_ao.capture.tracing import trace
 from tests.tracing_helpers import (
     ALL_CONFIGS,
     ATOL,
@@ -49,7 +50,7 @@ def test_trace_equals_eager_at_another_batch_size(name: str, processor: str, dec
     elif decompose:
         assert counts[F.scaled_dot_product_attention] == 0
         assert counts[torch.softmax] == num_attn and counts[torch.matmul] == 2 * num_attn
-        assert gm.meta["qdiff_trace"]["num_decomposed_attention"] == num_attn
+        assert qdiff_ao.graph_info(gm).trace.num_decomposed_attention == num_attn
     else:
         assert counts[F.scaled_dot_product_attention] == num_attn
         assert counts[torch.softmax] == counts[torch.matmul] == 0
@@ -124,12 +125,12 @@ def test_metadata_names_and_input_order() -> None:
     gm = trace(unet, dict(reversed(list(example.items()))))  # dict order must not matter
     placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
     assert placeholders == ["sample", "timestep", "encoder_hidden_states"]
-    info = gm.meta["qdiff_trace"]
-    assert info["input_names"] == placeholders and info["model_class"] == "UNet2DConditionModel"
-    assert info["inputs"]["encoder_hidden_states"] == (3, torch.float32, (7, 32))
-    assert info["inputs"]["timestep"] == (1, torch.int64, ())
-    assert info["frozen_kwargs"]["return_dict"] is False and info["frozen_kwargs"]["class_labels"] is None
-    assert "sample" not in info["frozen_kwargs"] and info["example_batch_size"] == 2
+    info = qdiff_ao.graph_info(gm).trace
+    assert list(info.input_names) == placeholders and info.model_class == "UNet2DConditionModel"
+    assert info.inputs["encoder_hidden_states"] == (3, torch.float32, (7, 32))
+    assert info.inputs["timestep"] == (1, torch.int64, ())
+    assert info.frozen_kwargs["return_dict"] is False and info.frozen_kwargs["class_labels"] is None
+    assert "sample" not in info.frozen_kwargs and info.example_batch_size == 2
 
     modules = {n.target for n in gm.graph.nodes if n.op == "call_module"}
     assert {"conv_in", "up_blocks.0.resnets.1.conv1", "down_blocks.0.attentions.0.proj_in"} <= modules

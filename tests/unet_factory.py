@@ -58,3 +58,14 @@ def calibrated_unet(family: str, cfg: Any) -> tuple[torch.nn.Module, torch.fx.Gr
             with qdiff_ao.timestep_context(t):
                 prepared(**unet_inputs(family, 4, t=t, seed=10 + i))
     return unet, prepared
+
+
+def quantize_plain(model: torch.nn.Module, cfg: Any, batches: list[dict[str, torch.Tensor]]) -> torch.fx.GraphModule:
+    """prepare -> run every batch (plain calibration, not timestep-grouped) -> convert."""
+    import qdiff_ao
+
+    prepared = qdiff_ao.prepare(model, cfg, batches[0])
+    with torch.no_grad():
+        for batch in batches:
+            prepared(**batch)
+    return qdiff_ao.convert(prepared)

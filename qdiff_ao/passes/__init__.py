@@ -9,19 +9,20 @@
 from __future__ import annotations
 
 from qdiff_ao.passes.bias_correction import correct_output_bias, find_output_layer
-from qdiff_ao.passes.observe_softmax import FixedFakeQuantize, freeze_wide_softmax_observers, observe_softmax
-from qdiff_ao.passes.reconstruct import MODULE_TYPES_KEY, module_types_of, reconstruct
-from qdiff_ao.passes.split_shortcut import SplitConv2d, SplitRecord, SplitShortcutPass, split_shortcut
+from qdiff_ao.passes.reconstruction import module_types_of, reconstruct
+from qdiff_ao.passes.shortcut_split import SplitConv2d, SplitRecord, SplitShortcutPass, split_shortcut
+from qdiff_ao.passes.softmax_observation import freeze_wide_softmax_observers, is_softmax_observer, observe_softmax
+from qdiff_ao.quantizers.fixed import FixedFakeQuantize
 
 __all__ = [
     "FixedFakeQuantize",
-    "MODULE_TYPES_KEY",
     "SplitConv2d",
     "SplitRecord",
     "SplitShortcutPass",
     "correct_output_bias",
     "find_output_layer",
     "freeze_wide_softmax_observers",
+    "is_softmax_observer",
     "module_types_of",
     "observe_softmax",
     "reconstruct",

@@ -30,15 +30,16 @@ import torch
 from torch import fx, nn
 
 from qdiff_ao._compat import ObserverBase
-from qdiff_ao.calibration_set import CalibrationSet
-from qdiff_ao.passes._fake_quant_sim import build_simulation, is_quantized_layer
-from qdiff_ao.passes.observe_softmax import FixedFakeQuantize
+from qdiff_ao.calibration.calibration_set import CalibrationSet
+from qdiff_ao.capture.graph_state import update_graph_info
+from qdiff_ao.quantizers.fixed import FixedFakeQuantize
+from qdiff_ao.quantizers.qparams import is_quantized_layer
+from qdiff_ao.quantizers.simulation import build_simulation
 
 __all__ = ["correct_output_bias", "find_output_layer"]
 
 logger = logging.getLogger(__name__)
 
-META_KEY = "qdiff_bias_correction"
 _MAX_HOPS = 16
 
 
@@ -113,7 +114,7 @@ def correct_output_bias(
     *,
     layer: str | None = None,
     batch_size: int = 32,
-) -> dict[str, Any]:
+) -> fx.GraphModule:
     """Fold the mean output error of the quantized model into the output layer's bias (in place).
 
     ``b_c <- b_c - mean_{n,h,w}(y_q - y_fp)_c`` over every row of ``calib`` (see the module docstring). Run it
@@ -129,8 +130,8 @@ def correct_output_bias(
         batch_size: rows per forward.
 
     Returns:
-        ``{"layer", "quantizer", "correction" (per-channel e, list), "mean_abs_error_before",
-        "num_samples"}``; also stored in ``prepared.meta["qdiff_bias_correction"]``.
+        ``prepared``, with the report ``{"layer", "quantizer", "correction" (per-channel e, list),
+        "mean_abs_error_before", "num_samples"}`` in ``graph_info(prepared).bias_correction``.
 
     Raises:
         TypeError: for arguments of the wrong type.
@@ -188,6 +189,6 @@ def correct_output_bias(
     target.bias.sub_(error.to(target.bias.device))
     report = {"layer": layer, "quantizer": quantizer, "correction": error.tolist(),
               "mean_abs_error_before": abs_total / (count * error.numel()), "num_samples": len(calib)}
-    prepared.meta[META_KEY] = report
+    update_graph_info(prepared, bias_correction=report)
     logger.info("bias correction of %s: mean error %s removed", layer, [round(v, 5) for v in error.tolist()])
-    return report
+    return prepared

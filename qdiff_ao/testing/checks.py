@@ -45,6 +45,7 @@ from hypothesis import strategies as st
 
 from qdiff_ao._compat import ObserverBase
 from qdiff_ao.primitives import choose_qparams
+from qdiff_ao.qconfig import get_backend_config
 from qdiff_ao.testing import _fx_property
 from qdiff_ao.testing._fq_properties import FQ_CHECKS, Grid
 from qdiff_ao.testing._observer_properties import OBSERVER_PROPS, ObserverCase, ObserverTarget, observer_cases
@@ -257,8 +258,6 @@ def check_observer(
 def _bind(prop: str, target: ObserverTarget, backend_config: Any) -> Callable[[ObserverCase], None]:
     if prop == "fx":
         if backend_config is None:
-            from qdiff_ao.qconfig import get_backend_config
-
             backend_config = get_backend_config()
         return lambda case: _fx_property.prop_fx(target, case, backend_config)
     fn = OBSERVER_PROPS[prop]

@@ -1,0 +1,318 @@
+"""Timestep-uniform calibration data from the full-precision sampler, and the calibration loop.
+
+Q-Diffusion (Sec. 4.1, "time step-aware calibration data sampling"): activation distributions of a diffusion
+UNet change across denoising steps, so calibrating on one step (or on training images) misfits the others.
+The calibration set is therefore the FP sampler's own intermediate inputs ``x_t`` taken at ``K`` steps spread
+uniformly over the whole trajectory of ``S`` steps (the paper: every 5th of 100 DDIM steps, ``K = 20``).
+
+:func:`collect_calibration_data` runs the sampler itself (seeded, on a private copy of the scheduler) and
+records the UNet inputs at the selected steps; :func:`calibrate` feeds a prepared model batch by batch,
+grouped by timestep, while publishing ``t`` through :func:`~qdiff_ao.observers.timestep_context.timestep_context`.
+
+Example:
+    >>> select_step_indices(100, 20, "uniform")[:4], select_step_indices(10, 3, "last")
+    ([0, 5, 10, 15], [7, 8, 9])
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from qdiff_ao.calibration._plan import (
+    SamplerPlan,
+    check_collect_args,
+    plan_sampler,
+)
+from qdiff_ao.calibration.calibration_set import CalibrationSet
+from qdiff_ao.observers.timestep_context import timestep_context
+
+__all__ = ["STRATEGIES", "select_step_indices", "collect_calibration_data", "calibrate"]
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("uniform", "first", "last")
+
+
+def select_step_indices(num_steps: int, num_timesteps: int, strategy: str = "uniform") -> list[int]:
+    """Indices (0 = first, noisiest sampler step) of the steps whose UNet inputs are recorded.
+
+    With ``S = num_steps`` sampler steps and ``K = num_timesteps``:
+
+    * ``"uniform"``: ``i_k = floor(k * S / K)`` for ``k = 0..K-1``, i.e. every ``S/K``-th step starting at the
+      first one (Q-Diffusion, Sec. 4.1: S=100, K=20 gives 0, 5, ..., 95);
+    * ``"first"``: ``0..K-1`` (the noisiest steps only);
+    * ``"last"``: ``S-K..S-1`` (the cleanest steps only), the two ablations of the paper's Fig. 4.
+
+    Raises:
+        ValueError: if ``strategy`` is unknown or ``not 1 <= num_timesteps <= num_steps``.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if not 1 <= num_timesteps <= num_steps:
+        raise ValueError(
+            f"num_timesteps={num_timesteps} must be in [1, {num_steps}] (the sampler has {num_steps} steps); "
+            "lower num_timesteps or raise num_inference_steps"
+        )
+    if strategy == "first":
+        return list(range(num_timesteps))
+    if strategy == "last":
+        return list(range(num_steps - num_timesteps, num_steps))
+    return [k * num_steps // num_timesteps for k in range(num_timesteps)]
+
+
+def collect_calibration_data(
+    model: Any,
+    scheduler: Any = None,
+    *,
+    num_inference_steps: int = 100,
+    num_timesteps: int = 20,
+    samples_per_timestep: int = 256,
+    strategy: str = "uniform",
+    batch_size: int = 64,
+    seed: int = 0,
+    prompts: str | list[str] | None = None,
+    guidance_scale: float = 7.5,
+    negative_prompt: str | list[str] | None = None,
+    encoder_hidden_states: torch.Tensor | None = None,
+    negative_encoder_hidden_states: torch.Tensor | None = None,
+    class_labels: torch.Tensor | None = None,
+    sample_shape: tuple[int, ...] | None = None,
+    max_memory_bytes: int = 2**31,
+    progress: bool = True,
+) -> CalibrationSet:
+    """Run the FP sampler and record the UNet inputs ``(x_t, t[, cond])`` at timestep-uniform steps.
+
+    For each of ``ceil(samples_per_timestep / batch_size)`` chunks: draw seeded noise
+    ``x_T = init_noise_sigma * N(0, I)``, run the scheduler's steps under ``torch.no_grad``, and at each selected
+    step ``i`` (see :func:`select_step_indices`) record ``x_in = scheduler.scale_model_input(x_t, t_i)``, i.e.
+    exactly what the UNet receives. With classifier-free guidance (conditional UNet and ``guidance_scale > 1``)
+    the model input is ``[x_in; x_in]`` with ``[uncond; cond]`` embeddings and the update uses
+    ``eps = eps_u + guidance_scale * (eps_c - eps_u)``; both halves are recorded, so each selected step holds
+    ``2 * samples_per_timestep`` rows. Sample ``j`` uses conditioning row ``j mod P`` (P prompts / classes).
+    Sampling stops after the last selected step.
+
+    Args:
+        model: a diffusers UNet (``UNet2DModel``/``UNet2DConditionModel``) or a diffusers pipeline holding
+            ``unet`` and ``scheduler`` (and, for ``prompts``, ``encode_prompt`` or tokenizer + text encoder).
+        scheduler: any diffusers scheduler; defaults to ``model.scheduler`` for pipelines. It is copied via
+            ``type(scheduler).from_config(scheduler.config)``; the caller's scheduler is never stepped.
+        num_inference_steps: argument of ``scheduler.set_timesteps``; the number of sampler steps ``S`` is
+            ``len(scheduler.timesteps)``, which can differ (PNDM adds Runge-Kutta warm-up steps).
+        num_timesteps: how many steps ``K`` to record, ``1 <= K <= S``.
+        samples_per_timestep: sampler trajectories, i.e. rows recorded per selected step (x2 with guidance).
+        strategy: ``"uniform"`` (Q-Diffusion), ``"first"`` or ``"last"``; see :func:`select_step_indices`.
+        batch_size: trajectories run together in one chunk.
+        seed: seed of the ``torch.Generator`` drawing all noise; the same seed gives a bit-identical set.
+        prompts: text prompts (pipelines with a text encoder only).
+        guidance_scale: classifier-free guidance weight for conditional UNets; ``<= 1`` disables guidance.
+        negative_prompt: prompt(s) for the unconditional half (default: the empty prompt).
+        encoder_hidden_states: conditioning ``[P, L, D]`` to use instead of ``prompts``.
+        negative_encoder_hidden_states: unconditional embeddings ``[1 or P, L, D]``; required with
+            ``encoder_hidden_states`` when ``guidance_scale > 1``.
+        class_labels: class labels ``[P, ...]`` for class-conditional UNets.
+        sample_shape: ``(C, H, W)`` of ``x_t``; defaults to ``(config.in_channels, *config.sample_size)``.
+        max_memory_bytes: refuse (before sampling) if the set would take more bytes than this.
+        progress: show a tqdm bar.
+
+    Returns:
+        The :class:`CalibrationSet`, rows ordered by step, then trajectory.
+
+    Raises:
+        TypeError: if ``model`` or ``scheduler`` is not what diffusers provides.
+        ValueError: on bad counts/strategy, UNet/scheduler/conditioning mismatches, a set larger than
+            ``max_memory_bytes``, or NaN/Inf produced by the sampler (the message names the step).
+    """
+    check_collect_args(
+        num_inference_steps, num_timesteps, samples_per_timestep, batch_size, seed, guidance_scale, max_memory_bytes
+    )
+    plan = plan_sampler(
+        model,
+        scheduler,
+        num_inference_steps=num_inference_steps,
+        prompts=prompts,
+        guidance_scale=guidance_scale,
+        negative_prompt=negative_prompt,
+        encoder_hidden_states=encoder_hidden_states,
+        negative_encoder_hidden_states=negative_encoder_hidden_states,
+        class_labels=class_labels,
+        sample_shape=sample_shape,
+    )
+    num_steps = len(plan.timesteps)
+    if num_timesteps > num_steps:
+        raise ValueError(
+            f"num_timesteps={num_timesteps} exceeds the {num_steps} steps of {plan.scheduler_name} with "
+            f"num_inference_steps={num_inference_steps}; lower num_timesteps or raise num_inference_steps"
+        )
+    indices = select_step_indices(num_steps, num_timesteps, strategy)
+    rows_per_step = samples_per_timestep * plan.rows_per_trajectory
+    num_rows = num_timesteps * rows_per_step
+    needed = num_rows * plan.bytes_per_row
+    if needed > max_memory_bytes:
+        raise ValueError(
+            f"the calibration set would need {needed:,} bytes ({num_rows:,} rows x {plan.bytes_per_row:,} "
+            f"bytes) but max_memory_bytes={max_memory_bytes:,}; lower samples_per_timestep or num_timesteps, "
+            "or raise max_memory_bytes"
+        )
+    store = _allocate(plan, num_rows)
+    _run_sampler(plan, store, indices, samples_per_timestep, batch_size, seed, progress)
+    metadata = {
+        "strategy": strategy,
+        "scheduler": plan.scheduler_name,
+        "seed": seed,
+        "num_inference_steps": num_inference_steps,
+        "num_scheduler_steps": num_steps,
+        "num_timesteps": num_timesteps,
+        "samples_per_timestep": samples_per_timestep,
+        "step_indices": json.dumps(indices),
+        "guidance_scale": plan.guidance_scale if plan.cfg else "none",
+    }
+    calib = CalibrationSet(metadata={k: str(v) for k, v in metadata.items()}, **store)
+    logger.info("collected %r (steps %s of %d)", calib, indices, num_steps)
+    return calib
+
+
+def _allocate(plan: SamplerPlan, num_rows: int) -> dict[str, torch.Tensor]:
+    store = {
+        "sample": torch.empty((num_rows, *plan.sample_shape), dtype=plan.dtype),
+        "timestep": torch.empty(num_rows, dtype=plan.timesteps.dtype),
+        "step_index": torch.empty(num_rows, dtype=torch.int64),
+    }
+    if plan.cond is not None:
+        store["encoder_hidden_states"] = torch.empty((num_rows, *plan.cond.shape[1:]), dtype=plan.cond.dtype)
+    if plan.class_labels is not None:
+        labels = plan.class_labels
+        store["class_labels"] = torch.empty((num_rows, *labels.shape[1:]), dtype=labels.dtype)
+    return store
+
+
+def _check_finite(x: torch.Tensor, what: str, plan: SamplerPlan, i: int, t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(
+            f"{what} contains NaN/Inf at sampler step index {i} (timestep {t.item()}) with "
+            f"{plan.scheduler_name}; check the UNet weights and dtype (fp16 overflow: use float32) and that "
+            "the scheduler matches the model"
+        )
+
+
+def _run_sampler(
+    plan: SamplerPlan,
+    store: dict[str, torch.Tensor],
+    indices: list[int],
+    samples_per_timestep: int,
+    batch_size: int,
+    seed: int,
+    progress: bool,
+) -> None:
+    """Run the sampler chunk by chunk and fill ``store`` in place.
+
+    The model batch of the chunk starting at trajectory ``o`` (``f * size`` rows, ``f`` = 2 with guidance) at
+    selected step ``indices[p]`` goes to rows ``p * R + f * o`` onwards, ``R = f * samples_per_timestep``.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    position = {step: p for p, step in enumerate(indices)}
+    last = indices[-1]
+    factor = plan.rows_per_trajectory
+    rows_per_step = samples_per_timestep * factor
+    num_chunks = math.ceil(samples_per_timestep / batch_size)
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(plan.scheduler.step).parameters else {}
+    bar = tqdm(total=num_chunks * (last + 1), disable=not progress, desc="calibration data", unit="step")
+    with torch.no_grad(), bar:
+        for chunk in range(num_chunks):
+            offset = chunk * batch_size
+            size = min(batch_size, samples_per_timestep - offset)
+            scheduler = plan.fresh_scheduler()
+            noise = torch.randn((size, *plan.sample_shape), generator=generator, dtype=torch.float32)
+            x = noise.to(plan.device, plan.dtype) * scheduler.init_noise_sigma
+            extra = plan.unet_kwargs(offset, size)
+            for i, t in enumerate(scheduler.timesteps):
+                model_in = torch.cat([x, x]) if plan.cfg else x
+                model_in = scheduler.scale_model_input(model_in, t)
+                t_vec = t.reshape(1).repeat(model_in.shape[0])
+                if i in position:
+                    _check_finite(model_in, "the sampler's x_t", plan, i, t)
+                    start = position[i] * rows_per_step + factor * offset
+                    rows = slice(start, start + model_in.shape[0])
+                    store["sample"][rows] = model_in.cpu()
+                    store["timestep"][rows] = t_vec.cpu()
+                    store["step_index"][rows] = i
+                    for name, value in extra.items():
+                        store[name][rows] = value.cpu()
+                if i == last:
+                    bar.update(1)
+                    break
+                out = plan.unet(sample=model_in, timestep=t_vec, **extra, return_dict=False)[0]
+                _check_finite(out, "the UNet output", plan, i, t)
+                if plan.cfg:
+                    uncond, cond = out.chunk(2)
+                    out = uncond + plan.guidance_scale * (cond - uncond)
+                x = scheduler.step(out, t, x, **step_kwargs, return_dict=False)[0]
+                _check_finite(x, "the scheduler's next sample", plan, i, t)
+                bar.update(1)
+
+
+def _accepted_inputs(model: Any) -> tuple[set[str], set[str]] | None:
+    """(accepted, required) keyword names of ``model.forward``, or None if it takes ``**kwargs``."""
+    try:
+        params = inspect.signature(model.forward if hasattr(model, "forward") else model).parameters
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    accepted = {n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL}
+    required = {
+        n
+        for n, p in params.items()
+        if p.default is inspect.Parameter.empty
+        and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    return accepted, required
+
+
+def calibrate(model: Any, calib: CalibrationSet, *, batch_size: int = 32, progress: bool = True) -> None:
+    """Feed every row of ``calib`` through ``model`` so its observers see each timestep.
+
+    For each timestep ``t`` (decreasing) and each batch of rows with that ``t``:
+    ``with timestep_context(t): model(**inputs)`` under ``torch.no_grad``, with inputs moved to the model's
+    device. The model's train/eval mode is left as it is.
+
+    Args:
+        model: a callable module taking UNet keyword inputs: a prepared ``torch.fx.GraphModule`` whose
+            placeholders are named ``sample``, ``timestep``, ... or a plain diffusers UNet.
+        calib: the :class:`CalibrationSet` to feed.
+        batch_size: maximum rows per forward pass.
+        progress: show a tqdm bar.
+
+    Raises:
+        TypeError: if ``model`` is not callable or ``calib`` is not a :class:`CalibrationSet`.
+        ValueError: if ``batch_size < 1`` or ``model`` does not take the set's inputs (e.g. it was traced
+            without ``encoder_hidden_states``).
+    """
+    if not isinstance(calib, CalibrationSet):
+        raise TypeError(f"calib must be a CalibrationSet (from collect_calibration_data), got {type(calib).__name__}")
+    if not callable(model):
+        raise TypeError(f"model must be a callable module, got {type(model).__name__}")
+    keys = set(calib.example_inputs(1))
+    signature = _accepted_inputs(model)
+    if signature is not None:
+        accepted, required = signature
+        if keys - accepted or required - keys:
+            raise ValueError(
+                f"model takes inputs {sorted(accepted)} (required {sorted(required)}) but the calibration set "
+                f"provides {sorted(keys)}; trace/prepare the model with calib.example_inputs() of this set"
+            )
+    tensors = [*getattr(model, "parameters", list)(), *getattr(model, "buffers", list)()]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    total = calib.num_batches(batch_size)
+    with torch.no_grad(), tqdm(total=total, disable=not progress, desc="calibrate", unit="batch") as bar:
+        for t, inputs in calib.batches(batch_size):
+            with timestep_context(t):
+                model(**{name: value.to(device) for name, value in inputs.items()})
+            bar.update(1)
+    logger.info("calibrated on %d rows, %d timesteps, %d batches", len(calib), len(calib.timesteps()), total)

@@ -1,0 +1,7 @@
+"""Stage 4, deploy: the lowered UNet behind diffusers' call signature, frozen execution, checkpoints and ONNX.
+
+- ``quantized_unet``: :class:`QuantizedUNet` (``save_pretrained`` / ``from_pretrained``).
+- ``freezing``: TorchScript trace + freeze of a converted graph.
+- ``checkpoint/``: the compressed safetensors checkpoint format.
+- ``onnx/``: QDQ ONNX export for ONNX Runtime / TensorRT.
+"""

@@ -1,0 +1,241 @@
+"""``QuantizedUNet``: a lowered GraphModule behind the diffusers UNet call signature, for pipelines.
+
+    pipe = DDIMPipeline(unet=QuantizedUNet(quantized_gm, like=unet), scheduler=scheduler)
+    images = pipe(batch_size=4).images
+
+The wrapper normalises what diffusers pipelines pass (timestep as int, float, 0-d or 1-d tensor; return_dict)
+into what the traced graph takes (a 1-d timestep of the traced dtype, one entry per sample) and wraps the output
+in ``UNet2DOutput`` / ``UNet2DConditionOutput``. :meth:`QuantizedUNet.optimize_for_inference` swaps the
+GraphModule's Python execution for a frozen TorchScript module running the same kernels (bit-identical output).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from qdiff_ao.capture.input_guards import check_graph_inputs, traced_input_guards
+from qdiff_ao.deploy.checkpoint.archive import load_graph, save_graph
+from qdiff_ao.deploy.freezing import freeze_graph
+
+__all__ = ["QuantizedUNet", "graph_input_spec", "load", "save"]
+
+
+def graph_input_spec(gm: fx.GraphModule) -> dict[str, tuple[int, torch.dtype]]:
+    """{input name: (rank, dtype)} as traced, read from the input guard nodes of ``qdiff_ao.trace``."""
+    spec = {name: (ndim, dtype) for name, (ndim, dtype, _) in traced_input_guards(gm).items()}
+    if not spec:
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                spec[str(node.target)] = (-1, torch.float32)
+    return spec
+
+
+class QuantizedUNet(nn.Module):
+    """Drop-in UNet for diffusers pipelines around a (quantized) traced GraphModule.
+
+    Args:
+        graph_module: from ``qdiff_ao.convert`` (or a user's convert_fx on a ``qdiff_ao.trace`` graph).
+        like: the original diffusers UNet, whose ``config`` and output type are copied; or None with
+            ``config`` given.
+        config: the diffusers UNet config (a dict), when ``like`` is not at hand (checkpoint loading).
+        conditional: output ``UNet2DConditionOutput`` (True) or ``UNet2DOutput``; inferred from ``like``.
+    """
+
+    quantization_info: dict[str, Any]  # set by qdiff_ao.quantize (absent on a wrapper built otherwise)
+
+    def __init__(
+        self,
+        graph_module: fx.GraphModule,
+        like: nn.Module | None = None,
+        *,
+        config: Any = None,
+        conditional: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if like is None and config is None:
+            raise ValueError("QuantizedUNet needs the original UNet (like=unet) or its config (config=...)")
+        self.graph_module = graph_module
+        self._spec = graph_input_spec(graph_module)
+        self._config = config if config is not None else like.config  # type: ignore[union-attr]
+        if conditional is None:
+            conditional = "encoder_hidden_states" in self._spec
+        self.conditional = conditional
+        self._frozen: list[torch.jit.ScriptModule] = []  # a list keeps it out of the module tree and state_dict
+        self._guards: dict[str, tuple[int, torch.dtype, tuple[int, ...]]] = {}
+
+    @property
+    def config(self) -> Any:
+        return self._config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        for t in self.graph_module.state_dict().values():
+            if isinstance(t, torch.Tensor):
+                return t.device
+        return torch.device("cpu")
+
+    def save_pretrained(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write a compressed checkpoint directory (``config.json`` + ``model.safetensors``; see
+        :func:`qdiff_ao.deploy.checkpoint.save_graph`) and return its absolute path."""
+        return save_graph(self.graph_module, path, unet_config=self.config, overwrite=overwrite)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str]) -> QuantizedUNet:
+        """Load a checkpoint written by :meth:`save_pretrained`, in eval mode on the CPU (usable as ``pipe.unet``).
+
+        Raises:
+            CheckpointError: see :func:`qdiff_ao.deploy.checkpoint.load_graph`.
+        """
+        gm, config = load_graph(path)
+        return cls(gm, config=config).eval()
+
+    @property
+    def optimized(self) -> bool:
+        """True after :meth:`optimize_for_inference`."""
+        return bool(self._frozen)
+
+    def optimize_for_inference(self, example_inputs: dict[str, torch.Tensor] | None = None) -> QuantizedUNet:
+        """Run the lowered graph as a frozen TorchScript module (no per-node Python dispatch); returns self.
+
+        Outputs stay bit-identical (the same ``quantized::*`` kernels and packed weights; checked on the
+        example). Inputs are still checked against the traced signature. ``save_pretrained`` is unaffected.
+
+        Args:
+            example_inputs: graph inputs for tracing (default: one random sample at timestep 500, built from
+                the traced signature).
+        """
+        guards = traced_input_guards(self.graph_module)
+        if example_inputs is None:
+            g = torch.Generator().manual_seed(0)
+            example_inputs = {}
+            for name, (ndim, dtype, tail) in guards.items():
+                shape = (1, *tail) if ndim >= 1 else ()
+                if dtype.is_floating_point and name != "timestep":
+                    example_inputs[name] = torch.randn(shape, generator=g).to(dtype)
+                else:
+                    example_inputs[name] = torch.full(shape, 500 if name == "timestep" else 0, dtype=dtype)
+        self._frozen = [freeze_graph(self.graph_module, example_inputs)]
+        self._guards = guards
+        return self
+
+    def to(self, *args: Any, **kwargs: Any) -> QuantizedUNet:
+        dtype = kwargs.get("dtype") or next((a for a in args if isinstance(a, torch.dtype)), None)
+        device = kwargs.get("device") or next((a for a in args if isinstance(a, (str, torch.device))), None)
+        if dtype is not None and dtype != torch.float32:
+            raise TypeError(f"QuantizedUNet runs integer kernels with float32 I/O; it cannot be cast to {dtype}")
+        if device is not None and torch.device(device).type != "cpu":
+            raise RuntimeError(
+                f"QuantizedUNet's fbgemm/x86 INT8 kernels run on the CPU only; cannot move it to {device}"
+            )
+        return self
+
+    def half(self) -> QuantizedUNet:
+        return self.to(torch.float16)
+
+    def bfloat16(self) -> QuantizedUNet:
+        return self.to(torch.bfloat16)
+
+    def double(self) -> QuantizedUNet:
+        return self.to(torch.float64)
+
+    def train(self, mode: bool = True) -> QuantizedUNet:
+        if mode:
+            raise RuntimeError(
+                "QuantizedUNet is an inference model (integer weights, frozen qparams) and cannot be trained; "
+                "fine-tune the float UNet and quantize again"
+            )
+        return super().train(False)
+
+    def _timestep(self, timestep: Any, batch: int) -> torch.Tensor:
+        ndim, dtype = self._spec.get("timestep", (1, torch.int64))
+        t = torch.as_tensor(timestep)
+        if t.dim() > 1 or (t.dim() == 1 and t.numel() not in (1, batch)):
+            raise ValueError(
+                f"timestep must be a number, a 0-d tensor or a 1-d tensor of length 1 or {batch} (the batch), "
+                f"got shape {tuple(t.shape)}"
+            )
+        if t.is_floating_point() and not dtype.is_floating_point and bool((t != t.round()).any()):
+            raise ValueError(
+                f"the UNet was traced with integer timesteps ({dtype}) but received fractional timestep(s) "
+                f"{t.tolist()}; trace with a float timestep for this scheduler"
+            )
+        t = t.to(dtype).reshape(-1)
+        return t.expand(batch).contiguous() if ndim == 1 else t.reshape(())
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: Any,
+        encoder_hidden_states: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        unsupported = {k for k, v in kwargs.items() if v is not None and k not in ("cross_attention_kwargs",)}
+        if unsupported or kwargs.get("cross_attention_kwargs"):
+            raise TypeError(
+                f"QuantizedUNet was traced without {sorted(unsupported) or ['cross_attention_kwargs']}; these "
+                "arguments were frozen at trace time. Re-trace the float UNet if you need them"
+            )
+        inputs: dict[str, Any] = {"sample": sample, "timestep": self._timestep(timestep, sample.shape[0])}
+        if "encoder_hidden_states" in self._spec:
+            if encoder_hidden_states is None:
+                raise TypeError("this UNet is conditional: pass encoder_hidden_states")
+            inputs["encoder_hidden_states"] = encoder_hidden_states
+        if "class_labels" in self._spec:
+            if class_labels is None:
+                raise TypeError("this UNet was traced with class_labels: pass class_labels")
+            inputs["class_labels"] = class_labels
+        graph_inputs = {k: inputs[k] for k in self._spec}
+        if self._frozen:
+            # The frozen module ran the graph's input guards once, at trace time: check every call here.
+            check_graph_inputs(self._guards, graph_inputs)
+            out = self._frozen[0](**graph_inputs)
+        else:
+            out = self.graph_module(**graph_inputs)
+        if not return_dict:
+            return (out,)
+        if self.conditional:
+            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+            return UNet2DConditionOutput(sample=out)
+        from diffusers.models.unets.unet_2d import UNet2DOutput
+
+        return UNet2DOutput(sample=out)
+
+
+def save(
+    model: QuantizedUNet | fx.GraphModule,
+    path: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    unet_config: Any = None,
+) -> Path:
+    """Alias of :meth:`QuantizedUNet.save_pretrained`; a bare converted GraphModule needs ``unet_config``.
+
+    Raises:
+        TypeError: ``model`` is neither a QuantizedUNet nor a GraphModule.
+        ValueError: a bare GraphModule without ``unet_config``, or see :func:`~qdiff_ao.deploy.checkpoint.save_graph`.
+    """
+    if isinstance(model, QuantizedUNet):
+        return save_graph(model.graph_module, path, overwrite=overwrite,
+                          unet_config=unet_config if unet_config is not None else model.config)
+    if not isinstance(model, fx.GraphModule):
+        raise TypeError(f"save takes a QuantizedUNet or a converted fx.GraphModule, got {type(model).__name__}")
+    if unet_config is None:
+        raise ValueError("save needs the diffusers UNet config for a bare GraphModule: pass unet_config=unet.config")
+    return save_graph(model, path, unet_config=unet_config, overwrite=overwrite)
+
+
+def load(path: str | os.PathLike[str]) -> QuantizedUNet:
+    """Alias of :meth:`QuantizedUNet.from_pretrained`."""
+    return QuantizedUNet.from_pretrained(path)

@@ -1,0 +1,213 @@
+"""The workflow: ``prepare -> calibrate -> [passes] -> convert`` around torch.ao's FX mode, and ``quantize``,
+the whole Q-Diffusion recipe in one call (collect -> trace -> split -> prepare -> calibrate -> reconstruct ->
+output bias correction -> convert).
+
+A user's own torch.ao calls work as well (README, "The raw torch.ao path"): ``prepare_fx`` with
+``get_qconfig_mapping(cfg)`` / ``get_backend_config(cfg)`` and ``prepare_custom_config=prepare_custom_config()``,
+then ``passes.observe_softmax(prepared, cfg)``; before ``convert_fx`` (with ``convert_custom_config()``)
+``passes.freeze_wide_softmax_observers(prepared)``. The graph then carries the same graph info as one made here.
+
+Example:
+    >>> import torch, qdiff_ao
+    >>> from diffusers import UNet2DModel
+    >>> unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+    ...                    norm_num_groups=4, layers_per_block=1,
+    ...                    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    ...                    up_block_types=("AttnUpBlock2D", "UpBlock2D")).eval()
+    >>> inputs = {"sample": torch.randn(2, 1, 8, 8), "timestep": torch.tensor([10, 10])}
+    >>> cfg = qdiff_ao.QuantConfig(weight_bits=4, act_bits=8)
+    >>> prepared = qdiff_ao.prepare(unet, cfg, inputs)
+    >>> _ = prepared(**inputs)                      # calibration (use qdiff_ao.calibrate with real data)
+    >>> quantized = qdiff_ao.convert(prepared)
+    >>> quantized(**inputs).shape
+    torch.Size([2, 1, 8, 8])
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from qdiff_ao.backends.base import Backend
+from qdiff_ao.backends.x86 import X86Backend
+from qdiff_ao.calibration.calibration_set import CalibrationSet
+from qdiff_ao.calibration.collection import calibrate, collect_calibration_data
+from qdiff_ao.calibration.range_report import activation_ranges
+from qdiff_ao.capture.graph_state import graph_info, has_graph_info
+from qdiff_ao.capture.tracing import trace
+from qdiff_ao.config import QuantConfig
+from qdiff_ao.deploy.quantized_unet import QuantizedUNet
+from qdiff_ao.passes.bias_correction import correct_output_bias, find_output_layer
+from qdiff_ao.passes.reconstruction.runner import reconstruct as run_reconstruction
+from qdiff_ao.passes.shortcut_split import split_shortcut
+
+__all__ = ["convert", "prepare", "quantize"]
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_BACKEND = X86Backend()
+
+
+def prepare(
+    model: nn.Module,
+    cfg: QuantConfig,
+    example_inputs: Mapping[str, torch.Tensor],
+    *,
+    split: bool = True,
+    backend: Backend | None = None,
+) -> fx.GraphModule:
+    """Trace (unless ``model`` already is a GraphModule), split skip concats, insert the backend's observers.
+
+    Args:
+        model: a diffusers UNet or a GraphModule from :func:`qdiff_ao.trace`.
+        cfg: the quantization settings.
+        example_inputs: UNet forward arguments by name (e.g. ``calib.example_inputs()``).
+        split: apply split shortcut quantization (Q-Diffusion Sec. 4.2).
+        backend: the target (``qdiff_ao.backends``); default :class:`~qdiff_ao.backends.X86Backend`.
+
+    Returns:
+        The prepared GraphModule (observers inserted; calibrate it, then :func:`convert`). Its
+        ``qdiff_ao.capture.graph_state`` records ``cfg`` and the backend.
+    """
+    if not isinstance(cfg, QuantConfig):
+        raise TypeError(f"cfg must be a qdiff_ao.QuantConfig, got {type(cfg).__name__}")
+    backend = backend if backend is not None else _DEFAULT_BACKEND
+    if not isinstance(backend, Backend):
+        raise TypeError(f"backend must be a qdiff_ao.backends.Backend (e.g. X86Backend()), got "
+                        f"{type(backend).__name__}")
+    # Attention is decomposed into matmul/softmax/matmul only when it is quantized: the decomposed form
+    # materialises the scores and is much slower than SDPA at larger batches.
+    gm = model if isinstance(model, fx.GraphModule) else trace(
+        model, dict(example_inputs), decompose_attention=cfg.quantize_attention and cfg.act_bits is not None
+    )
+    if split:
+        gm = split_shortcut(gm)
+    return backend.prepare(gm, cfg, example_inputs)
+
+
+def convert(prepared: fx.GraphModule) -> fx.GraphModule:
+    """Lower a calibrated prepared graph with the backend that prepared it (``convert_fx`` underneath).
+
+    Raises:
+        ValueError: the graph was not prepared by :func:`prepare` (or lacks its QuantConfig).
+    """
+    backend = graph_info(prepared).backend if has_graph_info(prepared) else None
+    return (backend if isinstance(backend, Backend) else _DEFAULT_BACKEND).convert(prepared)
+
+
+def quantize(
+    unet: nn.Module,
+    scheduler: Any,
+    cfg: QuantConfig | None = None,
+    *,
+    num_inference_steps: int = 100,
+    num_timesteps: int = 20,
+    samples_per_timestep: int = 64,
+    calibration_strategy: str = "uniform",
+    split: bool = True,
+    reconstruct: bool = True,
+    bias_correction: bool = True,
+    calib: CalibrationSet | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = True,
+    on_prepared: Any = None,
+    **collect_kwargs: Any,
+) -> QuantizedUNet:
+    """Quantize a diffusers UNet with Q-Diffusion and return a pipeline-ready :class:`QuantizedUNet`.
+
+    Args:
+        unet: the float diffusers UNet (left unchanged).
+        scheduler: the diffusers scheduler whose trajectory provides calibration data.
+        cfg: quantization settings (default W4A8, ``QuantConfig()``); ``cfg.reconstruction`` sets the
+            reconstruction iterations.
+        num_inference_steps, num_timesteps, samples_per_timestep, calibration_strategy: calibration data
+            (see :func:`qdiff_ao.collect_calibration_data`); ignored when ``calib`` is given.
+        split: split shortcut quantization.
+        reconstruct: BRECQ/AdaRound block reconstruction (``qdiff_ao.passes.reconstruct``).
+        bias_correction: fold the mean quantization error of the model output into the output layer's bias
+            (``qdiff_ao.passes.correct_output_bias``); needs a quantized output layer (skipped with a warning
+            otherwise).
+        calib: a ready CalibrationSet.
+        batch_size: calibration batch size.
+        seed: seed of calibration sampling.
+        progress: tqdm bars.
+        on_prepared: optional callback ``f(prepared, calib)`` run after calibration and reconstruction,
+            before conversion (reports and plots use it).
+        **collect_kwargs: forwarded to ``collect_calibration_data`` (e.g. ``encoder_hidden_states``).
+
+    Returns:
+        The quantized UNet; ``.quantization_info`` holds timings, the calibration timesteps, the most drifting
+        activation ranges and the reconstruction report.
+
+    Example:
+        >>> import qdiff_ao
+        >>> from diffusers import DDIMScheduler, UNet2DModel
+        >>> unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+        ...                    norm_num_groups=4, layers_per_block=1,
+        ...                    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        ...                    up_block_types=("AttnUpBlock2D", "UpBlock2D")).eval()
+        >>> qunet = qdiff_ao.quantize(unet, DDIMScheduler(), qdiff_ao.QuantConfig(), num_inference_steps=4,
+        ...                           num_timesteps=2, samples_per_timestep=2, reconstruct=False, progress=False)
+        >>> sorted(qunet.quantization_info["calibration_timesteps"])
+        [250, 750]
+    """
+    cfg = cfg or QuantConfig()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if calib is None:
+        calib = collect_calibration_data(
+            unet, scheduler, num_inference_steps=num_inference_steps, num_timesteps=num_timesteps,
+            samples_per_timestep=samples_per_timestep, strategy=calibration_strategy, batch_size=batch_size,
+            seed=seed, progress=progress, **collect_kwargs,
+        )
+    timings["collect_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    prepared = prepare(unet, cfg, calib.example_inputs(min(2, len(calib))), split=split)
+    timings["trace_prepare_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    calibrate(prepared, calib, batch_size=batch_size, progress=progress)
+    timings["calibrate_s"] = time.perf_counter() - t0
+    ranges = activation_ranges(prepared)
+    recon_report = None
+    if reconstruct:
+        t0 = time.perf_counter()
+        run_reconstruction(prepared, calib, cfg.reconstruction, model=unet, progress=progress)
+        recon_report = graph_info(prepared).reconstruction
+        timings["reconstruct_s"] = time.perf_counter() - t0
+    bias_report = None
+    if bias_correction:
+        t0 = time.perf_counter()
+        try:
+            output_layer, _ = find_output_layer(prepared)
+        except ValueError as err:
+            logger.warning("output bias correction skipped: %s", err)
+        else:
+            correct_output_bias(prepared, calib, unet, layer=output_layer, batch_size=batch_size)
+            bias_report = graph_info(prepared).bias_correction
+            timings["bias_correction_s"] = time.perf_counter() - t0
+    if on_prepared is not None:
+        on_prepared(prepared, calib)
+    t0 = time.perf_counter()
+    splits = [r.to_dict() for r in graph_info(prepared).splits or ()]
+    quantized = convert(prepared)
+    timings["convert_s"] = time.perf_counter() - t0
+    qunet = QuantizedUNet(quantized, like=unet)
+    qunet.quantization_info = {
+        "config": cfg.to_dict(),
+        "timings": timings,
+        "calibration_timesteps": calib.timesteps(),
+        "calibration_samples": len(calib),
+        "splits": splits,
+        "most_drifting": [{"value": r["value"], "drift": r["drift"]} for r in ranges[:10]],
+        "reconstruction": recon_report,
+        "bias_correction": bias_report,
+    }
+    with torch.no_grad():
+        qunet(**calib.example_inputs(1))  # fail here, not in the user's pipeline, if anything is off
+    return qunet
