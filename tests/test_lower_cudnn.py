@@ -21,6 +21,7 @@ import qdiff_ao
 from qdiff_ao._compat import convert_to_reference_fx
 from qdiff_ao.backends import CudnnBackend, LayerDecision, plan_cudnn_lowering
 from qdiff_ao.capture.graph_state import update_graph_info
+from qdiff_ao.quantizers.simulation import build_simulation
 from tests.unet_factory import build_unet, unet_inputs
 
 CUDNN = CudnnBackend()
@@ -259,8 +260,12 @@ def test_unet_prepare_convert_keeps_fallback_layers_float() -> None:
         assert int(getattr(reference, n.args[2].target)) == 0  # symmetric: zero point 0
     inputs = unet_inputs(family, 2, seed=9)
     with torch.no_grad():
-        ref, fp = reference(**inputs), unet(**inputs).sample
-    assert float((ref - fp).norm() / fp.norm()) < 0.5  # W4A8 simulated; the GPU kernels are not run here
+        ref, simulated = reference(**inputs), build_simulation(prepared).gm(**inputs)
+    # torch.ao's reference model (q/dq around float ops) and our simulation of the prepared graph compute the same
+    # fake-quant model; they differ by 1-LSB roundings where torch's quantize (x * (1/s)) and the simulation
+    # (x / s) round a tie differently, propagated through the UNet (measured 3.7% relative L2). The GPU kernels
+    # themselves are not run here.
+    assert float((ref - simulated).norm() / simulated.norm()) <= 0.05
     lowered = qdiff_ao.convert(copy.deepcopy(prepared))
     quantized = {name for name, m in lowered.named_modules() if type(m).__module__.startswith("torch.ao.nn.quantized")
                  and type(m).__name__ in ("Conv2d", "Linear")}
