@@ -168,7 +168,9 @@ def quantize(
         )
     timings["collect_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    prepared = prepare(unet, cfg, calib.example_inputs(min(2, len(calib))), split=split)
+    # trace on two rows of one timestep when a timestep has two (the batch stays free either way)
+    example_rows = min(2, max(calib.timestep_histogram().values()))
+    prepared = prepare(unet, cfg, calib.example_inputs(example_rows), split=split)
     timings["trace_prepare_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     calibrate(prepared, calib, batch_size=batch_size, progress=progress)

@@ -29,7 +29,7 @@ def test_bad_model_folder_is_a_clear_error(tmp_path, capsys: pytest.CaptureFixtu
     assert "no unet/ subfolder" in capsys.readouterr().err
 
 
-def test_quantize_tiny_model_end_to_end(tmp_path) -> None:
+def test_quantize_tiny_model_end_to_end(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     unet = build_unet("attn")
     DDPMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000)).save_pretrained(tmp_path / "model")
     out = tmp_path / "out"
@@ -48,5 +48,68 @@ def test_quantize_tiny_model_end_to_end(tmp_path) -> None:
 
     qunet = load(out / "checkpoint")
     assert qunet(torch.randn(2, 3, 16, 16), 10).sample.shape == (2, 3, 16, 16)
-    # A second run refuses to overwrite the checkpoint without --overwrite.
+    # A second run refuses to overwrite the earlier output without --overwrite.
     assert main(args) == 2
+    # An interrupted --overwrite run (after its new checkpoint was written) leaves the previous output whole.
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def interrupt(*_: object, **__: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("qdiff_ao.app.main_job.ddim_sample", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "--overwrite", "--weight-bits", "8"])
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not list(tmp_path.glob(".out.*")), "a staging folder was left behind"
+
+
+@pytest.mark.parametrize("option,value,phrase", [
+    ("--samples-per-timestep", "0", "--samples-per-timestep must be >= 1"),
+    ("--num-samples", "0", "--num-samples must be >= 1"),
+    ("--sampling-steps", "0", "--sampling-steps must be >= 1"),
+    ("--recon-iters", "-5", "--recon-iters must be >= 0"),
+    ("--threads", "-1", "--threads must be >= 1"),
+    ("--seed", "-1", "--seed must be >= 0"),
+    ("--calibration-timesteps", "500", "cannot exceed --calibration-steps"),
+    ("--weight-bits", "1", "weight_bits"),
+])
+def test_bad_options_fail_before_any_work(tmp_path, capsys: pytest.CaptureFixture[str], option: str, value: str,
+                                          phrase: str) -> None:
+    out = tmp_path / "out"
+    assert main(["quantize", "--out", str(out), option, value, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qdiff-ao quantize: error:") and phrase in err, err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_bad_folders_and_files_fail_cleanly(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    unet = build_unet("attn")
+    model = tmp_path / "model"
+    DDPMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000)).save_pretrained(model)
+    (tmp_path / "a_file").write_text("mine")
+    cases = []
+    broken = tmp_path / "broken"
+    DDPMPipeline(unet=unet, scheduler=DDIMScheduler()).save_pretrained(broken)
+    (broken / "unet" / "config.json").write_text("{not json")
+    cases.append((["--model", str(broken)], "not a readable JSON config"))
+    no_weights = tmp_path / "no_weights"
+    DDPMPipeline(unet=unet, scheduler=DDIMScheduler()).save_pretrained(no_weights)
+    for f in (no_weights / "unet").glob("*.safetensors"):
+        f.unlink()
+    cases.append((["--model", str(no_weights)], "cannot load the model"))
+    no_scheduler = tmp_path / "no_scheduler"
+    DDPMPipeline(unet=unet, scheduler=DDIMScheduler()).save_pretrained(no_scheduler)
+    (no_scheduler / "scheduler" / "scheduler_config.json").unlink()
+    cases.append((["--model", str(no_scheduler)], "scheduler_config.json is missing"))
+    cases.append((["--model", str(model), "--out", str(tmp_path / "a_file")], "is a file"))
+    user_dir = tmp_path / "user_dir"
+    user_dir.mkdir()
+    (user_dir / "thesis.tex").write_text("mine")
+    cases.append((["--model", str(model), "--out", str(user_dir), "--overwrite"], "did not write"))
+    for extra, phrase in cases:
+        argv = ["quantize", "--out", str(tmp_path / "out"), *extra, "--quiet"]
+        assert main(argv) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("qdiff-ao quantize: error:") and phrase in err, (extra, err)
+    assert not (tmp_path / "out").exists()
+    assert (tmp_path / "a_file").read_text() == "mine" and (user_dir / "thesis.tex").read_text() == "mine"

@@ -27,6 +27,7 @@ import torch
 from qdiff_ao import workflow
 from qdiff_ao.app import bundled, metrics
 from qdiff_ao.app.bundled import DIGITS_DDPM_DIR
+from qdiff_ao.app.output_folder import StagedOutput, check_output_target
 from qdiff_ao.app.sampling import ddim_sample, initial_noise
 from qdiff_ao.calibration.range_report import plot_activation_ranges, plot_split_histograms
 from qdiff_ao.config import QuantConfig, ReconstructionConfig
@@ -41,7 +42,11 @@ class MainJobError(ValueError):
 
 
 def load_model_folder(path: Path | None) -> tuple[Any, Any, str]:
-    """(unet, scheduler, name) from a diffusers folder with unet/ and scheduler/, or the bundled DDPM."""
+    """(unet, scheduler, name) from a diffusers folder with unet/ and scheduler/, or the bundled DDPM.
+
+    Raises:
+        MainJobError: the folder is missing, incomplete, unreadable or not an unconditional UNet2DModel.
+    """
     name = "bundled digits DDPM" if path is None else str(path)
     root = Path(DIGITS_DDPM_DIR if path is None else path)
     if not root.is_dir():
@@ -51,19 +56,61 @@ def load_model_folder(path: Path | None) -> tuple[Any, Any, str]:
         if not (root / sub).is_dir():
             hint = " (train it with examples/train_ddpm.py)" if path is None else ""
             raise MainJobError(f"{root} has no {sub}/ subfolder{hint}; expected a diffusers pipeline folder")
-    unet_cfg = json.loads((root / "unet" / "config.json").read_text())
+    unet_cfg = _read_json(root / "unet" / "config.json")
     if unet_cfg.get("_class_name") != "UNet2DModel":
         raise MainJobError(
             f"qdiff-ao quantize supports unconditional UNet2DModel folders, got {unet_cfg.get('_class_name')!r}; "
             "quantize conditional UNets from Python (qdiff_ao.quantize with encoder_hidden_states=...)"
         )
-    sched_cfg = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    sched_cfg = _read_json(root / "scheduler" / "scheduler_config.json")
     sched_cls = getattr(diffusers, str(sched_cfg.get("_class_name")), None)
-    if sched_cls is None:
+    if not (isinstance(sched_cls, type) and issubclass(sched_cls, diffusers.SchedulerMixin)):
         raise MainJobError(f"unknown scheduler class {sched_cfg.get('_class_name')!r} in {root / 'scheduler'}")
-    # str paths: diffusers records the load path in the config, which must stay JSON-serialisable.
-    unet = diffusers.UNet2DModel.from_pretrained(str(root / "unet")).eval()
-    return unet, sched_cls.from_pretrained(str(root / "scheduler")), name
+    try:
+        # str paths: diffusers records the load path in the config, which must stay JSON-serialisable.
+        unet = diffusers.UNet2DModel.from_pretrained(str(root / "unet")).eval()
+        scheduler = sched_cls.from_pretrained(str(root / "scheduler"))
+    except (OSError, ValueError, TypeError, KeyError) as err:  # missing weights, a config diffusers refuses
+        raise MainJobError(f"cannot load the model in {root}: {type(err).__name__}: {err}") from None
+    return unet, scheduler, name
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MainJobError(f"{path} is missing; expected a diffusers model folder") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise MainJobError(f"{path} is not a readable JSON config ({type(err).__name__}: {err})") from None
+    if not isinstance(value, dict):
+        raise MainJobError(f"{path} holds a JSON {type(value).__name__}, not a config object")
+    return value
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Validate every option before any work is done (and before anything is written).
+
+    Raises:
+        MainJobError: naming the option, what it must be and what it got.
+    """
+    positive = {"--calibration-steps": args.calibration_steps, "--calibration-timesteps": args.calibration_timesteps,
+                "--samples-per-timestep": args.samples_per_timestep, "--num-samples": args.num_samples,
+                "--sampling-steps": args.sampling_steps}
+    if args.threads is not None:
+        positive["--threads"] = args.threads
+    for option, value in positive.items():
+        if value < 1:
+            raise MainJobError(f"{option} must be >= 1, got {value}")
+    for option, value in (("--seed", args.seed), ("--recon-iters", args.recon_iters)):
+        if value is not None and value < 0:
+            raise MainJobError(f"{option} must be >= 0, got {value}")
+    if args.calibration_timesteps > args.calibration_steps:
+        raise MainJobError(f"--calibration-timesteps ({args.calibration_timesteps}) cannot exceed "
+                           f"--calibration-steps ({args.calibration_steps}): timesteps are picked from the steps")
+    try:
+        check_output_target(args.out, args.overwrite)
+    except ValueError as err:
+        raise MainJobError(str(err)) from None
 
 
 def speed_ratio(fp: Any, q: Any, x: torch.Tensor, rounds: int = 5) -> float:
@@ -91,20 +138,30 @@ def run_main_job(args: argparse.Namespace) -> dict[str, Any]:
     """Quantize, then write the output folder described in the module docstring; returns the report dict."""
     from torchvision.utils import save_image  # torchvision: an optional extra, needed by the main job only
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out: Path = args.out
-    if (out / "checkpoint").exists() and not args.overwrite:
-        raise MainJobError(f"{out / 'checkpoint'} exists; pass --overwrite to replace it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    unet, scheduler, name = load_model_folder(args.model)
+    check_args(args)
     rcfg = ReconstructionConfig()
     if args.recon_iters:
-        rcfg = ReconstructionConfig(weight_iters=args.recon_iters, act_iters=args.recon_iters // 2)
+        rcfg = ReconstructionConfig(weight_iters=args.recon_iters, act_iters=max(1, args.recon_iters // 2))
     try:
         cfg = QuantConfig(weight_bits=args.weight_bits, act_bits=args.act_bits or None, reconstruction=rcfg)
     except ValueError as err:
         raise MainJobError(str(err)) from None
+    unet, scheduler, name = load_model_folder(args.model)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    staged = StagedOutput(args.out)
+    try:
+        report = _quantize_and_report(args, unet, scheduler, name, cfg, staged.path, save_image)
+        staged.publish()
+    finally:
+        staged.discard()  # a no-op once published
+    print(_markdown(report))
+    return report
+
+
+def _quantize_and_report(args: argparse.Namespace, unet: Any, scheduler: Any, name: str, cfg: QuantConfig,
+                         out: Path, save_image: Any) -> dict[str, Any]:
+    """Quantize and write checkpoint, figures and report into ``out`` (the staging folder)."""
     progress = not args.quiet
     figures: dict[str, str] = {}
 
@@ -126,7 +183,7 @@ def run_main_job(args: argparse.Namespace) -> dict[str, Any]:
         on_prepared=on_prepared,
     )
     quantize_s = time.perf_counter() - t_start
-    qunet.save_pretrained(out / "checkpoint", overwrite=args.overwrite)
+    qunet.save_pretrained(out / "checkpoint")
     with tempfile.TemporaryDirectory() as tmp:
         unet.save_pretrained(tmp, safe_serialization=True)
         fp_bytes = _dir_bytes(Path(tmp))
@@ -164,7 +221,6 @@ def run_main_job(args: argparse.Namespace) -> dict[str, Any]:
         report["confidence"] = {k: metric.mean_confidence(v) for k, v in samples.items()}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "report.md").write_text(_markdown(report))
-    print((out / "report.md").read_text())
     return report
 
 

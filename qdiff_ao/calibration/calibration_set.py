@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -39,7 +40,9 @@ logger = logging.getLogger(__name__)
 _FORMAT_KEY = "qdiff_ao_format"
 _FORMAT_NAME = "calibration_set"
 _VERSION_KEY = "qdiff_ao_format_version"
-_VERSION = "1"
+_VERSION = "2"  # 2: the tensors' SHA-256 in the metadata (version 1 files load without that check)
+_SHA_KEY = "qdiff_ao_tensors_sha256"
+_READABLE_VERSIONS = ("1", _VERSION)
 _OPTIONAL = ("encoder_hidden_states", "class_labels", "step_index")
 
 
@@ -96,8 +99,15 @@ class CalibrationSet:
                     f"CalibrationSet: {name} has {value.shape[0]} rows but sample has {n}; every tensor "
                     "must hold one row per recorded UNet input"
                 )
+        if timestep.dtype == torch.bool or timestep.is_complex():
+            raise TypeError(f"CalibrationSet: timestep must hold integer or real timesteps, got {timestep.dtype}; "
+                            "pass the scheduler's timesteps (e.g. torch.full((n,), t))")
         if timestep.is_floating_point() and not bool(torch.isfinite(timestep).all()):
             raise ValueError("CalibrationSet: timestep contains NaN/Inf; timesteps must be finite")
+        if not sample.is_floating_point() or not bool(torch.isfinite(sample).all()):
+            raise ValueError(f"CalibrationSet: sample must be a finite floating-point tensor (got {sample.dtype}"
+                             f"{'' if not sample.is_floating_point() else ' with NaN/Inf values'}); calibrating "
+                             "on it would give observers meaningless ranges")
         self.sample = sample
         self.timestep = timestep
         self.encoder_hidden_states = encoder_hidden_states
@@ -219,11 +229,12 @@ class CalibrationSet:
         Raises:
             ValueError: if :attr:`metadata` uses a reserved ``qdiff_ao_format*`` key.
         """
-        reserved = {_FORMAT_KEY, _VERSION_KEY} & set(self.metadata)
+        reserved = {_FORMAT_KEY, _VERSION_KEY, _SHA_KEY} & set(self.metadata)
         if reserved:
             raise ValueError(f"CalibrationSet.metadata must not contain reserved keys {sorted(reserved)}")
-        metadata = {**self.metadata, _FORMAT_KEY: _FORMAT_NAME, _VERSION_KEY: _VERSION}
         tensors = {name: value.detach().cpu().contiguous() for name, value in self._tensors().items()}
+        metadata = {**self.metadata, _FORMAT_KEY: _FORMAT_NAME, _VERSION_KEY: _VERSION,
+                    _SHA_KEY: _tensors_sha256(tensors)}
         save_file(tensors, os.fspath(path), metadata=metadata)
         logger.info("saved %r to %s", self, os.fspath(path))
 
@@ -233,7 +244,8 @@ class CalibrationSet:
 
         Raises:
             FileNotFoundError: if ``path`` does not exist.
-            ValueError: if the file is not a safetensors file written by :meth:`save`.
+            ValueError: if the file is not a safetensors file written by :meth:`save`, or its tensors do not
+                match the SHA-256 recorded at save time (a damaged file).
         """
         path = os.fspath(path)
         if not os.path.isfile(path):
@@ -249,10 +261,16 @@ class CalibrationSet:
                 f"CalibrationSet.load: {path!r} is a safetensors file but not a qdiff_ao calibration set "
                 f"(metadata {_FORMAT_KEY}={metadata.get(_FORMAT_KEY)!r}); write it with CalibrationSet.save"
             )
-        if metadata.get(_VERSION_KEY) != _VERSION:
+        if metadata.get(_VERSION_KEY) not in _READABLE_VERSIONS:
             raise ValueError(
                 f"CalibrationSet.load: {path!r} has format version {metadata.get(_VERSION_KEY)!r}, this "
-                f"qdiff_ao reads version {_VERSION}"
+                f"qdiff_ao reads versions {list(_READABLE_VERSIONS)}"
+            )
+        recorded = metadata.pop(_SHA_KEY, None)
+        if metadata[_VERSION_KEY] != "1" and recorded != _tensors_sha256(tensors):
+            raise ValueError(
+                f"CalibrationSet.load: {path!r} is damaged: its tensors' SHA-256 differs from the one recorded when "
+                "it was saved; collect the calibration data again"
             )
         unknown = set(tensors) - {"sample", "timestep", *_OPTIONAL}
         if "sample" not in tensors or "timestep" not in tensors or unknown:
@@ -263,6 +281,16 @@ class CalibrationSet:
         metadata.pop(_FORMAT_KEY)
         metadata.pop(_VERSION_KEY)
         return cls(metadata=metadata, **tensors)
+
+
+def _tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over (name, dtype, shape, bytes) of every tensor, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _check_batch_size(batch_size: int) -> None:

@@ -37,7 +37,7 @@ import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from qdiff_ao.capture import _concrete_tracer as _tracer_impl
+from qdiff_ao.capture import _concrete_tracer
 from qdiff_ao.capture.graph_state import QDiffGraphInfo, TraceInfo, set_graph_info
 from qdiff_ao.capture.input_guards import _check_traced_input
 
@@ -119,11 +119,11 @@ def trace(
     examples = {n: example_inputs[n] for n in input_names}
     # The concrete run sees clones, so in-place ops in the model cannot change the user's tensors.
     concrete_inputs = {n: t.detach().clone() for n, t in examples.items()}
-    tracer = _tracer_impl.ConcreteTracer(
+    tracer = _concrete_tracer.ConcreteTracer(
         concrete_inputs, frozen, _select_sample, decompose_attention=decompose_attention
     )
     attrs_before = set(vars(root))
-    with _tracer_impl.torch_patches(), torch.no_grad():
+    with _concrete_tracer.torch_patches(), torch.no_grad():
         traced = tracer.trace(root)
     # Copy into a plain Graph: the traced one names ConcreteTracer as its tracer class, which
     # GraphModule deepcopy/unpickle would try to instantiate without example inputs.
@@ -192,15 +192,15 @@ def _select_sample(out: Any) -> Any:
     """Pick the output sample from what ``forward`` returned (tuple, BaseOutput or tensor)."""
     if isinstance(out, (tuple, list)) and out:
         out = out[0]
-    elif hasattr(out, "sample") and not isinstance(out, _tracer_impl.ConcreteProxy):
+    elif hasattr(out, "sample") and not isinstance(out, _concrete_tracer.ConcreteProxy):
         out = out.sample
-    value = out.value if isinstance(out, _tracer_impl.ConcreteProxy) else out
+    value = out.value if isinstance(out, _concrete_tracer.ConcreteProxy) else out
     if not isinstance(value, torch.Tensor):
         raise TypeError(
             f"the model's forward must return a tensor, a tuple starting with one or an object "
             f"with .sample; received {type(value).__name__}"
         )
-    if not isinstance(out, _tracer_impl.ConcreteProxy):
+    if not isinstance(out, _concrete_tracer.ConcreteProxy):
         raise TypeError(
             "the model's output does not depend on example_inputs (it is a constant); check "
             "that example_inputs name the arguments the output is computed from"

@@ -24,6 +24,8 @@ from qdiff_ao.deploy.freezing import freeze_graph
 
 __all__ = ["QuantizedUNet", "graph_input_spec", "load", "save"]
 
+_MAX_INT_TIMESTEP = 2**53  # beyond this a float timestep no longer holds an exact integer
+
 
 def graph_input_spec(gm: fx.GraphModule) -> dict[str, tuple[int, torch.dtype]]:
     """{input name: (rank, dtype)} as traced, read from the input guard nodes of ``qdiff_ao.trace``."""
@@ -47,6 +49,8 @@ class QuantizedUNet(nn.Module):
     """
 
     quantization_info: dict[str, Any]  # set by qdiff_ao.quantize (absent on a wrapper built otherwise)
+    check_finite: bool = True
+    """Refuse NaN/Inf in ``sample`` / ``encoder_hidden_states`` (ValueError); set False to skip the check."""
 
     def __init__(
         self,
@@ -158,6 +162,13 @@ class QuantizedUNet(nn.Module):
     def _timestep(self, timestep: Any, batch: int) -> torch.Tensor:
         ndim, dtype = self._spec.get("timestep", (1, torch.int64))
         t = torch.as_tensor(timestep)
+        if t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"timestep must be an integer or real number, got a {t.dtype} value {t.tolist()}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"timestep must be finite, got {t.tolist()}")
+        if not dtype.is_floating_point and bool((t.abs() > _MAX_INT_TIMESTEP).any()):
+            raise ValueError(f"timestep {t.tolist()} is outside the integer range the UNet was traced with "
+                             f"(|t| <= {_MAX_INT_TIMESTEP})")
         if t.dim() > 1 or (t.dim() == 1 and t.numel() not in (1, batch)):
             raise ValueError(
                 f"timestep must be a number, a 0-d tensor or a 1-d tensor of length 1 or {batch} (the batch), "
@@ -180,6 +191,19 @@ class QuantizedUNet(nn.Module):
         return_dict: bool = True,
         **kwargs: Any,
     ) -> Any:
+        for name, value in (("encoder_hidden_states", encoder_hidden_states), ("class_labels", class_labels)):
+            if value is not None and name not in self._spec:
+                raise TypeError(f"this UNet was traced without {name}, so it would ignore it; pass None (an "
+                                f"unconditional UNet) or quantize a UNet traced with {name}")
+        if self.check_finite:
+            for name, value in (("sample", sample), ("encoder_hidden_states", encoder_hidden_states)):
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(
+                        torch.isfinite(value).all()):
+                    raise ValueError(
+                        f"{name} holds NaN or Inf values; the integer kernels would turn them into finite numbers "
+                        "(the float UNet returns NaN). Fix the input, or set QuantizedUNet.check_finite = False "
+                        "to skip this check"
+                    )
         unsupported = {k for k, v in kwargs.items() if v is not None and k not in ("cross_attention_kwargs",)}
         if unsupported or kwargs.get("cross_attention_kwargs"):
             raise TypeError(

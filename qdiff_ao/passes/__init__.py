@@ -1,4 +1,6 @@
-"""FX graph passes over traced diffusion UNets.
+"""FX graph passes over traced diffusion UNets. Each takes the graph, changes it in place and returns it; what it
+found or learned goes into ``qdiff_ao.graph_info(gm)`` (splits, softmax_observers, reconstruction,
+bias_correction).
 
 - :func:`split_shortcut`: each half of a decoder skip concat gets its own quantizers (Q-Diffusion Sec. 4.2).
 - :func:`observe_softmax` / :func:`freeze_wide_softmax_observers`: attention probabilities at 8/16 bits.

@@ -36,6 +36,7 @@ from qdiff_ao.capture.graph_state import TraceInfo, graph_info, update_graph_inf
 from qdiff_ao.capture.tracing import trace
 from qdiff_ao.config import QuantConfig
 from qdiff_ao.deploy.checkpoint.files import FORMAT, FORMAT_VERSION, TENSORS_FILE, read_checkpoint, write_checkpoint
+from qdiff_ao.deploy.checkpoint.size_guard import check_model_fits_file
 from qdiff_ao.deploy.checkpoint.tensor_layout import (
     CheckpointError,
     check_tensors,
@@ -207,10 +208,14 @@ def _example_inputs(record: Mapping[str, Any], where: str) -> dict[str, torch.Te
     return inputs
 
 
-def _rebuild(body: Mapping[str, Any], where: str) -> tuple[nn.Module, fx.GraphModule, QuantConfig]:
-    """The UNet (random weights) and its lowered graph, rebuilt from the config alone."""
+def _rebuild(
+    body: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], where: str
+) -> tuple[nn.Module, fx.GraphModule, QuantConfig]:
+    """The UNet (random weights) and its lowered graph, rebuilt from the config alone (once the config is known to
+    describe a model no larger than ``tensors``)."""
     cls = _unet_class(_field(body, "unet_class", str, where), where)
     unet_config = _field(body, "unet_config", dict, where)
+    check_model_fits_file(cls, unet_config, tensors, where)
     saved_cfg, skeleton_cfg = _quant_config(_field(body, "quant_config", dict, where), where)
     record = _field(body, "trace", dict, where)
     split = _field(body, "split_shortcut", bool, where)
@@ -250,7 +255,7 @@ def load_graph(path: str | os.PathLike[str]) -> tuple[fx.GraphModule, Any]:
     """
     body, tensors = read_checkpoint(path)
     where = str(Path(path) / "config.json")
-    unet, quantized, saved_cfg = _rebuild(body, where)
+    unet, quantized, saved_cfg = _rebuild(body, tensors, where)
     _, slots = export_tensors(quantized, saved_cfg.weight_qrange())
     check_tensors(tensors, slots, str(Path(path) / TENSORS_FILE))
     recorded_splits = body.get("splits")

@@ -12,7 +12,9 @@ whitespace is harmless). Every failure raises :class:`CheckpointError` naming th
 
 Writing goes to a fresh temporary directory next to the target, then renames it into place, so an interrupted
 save leaves nothing under the final name. Replacing (``overwrite=True``) only happens when the existing
-directory is a qdiff_ao checkpoint holding nothing but our two files, or is empty.
+directory is a qdiff_ao checkpoint holding nothing but our two files, or is empty; it takes two renames (old away,
+new in). A save killed between them is completed (or rolled back) by the next load or save of that path
+(:func:`recover_interrupted_save`), which also removes the staging folders that killed saves leave behind.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from safetensors.torch import save as _st_save
 
 from qdiff_ao.deploy.checkpoint.tensor_layout import CheckpointError
 
-__all__ = ["CONFIG_FILE", "FORMAT", "FORMAT_VERSION", "TENSORS_FILE", "read_checkpoint", "write_checkpoint"]
+__all__ = ["CONFIG_FILE", "FORMAT", "FORMAT_VERSION", "TENSORS_FILE", "read_checkpoint", "recover_interrupted_save",
+           "write_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +90,42 @@ def _remove_ours(path: Path) -> None:
     for name in _OUR_FILES:
         (path / name).unlink(missing_ok=True)
     path.rmdir()
+
+
+def _only_ours(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and {p.name for p in path.iterdir()} <= _OUR_FILES
+
+
+def recover_interrupted_save(target: Path) -> None:
+    """Finish or roll back a replacing save that was killed, and remove the leftovers of killed saves.
+
+    A replacing save renames the old checkpoint to ``.NAME.old-X/previous``, then the complete new one from
+    ``.NAME.tmp-Y`` to ``NAME``. Killed between the two renames, ``NAME`` is missing: the swap is completed when a
+    complete new checkpoint is staged (both files written: the old one is only moved after that), else the old one
+    is put back. Leftover staging folders are then removed, but only folders holding nothing but our two files.
+    """
+    parent = target.parent
+    if not parent.is_dir():
+        return
+    staged = sorted(parent.glob(f".{target.name}.tmp-*"))
+    previous = sorted(parent.glob(f".{target.name}.old-*"))
+    if not target.exists():
+        complete = [d for d in staged if _only_ours(d) and {p.name for p in d.iterdir()} == _OUR_FILES]
+        olds = [d / "previous" for d in previous if _only_ours(d / "previous")]
+        if complete and olds:
+            os.rename(complete[0], target)
+            logger.warning("completed an interrupted save of %s", target)
+        elif olds:
+            os.rename(olds[0], target)
+            logger.warning("rolled back an interrupted save of %s to the previous checkpoint", target)
+    for d in staged:
+        if d.exists() and _only_ours(d):
+            _remove_ours(d)
+    for d in previous:
+        if (d / "previous").exists() and _only_ours(d / "previous"):
+            _remove_ours(d / "previous")
+        if d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
 
 
 def _fresh_dir(target: Path, tag: str) -> Path:
@@ -145,6 +184,7 @@ def write_checkpoint(
         FileExistsError: ``path`` exists and may not be replaced (see the module docstring).
     """
     target = Path(path).expanduser().absolute()
+    recover_interrupted_save(target)
     replace = _check_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     config_sha = hashlib.sha256(_canonical(body)).hexdigest()
@@ -204,6 +244,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
             corrupted or inconsistent with the other.
     """
     root = Path(path).expanduser()
+    recover_interrupted_save(root.absolute())
     config_path, tensors_path = root / CONFIG_FILE, root / TENSORS_FILE
     if not root.is_dir():
         raise CheckpointError(f"{root}: no such checkpoint directory")
@@ -213,6 +254,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
         body = json.loads(config_path.read_bytes().decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as err:
         raise CheckpointError(f"{config_path}: not valid JSON ({err}); the file is corrupted") from None
+    except RecursionError:  # nesting deeper than Python's parser recursion: no config of ours looks like that
+        raise CheckpointError(f"{config_path}: JSON nested too deeply to be a qdiff_ao config") from None
     if not isinstance(body, dict) or body.get("format") != FORMAT:
         hint = " (it looks like a diffusers model folder)" if isinstance(body, dict) and "_class_name" in body else ""
         raise CheckpointError(f"{root} is not a qdiff_ao checkpoint{hint}: {CONFIG_FILE} lacks format={FORMAT!r}")

@@ -223,8 +223,8 @@ def _resolve(gm: nn.Module, target: str) -> Any:
 def check_tensors(tensors: Mapping[str, torch.Tensor], slots: Mapping[str, TensorSlot], filename: str) -> None:
     """Raise :class:`CheckpointError` unless ``tensors`` has exactly the slots' names, shapes, dtypes and values.
 
-    Checks: no missing or extra names; shape and dtype equal; scales finite and > 0; zero points and codes
-    inside their bounds; the padding nibble of packed codes zero.
+    Checks: no missing or extra names; shape and dtype equal; every float tensor finite, scales > 0; zero points
+    and codes inside their bounds; the padding nibble of packed codes zero.
     """
     missing = sorted(set(slots) - set(tensors))
     extra = sorted(set(tensors) - set(slots))
@@ -242,6 +242,10 @@ def check_tensors(tensors: Mapping[str, torch.Tensor], slots: Mapping[str, Tenso
             )
         if slot.kind == "scale" and not bool((torch.isfinite(t) & (t > 0)).all()):
             raise CheckpointError(f"{filename}: tensor {name!r} holds scales that are not finite and > 0: {_few(t)}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):  # biases, norm weights, embeddings
+            bad = t.reshape(-1)[~torch.isfinite(t.reshape(-1))]
+            raise CheckpointError(f"{filename}: tensor {name!r} holds non-finite values {bad[:4].tolist()}; a "
+                                  "saved model never does: the file was edited")
         if slot.kind in ("zero_point", "codes") and slot.bounds is not None and t.numel():
             values = unpack_int4(t, slot.code_shape) if slot.code_shape is not None else t
             lo, hi = slot.bounds

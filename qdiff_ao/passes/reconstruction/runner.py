@@ -2,14 +2,14 @@
 
 Round-to-nearest is not the best rounding of a layer's weights once their effect on the output is counted.
 This pass, between calibration and ``convert``, walks the UNet block by block (ResnetBlock2D, transformer
-block, attention, or a single layer; see ``_recon_blocks``) and for each block
+block, attention, or a single layer; see ``blocks``) and for each block
 
     1. caches its inputs from the model quantized so far and its full-precision outputs ("asym"),
-    2. learns AdaRound's rounding of every weight of the block on the Lp output error (``_recon_opt``),
+    2. learns AdaRound's rounding of every weight of the block on the Lp output error (``training``),
     3. with quantized activations, learns the step sizes of the block's activation quantizers,
 
-on a fake-quant simulation that shares the prepared model's modules (``_fake_quant_sim``). Finally it bakes
-the result into the prepared graph so that ``convert`` reproduces it exactly:
+on a fake-quant simulation that shares the prepared model's modules (``qdiff_ao.quantizers.simulation``). Finally
+it bakes the result into the prepared graph so that ``convert`` reproduces it exactly:
 
     weights      W <- (clamp(floor(W / s) + [h(V) >= 1/2] + z, quant_min, quant_max) - z) * s   (grid values)
                  module.qconfig.weight <- FrozenObserver(s, z)   (convert re-rounds to nearest: same codes)
