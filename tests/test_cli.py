@@ -113,3 +113,22 @@ def test_bad_folders_and_files_fail_cleanly(tmp_path, capsys: pytest.CaptureFixt
         assert err.startswith("qdiff-ao quantize: error:") and phrase in err, (extra, err)
     assert not (tmp_path / "out").exists()
     assert (tmp_path / "a_file").read_text() == "mine" and (user_dir / "thesis.tex").read_text() == "mine"
+
+
+def test_output_moved_aside_by_a_killed_publish_is_put_back(tmp_path) -> None:
+    from qdiff_ao.app.output_folder import check_output_target
+
+    out = tmp_path / "out"
+    aside = tmp_path / ".out.old-1234"
+    aside.mkdir()
+    (aside / "report.json").write_text("{}")
+    stale = tmp_path / ".out.old-5678"  # a second leftover of ours: removed
+    stale.mkdir()
+    (stale / "report.md").write_text("old")
+    mine = tmp_path / ".out.old-9999"  # holds a file qdiff-ao does not write: left alone
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="--overwrite"):
+        check_output_target(out, overwrite=False)  # the earlier output is back, so it needs --overwrite
+    assert (out / "report.json").read_text() == "{}"
+    assert not aside.exists() and not stale.exists() and (mine / "notes.txt").read_text() == "mine"

@@ -4,8 +4,9 @@
     publish():  OUT exists? rename it to .NAME.old-XXXX;  rename the staging folder to OUT;  delete the old one
 
 An interrupted run therefore leaves the previous output (or none) under OUT, never a mix of a new checkpoint and
-an old report; a staging folder left by a killed run is removed by the next run into the same OUT. Replacing
-needs ``overwrite=True`` and is refused for a folder holding files qdiff-ao does not write (the user's files).
+an old report. The next run into the same OUT puts back a previous output that a kill between the two renames
+left as ``.NAME.old-*`` and removes leftover staging and old folders (only folders holding nothing but our
+entries). Replacing needs ``overwrite=True`` and is refused for a folder holding files qdiff-ao does not write.
 """
 
 from __future__ import annotations
@@ -14,14 +15,30 @@ import secrets
 import shutil
 from pathlib import Path
 
-__all__ = ["KNOWN_ENTRIES", "StagedOutput", "check_output_target"]
+__all__ = ["KNOWN_ENTRIES", "StagedOutput", "check_output_target", "recover_interrupted_publish"]
 
 KNOWN_ENTRIES = frozenset({"checkpoint", "report.json", "report.md", "samples_fp.png", "samples_quantized.png",
                            "activation_ranges.png", "split_histograms.png"})
 
 
+def _ours(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and {p.name for p in path.iterdir()} <= KNOWN_ENTRIES
+
+
+def recover_interrupted_publish(out: Path) -> None:
+    """Put back an output moved aside by a killed publish, and remove leftover old folders of ours."""
+    if not out.parent.is_dir():
+        return
+    olds = [d for d in sorted(out.parent.glob(f".{out.name}.old-*")) if _ours(d)]
+    if olds and not out.exists():
+        olds.pop(0).rename(out)
+    for d in olds:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def check_output_target(out: Path, overwrite: bool) -> None:
     """Raise ValueError unless ``out`` may receive a new output (see the module docstring)."""
+    recover_interrupted_publish(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; name a folder (it is created if missing)")
     if not out.is_dir():
