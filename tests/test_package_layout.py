@@ -19,9 +19,6 @@ ROOT_MODULES = {"__init__", "_compat", "config", "primitives", "qconfig", "workf
 LAZY_IMPORTS = {
     ("qdiff_ao.deploy.checkpoint.archive", "qdiff_ao"): "reads qdiff_ao.__version__; the root package imports "
     "this module, so a module-level import would be a cycle",
-    ("qdiff_ao.app.cli", "qdiff_ao"): "`qdiff-ao --help` must not import torch",
-    ("qdiff_ao.app.cli", "qdiff_ao.app.bundled"): "`qdiff-ao --help` must not import torch",
-    ("qdiff_ao.app.cli", "qdiff_ao.app.main_job"): "`qdiff-ao --help` must not import torch",
     ("qdiff_ao.testing.pytest_plugin", "qdiff_ao.testing"): "a pytest plugin registers before hypothesis is "
     "configured; the kit loads when a test asks for it",
     ("qdiff_ao.testing", "qdiff_ao.testing"): "the kit's names load on first use (PEP 562 __getattr__)",

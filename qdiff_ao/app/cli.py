@@ -13,6 +13,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import diffusers
+import torch
+
+import qdiff_ao
+from qdiff_ao.app.bundled import DIGITS_DDPM_DIR
+from qdiff_ao.app.main_job import MainJobError, run_main_job
+
 __all__ = ["main", "build_parser"]
 
 
@@ -51,12 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _info() -> int:
-    import diffusers
-    import torch
-
-    import qdiff_ao
-    from qdiff_ao.app.bundled import DIGITS_DDPM_DIR
-
     print(f"qdiff_ao {qdiff_ao.__version__}, torch {torch.__version__}, diffusers {diffusers.__version__}")
     print(f"quantized engines: {torch.backends.quantized.supported_engines} (active: "
           f"{torch.backends.quantized.engine})")
@@ -70,8 +71,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "info":
         return _info()
-    from qdiff_ao.app.main_job import MainJobError, run_main_job
-
     try:
         run_main_job(args)
     except MainJobError as err:

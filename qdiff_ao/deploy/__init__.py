@@ -5,3 +5,10 @@
 - ``checkpoint/``: the compressed safetensors checkpoint format.
 - ``onnx/``: QDQ ONNX export for ONNX Runtime / TensorRT.
 """
+
+from __future__ import annotations
+
+from qdiff_ao.deploy.freezing import freeze_graph
+from qdiff_ao.deploy.quantized_unet import QuantizedUNet
+
+__all__ = ["QuantizedUNet", "freeze_graph"]
