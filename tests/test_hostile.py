@@ -27,17 +27,24 @@ NON_FINITE = (float("nan"), float("inf"), float("-inf"))
 
 @pytest.fixture(scope="module")
 def plain_unet(saved: Any) -> Any:
-    return saved("plain", "W8A8")[0]
+    """A wrapper of its own around the shared session model's graph (tests here must not change that model)."""
+    model = saved("plain", "W8A8")[0]
+    return qdiff_ao.QuantizedUNet(model.graph_module, config=model.config)
+
+
+@pytest.fixture(scope="module")
+def frozen_unet(saved: Any) -> Any:
+    model = saved("plain", "W8A8")[0]
+    return qdiff_ao.QuantizedUNet(model.graph_module, config=model.config).optimize_for_inference()
 
 
 @pytest.mark.parametrize("frozen", [False, True])
 @given(value=st.sampled_from(NON_FINITE), where=st.integers(0, 63))
 @settings(max_examples=6, deadline=None)
-def test_non_finite_sample_is_refused(plain_unet: Any, frozen: bool, value: float, where: int) -> None:
+def test_non_finite_sample_is_refused(plain_unet: Any, frozen_unet: Any, frozen: bool, value: float,
+                                      where: int) -> None:
     """A NaN/Inf anywhere in the sample raises ValueError (GraphModule and frozen TorchScript execution)."""
-    if frozen and not plain_unet.optimized:
-        plain_unet.optimize_for_inference()
-    model = plain_unet if frozen else qdiff_ao.QuantizedUNet(plain_unet.graph_module, config=plain_unet.config)
+    model = frozen_unet if frozen else plain_unet
     x = _inputs("plain", 1, seed=3)
     x["sample"].view(-1)[where] = value
     with pytest.raises(ValueError, match="NaN or Inf"):
@@ -72,7 +79,7 @@ def test_conditioning_the_graph_does_not_take_is_refused(plain_unet: Any) -> Non
         plain_unet(**x, class_labels=torch.tensor([1, 2]))
 
 
-def test_one_sample_per_timestep_quantizes(saved: Any) -> None:
+def test_one_sample_per_timestep_quantizes() -> None:
     from tests.checkpoint_helpers import _unet
 
     unet = _unet("plain")

@@ -166,7 +166,7 @@ class QuantizedUNet(nn.Module):
             raise TypeError(f"timestep must be an integer or real number, got a {t.dtype} value {t.tolist()}")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"timestep must be finite, got {t.tolist()}")
-        if not dtype.is_floating_point and bool((t.abs() > _MAX_INT_TIMESTEP).any()):
+        if t.is_floating_point() and not dtype.is_floating_point and bool((t.abs() > _MAX_INT_TIMESTEP).any()):
             raise ValueError(f"timestep {t.tolist()} is outside the integer range the UNet was traced with "
                              f"(|t| <= {_MAX_INT_TIMESTEP})")
         if t.dim() > 1 or (t.dim() == 1 and t.numel() not in (1, batch)):

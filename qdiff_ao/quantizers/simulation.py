@@ -140,10 +140,6 @@ class Simulation:
         """``with sim.full_precision():`` the simulation computes the float model (every quantizer bypassed)."""
         return self.state.precision(True)
 
-    def quantized(self) -> contextlib.AbstractContextManager[None]:
-        """``with sim.quantized():`` the simulation computes the quantized model (the default mode)."""
-        return self.state.precision(False)
-
     def learnable_acts(self, names: list[str]) -> list[SimActQuant]:
         return [self.acts[n] for n in names if n in self.acts and self.acts[n].learnable]
 

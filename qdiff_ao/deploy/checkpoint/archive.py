@@ -126,7 +126,7 @@ def save_graph(
         FileExistsError: ``path`` exists and may not be replaced.
     """
     if not isinstance(gm, fx.GraphModule):
-        raise TypeError(f"save takes a QuantizedUNet or a converted fx.GraphModule, got {type(gm).__name__}")
+        raise TypeError(f"save_graph takes a converted fx.GraphModule, got {type(gm).__name__}")
     info = graph_info(gm)
     if info.trace is None or info.config is None:
         missing = "trace record (trace with qdiff_ao.trace)" if info.trace is None else (
