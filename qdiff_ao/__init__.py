@@ -17,7 +17,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from qdiff_ao import backends, capture, passes
-from qdiff_ao.calibration import range_report as report
+from qdiff_ao.calibration import report
 from qdiff_ao.calibration.calibration_set import CalibrationSet
 from qdiff_ao.calibration.collection import calibrate, collect_calibration_data, select_step_indices
 from qdiff_ao.capture.graph_state import convert_custom_config, graph_info, prepare_custom_config

@@ -97,6 +97,10 @@ class QuantConfig:
         quantize_attention: quantize Q, K, V (act_bits) and softmax outputs (softmax_bits) of attention.
         weight_observer, act_observer: names from the observer registry overriding the built-in choice.
         reconstruction: settings of the reconstruction pass.
+        keep_float: module names of Conv2d/Linear layers that stay in float (their weights and the activation
+            quantizers that only they read are not inserted). ``qdiff_ao.quantize`` fills it by measurement
+            (``qdiff_ao.passes.choose_float_layers``); checkpoints record it, so a loaded model rebuilds the
+            same graph.
 
     Example:
         >>> QuantConfig(weight_bits=4, act_bits=8).weight_qrange()
@@ -120,6 +124,7 @@ class QuantConfig:
     weight_observer: str | None = None
     act_observer: str | None = None
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+    keep_float: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -143,6 +148,12 @@ class QuantConfig:
             raise bad("reduce_range", f"one of {_REDUCE_RANGE}")
         if not isinstance(self.reconstruction, ReconstructionConfig):
             raise bad("reconstruction", "a ReconstructionConfig")
+        if isinstance(self.keep_float, list):  # from JSON
+            object.__setattr__(self, "keep_float", tuple(self.keep_float))
+        if not isinstance(self.keep_float, tuple) or not all(isinstance(n, str) and n for n in self.keep_float):
+            raise bad("keep_float", "a tuple of module names (e.g. ('conv_in',))")
+        if len(set(self.keep_float)) != len(self.keep_float):
+            raise bad("keep_float", "a tuple without repeated names")
         for name in ("weight_observer", "act_observer"):
             value = getattr(self, name)
             if value is not None:

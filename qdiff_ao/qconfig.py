@@ -126,7 +126,10 @@ def get_qconfig_mapping(cfg: QuantConfig | None = None) -> QConfigMapping:
     """
     cfg = cfg or QuantConfig()
     layer_qconfig = QConfig(activation=activation_observer(cfg), weight=weight_observer(cfg))
-    return QConfigMapping().set_global(layer_qconfig)
+    mapping = QConfigMapping().set_global(layer_qconfig)
+    for name in cfg.keep_float:
+        mapping.set_module_name(name, None)
+    return mapping
 
 
 def get_backend_config(cfg: QuantConfig | None = None) -> BackendConfig:

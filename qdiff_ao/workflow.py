@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -42,7 +43,8 @@ from qdiff_ao.capture.graph_state import graph_info, has_graph_info
 from qdiff_ao.capture.tracing import trace
 from qdiff_ao.config import QuantConfig
 from qdiff_ao.deploy.quantized_unet import QuantizedUNet
-from qdiff_ao.passes.bias_correction import correct_output_bias, find_output_layer
+from qdiff_ao.passes.output_correction import correct_output
+from qdiff_ao.passes.precision_fallback import choose_float_layers
 from qdiff_ao.passes.reconstruction.runner import reconstruct as run_reconstruction
 from qdiff_ao.passes.shortcut_split import split_shortcut
 
@@ -112,6 +114,8 @@ def quantize(
     split: bool = True,
     reconstruct: bool = True,
     bias_correction: bool = True,
+    precision_fallback: bool = True,
+    correction_groups: int = 8,
     calib: CalibrationSet | None = None,
     batch_size: int = 32,
     seed: int = 0,
@@ -130,9 +134,14 @@ def quantize(
             (see :func:`qdiff_ao.collect_calibration_data`); ignored when ``calib`` is given.
         split: split shortcut quantization.
         reconstruct: BRECQ/AdaRound block reconstruction (``qdiff_ao.passes.reconstruct``).
-        bias_correction: fold the mean quantization error of the model output into the output layer's bias
-            (``qdiff_ao.passes.correct_output_bias``); needs a quantized output layer (skipped with a warning
-            otherwise).
+        bias_correction: subtract the mean quantization error of the model output per group of timesteps,
+            kept only for groups where it lowers the error on held-back calibration rows
+            (``qdiff_ao.passes.correct_output``); skipped with a warning when a timestep has < 2 rows.
+        correction_groups: number of timestep groups of the output correction.
+        precision_fallback: measure which quantizers the model cannot afford (one quantizer alone causing most
+            of the output error at some step, e.g. the input quantizer near ``t = 0`` under linear betas) and keep
+            the layers reading them in float, within 5% of the quantized multiply-accumulates
+            (``qdiff_ao.passes.choose_float_layers``); the chosen names go to ``cfg.keep_float``.
         calib: a ready CalibrationSet.
         batch_size: calibration batch size.
         seed: seed of calibration sampling.
@@ -175,6 +184,16 @@ def quantize(
     t0 = time.perf_counter()
     calibrate(prepared, calib, batch_size=batch_size, progress=progress)
     timings["calibrate_s"] = time.perf_counter() - t0
+    fallback = None
+    if precision_fallback and cfg.act_bits is not None:
+        t0 = time.perf_counter()
+        fallback = choose_float_layers(prepared, calib)
+        new_layers = tuple(n for n in fallback.layers if n not in cfg.keep_float)
+        if new_layers:
+            cfg = dataclasses.replace(cfg, keep_float=cfg.keep_float + new_layers)
+            prepared = prepare(unet, cfg, calib.example_inputs(example_rows), split=split)
+            calibrate(prepared, calib, batch_size=batch_size, progress=progress)
+        timings["precision_fallback_s"] = time.perf_counter() - t0
     ranges = activation_ranges(prepared)
     recon_report = None
     if reconstruct:
@@ -185,12 +204,10 @@ def quantize(
     bias_report = None
     if bias_correction:
         t0 = time.perf_counter()
-        try:
-            output_layer, _ = find_output_layer(prepared)
-        except ValueError as err:
-            logger.warning("output bias correction skipped: %s", err)
+        if min(calib.timestep_histogram().values()) < 2:
+            logger.warning("output correction skipped: it needs >= 2 calibration rows per timestep")
         else:
-            correct_output_bias(prepared, calib, unet, layer=output_layer, batch_size=batch_size)
+            correct_output(prepared, calib, unet, num_groups=correction_groups, batch_size=batch_size)
             bias_report = graph_info(prepared).bias_correction
             timings["bias_correction_s"] = time.perf_counter() - t0
     if on_prepared is not None:
@@ -209,6 +226,7 @@ def quantize(
         "most_drifting": [{"value": r["value"], "drift": r["drift"]} for r in ranges[:10]],
         "reconstruction": recon_report,
         "bias_correction": bias_report,
+        "precision_fallback": fallback.to_dict() if fallback is not None else None,
     }
     with torch.no_grad():
         qunet(**calib.example_inputs(1))  # fail here, not in the user's pipeline, if anything is off

@@ -40,8 +40,10 @@ def test_quantize_tiny_model_end_to_end(tmp_path, monkeypatch: pytest.MonkeyPatc
     report = json.loads((out / "report.json").read_text())
     assert report["scheme"] == "W4A8" and report["splits"] == 4
     assert report["checkpoint_bytes"] < report["fp32_safetensors_bytes"]
+    assert report["precision_fallback"]["forwards"] > 0 and report["output_correction"]["method"] == "timestep_groups"
+    assert report["sensitivity"]["rows"][0]["worst"] >= report["sensitivity"]["rows"][-1]["worst"]
     for name in ("samples_fp.png", "samples_quantized.png", "activation_ranges.png", "split_histograms.png",
-                 "report.md"):
+                 "sensitivity.png", "report.md"):
         assert (out / name).stat().st_size > 0, name
     # The checkpoint reloads and runs.
     from qdiff_ao import load
@@ -58,7 +60,7 @@ def test_quantize_tiny_model_end_to_end(tmp_path, monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr("qdiff_ao.app.main_job.ddim_sample", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        main([*args, "--overwrite", "--weight-bits", "8"])
+        main([*args, "--overwrite", "--weight-bits", "8", "--no-sensitivity"])
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert not list(tmp_path.glob(".out.*")), "a staging folder was left behind"
 

@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="quantize a diffusers DDPM/DDIM model and write checkpoint + report",
                        description="Quantize a diffusers model folder (unet/ + scheduler/; default: the bundled "
-                       "digits DDPM) with timestep-uniform calibration, split shortcuts, reconstruction and output "
-                       "bias correction, "
+                       "digits DDPM) with timestep-uniform calibration, split shortcuts, a measured float fallback for "
+                       "harmful quantizers, reconstruction and a per-timestep-group output correction, "
                        "then write the checkpoint, report.md/json, sample grids and activation plots.")
     q.add_argument("--model", type=Path, default=None, help="diffusers model folder with unet/ and scheduler/ "
                    "(default: the bundled digits DDPM)")
@@ -38,7 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-bits", type=int, default=8, help="activation bits; 0 = weights only")
     q.add_argument("--no-split", action="store_true", help="disable split shortcut quantization")
     q.add_argument("--no-bias-correction", action="store_true",
-                   help="keep the mean quantization error of the noise prediction (see passes.correct_output_bias)")
+                   help="keep the mean quantization error of the noise prediction (see passes.correct_output)")
+    q.add_argument("--no-precision-fallback", action="store_true",
+                   help="quantize every layer, even those whose quantizers the sensitivity measurement finds "
+                   "harmful (see passes.choose_float_layers)")
+    q.add_argument("--no-sensitivity", action="store_true",
+                   help="skip the per-quantizer sensitivity report and heat map (one forward per quantizer)")
     q.add_argument("--calibration-strategy", choices=["uniform", "first", "last"], default="uniform")
     q.add_argument("--calibration-steps", type=int, default=100, help="sampler steps of the calibration run")
     q.add_argument("--calibration-timesteps", type=int, default=20, help="timesteps kept for calibration")

@@ -30,6 +30,7 @@ from qdiff_ao.app.bundled import DIGITS_DDPM_DIR
 from qdiff_ao.app.output_folder import StagedOutput, check_output_target
 from qdiff_ao.app.sampling import ddim_sample, initial_noise
 from qdiff_ao.calibration.range_report import plot_activation_ranges, plot_split_histograms
+from qdiff_ao.calibration.sensitivity import sensitivity
 from qdiff_ao.config import QuantConfig, ReconstructionConfig
 
 __all__ = ["MainJobError", "run_main_job", "load_model_folder", "speed_ratio"]
@@ -164,6 +165,7 @@ def _quantize_and_report(args: argparse.Namespace, unet: Any, scheduler: Any, na
     """Quantize and write checkpoint, figures and report into ``out`` (the staging folder)."""
     progress = not args.quiet
     figures: dict[str, str] = {}
+    extra: dict[str, Any] = {}
 
     def on_prepared(prepared: Any, calib: Any) -> None:
         if cfg.act_bits is not None:
@@ -173,13 +175,20 @@ def _quantize_and_report(args: argparse.Namespace, unet: Any, scheduler: Any, na
             rows = min(16, max(calib.timestep_histogram().values()))
             plot_split_histograms(prepared, calib.example_inputs(rows), out / "split_histograms.png")
             figures["split_histograms"] = "split_histograms.png"
+        if not getattr(args, "no_sensitivity", False):
+            found = sensitivity(prepared, calib, rows_per_timestep=2, progress=progress)
+            found.plot(out / "sensitivity.png")
+            figures["sensitivity"] = "sensitivity.png"
+            extra["sensitivity"] = found.to_dict(top=20)
+            extra["sensitivity_table"] = found.format_table(10)
 
     t_start = time.perf_counter()
     qunet = workflow.quantize(
         unet, scheduler, cfg, num_inference_steps=args.calibration_steps, num_timesteps=args.calibration_timesteps,
         samples_per_timestep=args.samples_per_timestep, calibration_strategy=args.calibration_strategy,
         split=not args.no_split, reconstruct=args.recon_iters != 0,
-        bias_correction=not getattr(args, "no_bias_correction", False), seed=args.seed, progress=progress,
+        bias_correction=not getattr(args, "no_bias_correction", False),
+        precision_fallback=not getattr(args, "no_precision_fallback", False), seed=args.seed, progress=progress,
         on_prepared=on_prepared,
     )
     quantize_s = time.perf_counter() - t_start
@@ -205,6 +214,8 @@ def _quantize_and_report(args: argparse.Namespace, unet: Any, scheduler: Any, na
         "checkpoint_bytes": q_bytes, "fp32_safetensors_bytes": fp_bytes, "size_ratio": q_bytes / fp_bytes,
         "speed_ratio_vs_fp32": {}, "num_samples": args.num_samples, "sampling": f"DDIM {args.sampling_steps} steps",
         "figures": figures, "most_drifting": qunet.quantization_info["most_drifting"],
+        "precision_fallback": qunet.quantization_info["precision_fallback"],
+        "output_correction": qunet.quantization_info["bias_correction"], **extra,
     }
     c, s = unet.config.in_channels, unet.config.sample_size
     for b in (1, 8):
@@ -244,4 +255,17 @@ def _markdown(r: dict[str, Any]) -> str:
         f"{r['splits']} skip concats split. Samples: {r['sampling']}, same initial noise for both models.", "",
         "Figures: samples_fp.png, samples_quantized.png, " + ", ".join(r["figures"].values()), "",
     ]
+    fallback = r.get("precision_fallback")
+    if fallback is not None:
+        kept = ", ".join(f"`{name}`" for name in fallback["layers"]) or "none"
+        lines += [f"Precision fallback (measured): layers kept in float: {kept} "
+                  f"({100 * fallback['macs_fraction']:.2f}% of the quantized multiply-accumulates; "
+                  f"{len(fallback['harmful'])} harmful quantizers found in {fallback['forwards']} forwards).", ""]
+    correction = r.get("output_correction")
+    if correction is not None and correction.get("method") == "timestep_groups":
+        lines += [f"Output correction: {correction['num_groups_kept']} of {len(correction['groups'])} timestep "
+                  "groups kept (each only where it lowers the error on held-back calibration rows).", ""]
+    if "sensitivity_table" in r:
+        lines += ["Sensitivity (relative eps error caused by each quantizer alone; heat map: sensitivity.png):", "",
+                  "```", r["sensitivity_table"], "```", ""]
     return "\n".join(lines)

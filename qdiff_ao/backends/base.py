@@ -17,7 +17,7 @@ import abc
 from collections.abc import Mapping
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from qdiff_ao._compat import BackendConfig, QConfigMapping, convert_fx, prepare_fx
 from qdiff_ao.capture.graph_state import (
@@ -30,6 +30,18 @@ from qdiff_ao.capture.graph_state import (
 from qdiff_ao.config import QuantConfig
 
 __all__ = ["Backend"]
+
+
+def _check_keep_float(gm: fx.GraphModule, cfg: QuantConfig) -> None:
+    """Every name in ``cfg.keep_float`` must be a Conv2d/Linear module that the graph calls."""
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    layers = {name for name, m in gm.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and name in called}
+    unknown = [name for name in cfg.keep_float if name not in layers]
+    if unknown:
+        raise ValueError(
+            f"QuantConfig.keep_float names {unknown}, which are not Conv2d/Linear layers of this graph; use module "
+            f"names such as {sorted(layers)[:4]}"
+        )
 
 
 class Backend(abc.ABC):
@@ -63,8 +75,12 @@ class Backend(abc.ABC):
         """``prepare_fx`` of a traced (and split) graph for ``cfg``; returns the observed graph."""
         if not isinstance(cfg, QuantConfig):
             raise TypeError(f"cfg must be a qdiff_ao.QuantConfig, got {type(cfg).__name__}")
+        _check_keep_float(gm, cfg)
         self.plan(gm, cfg)
-        prepared = prepare_fx(gm, self.qconfig_mapping(cfg, gm), tuple(example_inputs.values()),
+        mapping = self.qconfig_mapping(cfg, gm)
+        for name in cfg.keep_float:
+            mapping.set_module_name(name, None)
+        prepared = prepare_fx(gm, mapping, tuple(example_inputs.values()),
                               prepare_custom_config=prepare_custom_config(), backend_config=self.backend_config(cfg))
         update_graph_info(prepared, config=cfg, backend=self)
         self.after_prepare(prepared, cfg)

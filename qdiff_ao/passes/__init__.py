@@ -5,22 +5,31 @@ bias_correction).
 - :func:`split_shortcut`: each half of a decoder skip concat gets its own quantizers (Q-Diffusion Sec. 4.2).
 - :func:`observe_softmax` / :func:`freeze_wide_softmax_observers`: attention probabilities at 8/16 bits.
 - :func:`reconstruct`: BRECQ block reconstruction with AdaRound weights and learned activation step sizes.
+- :func:`choose_float_layers`: find, by measurement, the few layers whose quantizers the model cannot afford.
+- :func:`correct_output`: subtract the output's mean quantization error per timestep group, where it helps.
 - :func:`correct_output_bias`: fold the mean quantization error of the model output into the output layer's bias.
 """
 
 from __future__ import annotations
 
 from qdiff_ao.passes.bias_correction import correct_output_bias, find_output_layer
+from qdiff_ao.passes.output_correction import TimestepOutputCorrection, add_output_correction, correct_output
+from qdiff_ao.passes.precision_fallback import FallbackDecision, choose_float_layers
 from qdiff_ao.passes.reconstruction import module_types_of, reconstruct
 from qdiff_ao.passes.shortcut_split import SplitConv2d, SplitRecord, SplitShortcutPass, split_shortcut
 from qdiff_ao.passes.softmax_observation import freeze_wide_softmax_observers, is_softmax_observer, observe_softmax
 from qdiff_ao.quantizers.fixed import FixedFakeQuantize
 
 __all__ = [
+    "FallbackDecision",
     "FixedFakeQuantize",
     "SplitConv2d",
     "SplitRecord",
     "SplitShortcutPass",
+    "TimestepOutputCorrection",
+    "add_output_correction",
+    "choose_float_layers",
+    "correct_output",
     "correct_output_bias",
     "find_output_layer",
     "freeze_wide_softmax_observers",

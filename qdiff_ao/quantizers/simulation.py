@@ -10,8 +10,9 @@ leaf modules (no weights are copied), with two kinds of nodes swapped:
 
 The simulation computes the quantized model; inside ``with sim.full_precision():`` every quantizer is bypassed
 and the same graph computes the float model (the switch is a :class:`SimState` shared by the simulation's
-quantizers, readable by them and changed only by that context manager). Each activation quantizer also has its
-own ``enabled`` switch (activations off during the AdaRound phase of their block).
+quantizers, readable by them and changed only by that context manager). Each activation quantizer and each weight
+quantizer also has its own ``enabled`` switch (activations off during the AdaRound phase of their block; one
+quantizer at a time in the sensitivity report).
 
 Weight and activation qparams come from :mod:`qdiff_ao.quantizers.qparams` (what ``convert_fx`` computes).
 """
@@ -73,6 +74,7 @@ class SimLayer(nn.Module):
         self.weight_observer = obs
         quant = AdaRoundWeight(qp.scale, qp.zero_point, qp.quant_min, qp.quant_max, ch_axis=qp.ch_axis or 0)
         self.quant = quant.to(layer.weight.device)
+        self.enabled = True
         self._state = [state]  # a list keeps the dataclass out of nn.Module's attribute handling
 
     @property
@@ -82,7 +84,7 @@ class SimLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.layer.weight
         bias = self.layer.bias
-        if not self.state.fp:
+        if not self.state.fp and self.enabled:
             weight = self.quant(weight.detach())
         if isinstance(self.layer, nn.Conv2d):
             return self.layer._conv_forward(x, weight, bias)

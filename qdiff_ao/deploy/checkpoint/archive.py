@@ -44,6 +44,7 @@ from qdiff_ao.deploy.checkpoint.tensor_layout import (
     graph_fingerprint,
     import_tensors,
 )
+from qdiff_ao.passes.output_correction import OUTPUT_CORRECTION, add_output_correction
 from qdiff_ao.passes.shortcut_split import split_shortcut
 
 if TYPE_CHECKING:
@@ -151,6 +152,10 @@ def save_graph(
         "graph_sha256": graph_fingerprint(gm),
         "num_tensors": len(tensors),
     }
+    correction = getattr(gm, OUTPUT_CORRECTION, None)
+    if correction is not None:  # absent from checkpoints without one, which therefore read as before
+        body["output_correction"] = {"num_groups": int(correction.bias.shape[0]),
+                                     "channels": int(correction.bias.shape[1])}
     return write_checkpoint(path, body, tensors, overwrite=overwrite)
 
 
@@ -228,6 +233,14 @@ def _rebuild(
             if split:
                 gm = split_shortcut(gm)
             prepared = _BACKEND.prepare(gm, skeleton_cfg, inputs)
+            correction = body.get("output_correction")
+            if correction is not None:
+                if not isinstance(correction, dict) or not all(
+                    isinstance(correction.get(k), int) and correction[k] >= 1 for k in ("num_groups", "channels")
+                ):
+                    raise CheckpointError(f"{where}: field 'output_correction' must hold positive integers "
+                                          f"num_groups and channels, got {correction!r}")
+                add_output_correction(prepared, correction["num_groups"], correction["channels"])
             with torch.no_grad():
                 prepared(**inputs)
             quantized = _BACKEND.convert(prepared)

@@ -1,0 +1,207 @@
+"""Keep in float the few layers whose quantizers the model cannot afford, found by measurement.
+
+Some quantizers carry most of a UNet's quantization error at some denoising steps. The typical case: the
+input quantizer of ``x_t`` in a model trained with linear betas -- near ``t = 0`` the noise left in ``x_t`` is
+far below the step of the 8-bit grid that the noisy early steps set, so the quantized model cannot see the
+noise it must predict (eps error ~1 at the last step, from that one quantizer). No layer is named here: the
+pass measures, in the fake-quant simulation, the output error caused by quantizers switched on alone
+(see :mod:`qdiff_ao.calibration.sensitivity`), with ``e_all(t)`` the error of the fully quantized model:
+
+    harmful(q)  <=>  exists t:  e_q(t) > max( sqrt(share) * e_all(t),  min_error )
+
+i.e. ``q`` alone causes more than ``share`` of the error energy at some step where the error matters. Testing
+every quantizer alone costs one forward each; instead quantizers are tested in groups (contiguous in graph
+order; a group's error is at least about that of each member, since independent errors add in quadrature) and
+only suspect groups are split, halving down to single quantizers: ``~groups + 2 log2(n / groups)`` forwards
+per harmful quantizer instead of ``n``.
+
+The Conv2d/Linear layers whose float fallback removes a harmful quantizer (the layer producing the quantized
+value and the layers reading it; for a weight quantizer its layer) are returned, most
+harmful first, while their multiply-accumulates stay within ``max_macs_fraction`` of all quantized layers' --
+the speed budget of the fallback. ``qdiff_ao.quantize`` puts them in ``QuantConfig.keep_float`` and prepares
+again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from qdiff_ao.calibration.calibration_set import CalibrationSet
+from qdiff_ao.calibration.sensitivity import _layers_of, _observed_value, _output_tensor, _per_timestep_error
+from qdiff_ao.quantizers.simulation import Simulation, build_simulation
+
+__all__ = ["FallbackDecision", "choose_float_layers"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FallbackDecision:
+    """What :func:`choose_float_layers` found.
+
+    Attributes:
+        layers: Conv2d/Linear module names to keep in float, most harmful first.
+        harmful: one record per harmful quantizer: ``quantizer``, ``kind``, ``value``, ``layers``, ``worst_error``
+            (its alone error at its worst step), ``at_timestep``, ``share`` (its share of the fully quantized
+            model's error energy at that step), ``kept`` (whether its layers fit the budget).
+        macs_fraction: multiply-accumulates of ``layers`` / those of all quantized layers.
+        all_on: ``e_all(t)`` per timestep; ``timesteps``: the timesteps measured.
+        forwards: simulation forwards spent.
+    """
+
+    layers: tuple[str, ...]
+    harmful: tuple[dict[str, Any], ...]
+    macs_fraction: float
+    all_on: tuple[float, ...]
+    timesteps: tuple[float, ...]
+    forwards: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "harmful": [dict(h) for h in self.harmful],
+                "macs_fraction": self.macs_fraction, "all_on": list(self.all_on),
+                "timesteps": list(self.timesteps), "forwards": self.forwards}
+
+
+def _layer_macs(sim: Simulation, run: Callable[[], torch.Tensor]) -> dict[str, int]:
+    """Multiply-accumulates per quantized layer for the measured batch (from its output shape)."""
+    macs: dict[str, int] = {}
+    handles = []
+    for name, sim_layer in sim.layers.items():
+        layer = sim_layer.layer
+
+        def hook(_m: nn.Module, _i: Any, out: torch.Tensor, name: str = name, layer: nn.Module = layer) -> None:
+            if isinstance(layer, nn.Conv2d):
+                per_output = layer.in_channels // layer.groups * math.prod(layer.kernel_size)
+            else:
+                per_output = layer.in_features
+            macs[name] = macs.get(name, 0) + out.numel() * per_output
+
+        handles.append(sim_layer.register_forward_hook(hook))
+    try:
+        with sim.full_precision():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return macs
+
+
+@torch.no_grad()
+def choose_float_layers(
+    prepared: fx.GraphModule,
+    calib: CalibrationSet,
+    *,
+    share: float = 0.25,
+    min_error: float = 0.02,
+    max_macs_fraction: float = 0.05,
+    rows_per_timestep: int = 2,
+    groups: int = 16,
+) -> FallbackDecision:
+    """Find the layers to keep in float (see the module docstring); the prepared graph is not modified.
+
+    Args:
+        prepared: a calibrated output of ``qdiff_ao.prepare``.
+        calib: its calibration set (``rows_per_timestep`` rows of every timestep are used).
+        share: error-energy share above which one quantizer is harmful, in ``(0, 1]``.
+        min_error: steps where the fully quantized model's relative eps error is below this are ignored.
+        max_macs_fraction: budget: largest share of quantized multiply-accumulates moved to float, ``[0, 1]``.
+        rows_per_timestep: calibration rows per timestep in each measurement.
+        groups: size of the first partition of the candidate quantizers.
+
+    Raises:
+        ValueError: for out-of-range arguments or an uncalibrated graph.
+    """
+    if not 0 < share <= 1:
+        raise ValueError(f"share must be in (0, 1], got {share}")
+    if not 0 <= max_macs_fraction <= 1:
+        raise ValueError(f"max_macs_fraction must be in [0, 1], got {max_macs_fraction}")
+    if min_error < 0 or groups < 1 or rows_per_timestep < 1:
+        raise ValueError(f"need min_error >= 0, groups >= 1, rows_per_timestep >= 1; got {min_error}, {groups}, "
+                         f"{rows_per_timestep}")
+    sim = build_simulation(prepared)
+    sim.gm.eval()
+    timesteps = calib.timesteps()
+    index = torch.cat([torch.nonzero(calib.timestep == t).flatten()[:rows_per_timestep] for t in timesteps])
+    inputs = calib._rows(index)
+    counts = [int((calib.timestep == t).sum().clamp(max=rows_per_timestep)) for t in timesteps]
+    names = [str(n.target) for n in sim.gm.graph.nodes if n.op == "placeholder"]
+    forwards = 0
+
+    def run() -> torch.Tensor:
+        nonlocal forwards
+        forwards += 1
+        return _output_tensor(sim.gm(**{k: inputs[k] for k in names if k in inputs}))
+
+    with sim.full_precision():
+        reference = run()
+    all_on = _per_timestep_error(run(), reference, counts)
+    threshold = [max(math.sqrt(share) * e, min_error) for e in all_on]
+    macs = _layer_macs(sim, run)
+    nodes = {str(n.target): n for n in prepared.graph.nodes if n.op == "call_module"}
+    # Candidates in graph order: activation quantizers touching quantized layers, and weight quantizers.
+    candidates: list[tuple[str, str, tuple[str, ...]]] = []
+    for target, node in nodes.items():
+        if target in sim.acts and sim.acts[target].quant is not None:
+            layers = _layers_of(prepared, node)
+            if layers:
+                candidates.append((target, "activation", layers))
+        elif target in sim.layers:
+            candidates.append((target, "weight", (target,)))
+    switches = {name: (sim.acts[name] if kind == "activation" else sim.layers[name]) for name, kind, _ in candidates}
+
+    def errors_of(members: list[tuple[str, str, tuple[str, ...]]]) -> tuple[float, ...]:
+        for name, _, _ in members:
+            switches[name].enabled = True
+        try:
+            return _per_timestep_error(run(), reference, counts)
+        finally:
+            for name, _, _ in members:
+                switches[name].enabled = False
+
+    def suspect(errors: tuple[float, ...]) -> bool:
+        return any(e > thr for e, thr in zip(errors, threshold, strict=True))
+
+    found: list[tuple[float, int, tuple[str, str, tuple[str, ...]], tuple[float, ...]]] = []
+    for s in list(switches.values()):
+        s.enabled = False
+    try:
+        size = max(1, math.ceil(len(candidates) / groups))
+        stack = [candidates[i:i + size] for i in range(0, len(candidates), size)]
+        while stack:
+            members = stack.pop()
+            errors = errors_of(members)
+            if not suspect(errors):
+                continue
+            if len(members) == 1:
+                k = max(range(len(errors)), key=lambda i: errors[i] / threshold[i])
+                found.append((errors[k] / threshold[k], k, members[0], errors))
+            else:
+                half = len(members) // 2
+                stack += [members[:half], members[half:]]
+    finally:
+        for s in switches.values():
+            s.enabled = True
+    total_macs = sum(macs.values()) or 1
+    chosen: list[str] = []
+    harmful = []
+    for _, k, (name, kind, layers), errors in sorted(found, key=lambda f: -f[0]):
+        extra = [layer for layer in layers if layer not in chosen]
+        fits = sum(macs.get(layer, 0) for layer in chosen + extra) / total_macs <= max_macs_fraction
+        if fits:
+            chosen += extra
+        harmful.append({"quantizer": name, "kind": kind,
+                        "value": _observed_value(nodes[name]) if kind == "activation" else name,
+                        "layers": list(layers), "worst_error": errors[k], "at_timestep": float(timesteps[k]),
+                        "share": (errors[k] / all_on[k]) ** 2 if all_on[k] > 0 else float("inf"), "kept": fits})
+    decision = FallbackDecision(tuple(chosen), tuple(harmful), sum(macs.get(n, 0) for n in chosen) / total_macs,
+                                all_on, tuple(float(t) for t in timesteps), forwards)
+    logger.info("precision fallback: %d harmful quantizers, keep %s in float (%.2f%% of MACs), %d forwards",
+                len(harmful), list(chosen), 100 * decision.macs_fraction, forwards)
+    return decision

@@ -1,0 +1,222 @@
+"""Tests of the measured quality mechanisms: keep_float, the sensitivity report, the precision fallback and the
+per-timestep-group output correction."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import qdiff_ao
+from qdiff_ao.calibration.sensitivity import sensitivity
+from qdiff_ao.passes.output_correction import OUTPUT_CORRECTION, TimestepOutputCorrection, correct_output
+from qdiff_ao.passes.precision_fallback import choose_float_layers
+from tests.calibration_helpers import tiny_unet
+
+SHAPE = (3, 8, 8)
+
+
+def build_unet() -> nn.Module:
+    return tiny_unet(sample_size=SHAPE[-1])
+
+
+def unet_inputs(batch: int, t: int = 500, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"sample": torch.randn(batch, *SHAPE, generator=g), "timestep": torch.full((batch,), t)}
+
+
+def _late_step_calib(rows: int = 8) -> qdiff_ao.CalibrationSet:
+    """Early steps with |x_t| ~ 4, late steps with |x_t| ~ 0.01: the linear-beta regime in which an 8-bit input grid
+    set by the early steps cannot see the late steps' input at all."""
+    g = torch.Generator().manual_seed(3)
+    early = torch.randn(rows, *SHAPE, generator=g) * 4.0
+    late = torch.randn(rows, *SHAPE, generator=g) * 0.01
+    t = torch.cat([torch.full((rows,), 900), torch.full((rows,), 10)])
+    return qdiff_ao.CalibrationSet(torch.cat([early, late]), t)
+
+
+def _benign_calib(rows: int = 8) -> qdiff_ao.CalibrationSet:
+    a, b = unet_inputs(rows, t=900, seed=1), unet_inputs(rows, t=10, seed=2)
+    return qdiff_ao.CalibrationSet(torch.cat([a["sample"], b["sample"]]), torch.cat([a["timestep"], b["timestep"]]))
+
+
+def _prepared(calib: qdiff_ao.CalibrationSet, cfg: qdiff_ao.QuantConfig | None = None
+              ) -> tuple[nn.Module, torch.fx.GraphModule]:
+    unet = build_unet()
+    prepared = qdiff_ao.prepare(unet, cfg or qdiff_ao.QuantConfig(weight_bits=8), calib.example_inputs(1))
+    qdiff_ao.calibrate(prepared, calib, progress=False)
+    return unet, prepared
+
+
+# --- keep_float -------------------------------------------------------------------------------------------------
+
+def test_keep_float_layer_stays_float_through_convert() -> None:
+    calib = _benign_calib()
+    cfg = qdiff_ao.QuantConfig(keep_float=["conv_in"])  # a list (as from JSON) becomes a tuple
+    assert cfg.keep_float == ("conv_in",)
+    assert qdiff_ao.QuantConfig.from_dict(cfg.to_dict()) == cfg
+    _, prepared = _prepared(calib, cfg)
+    assert type(prepared.get_submodule("conv_in")) is nn.Conv2d  # no weight fake-quant, no qconfig
+    converted = qdiff_ao.convert(prepared)
+    assert type(converted.get_submodule("conv_in")) is nn.Conv2d
+    assert type(converted.get_submodule("conv_out")).__module__.startswith("torch.ao.nn.quantized")
+    # The float input reaches conv_in directly: no quantize_per_tensor on the sample placeholder's path.
+    conv_in = next(n for n in converted.graph.nodes if n.op == "call_module" and n.target == "conv_in")
+    assert "quantize" not in str(conv_in.args[0].target)
+
+
+@pytest.mark.parametrize("names, match", [(("nope",), "not Conv2d/Linear"), ((3,), "tuple of module names"),
+                                          (("conv_in", "conv_in"), "repeated")])
+def test_keep_float_rejects_bad_names(names: tuple, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        cfg = qdiff_ao.QuantConfig(keep_float=names)
+        qdiff_ao.prepare(build_unet(), cfg, unet_inputs(2))
+
+
+# --- sensitivity ------------------------------------------------------------------------------------------------
+
+def test_sensitivity_finds_the_invisible_late_step_input(tmp_path: Path) -> None:
+    calib = _late_step_calib()
+    _, prepared = _prepared(calib)
+    report = sensitivity(prepared, calib, rows_per_timestep=2)
+    assert report.timesteps == (10.0, 900.0)
+    kinds = {r.kind for r in report.rows}
+    assert kinds == {"activation", "weight"}
+    n_weights = sum(1 for m in prepared.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert sum(r.kind == "weight" for r in report.rows) == n_weights
+    # In a random-weight UNet the late steps' tiny input stays tiny after conv_in, so both the input quantizer and
+    # conv_in's output quantizer are blind there; every other quantizer matters far less.
+    top = {r.value: r for r in report.ranked()[:2]}
+    assert set(top) == {"sample", "conv_in"}
+    assert top["sample"].layers == ("conv_in",) and top["sample"].kind == "activation"
+    assert "conv_in" in top["conv_in"].layers  # the producer is among the layers whose fallback removes it
+    for row in top.values():
+        assert row.errors[0] > 0.1 > 0.05 > row.errors[1]  # blind at t = 10, harmless at t = 900
+        assert row.worst > 20 * report.median_worst()
+    assert math.isclose(max(report.all_on), report.all_on[0])
+    assert "sample" in report.format_table(3)
+    report.plot(tmp_path / "heat.png")
+    assert (tmp_path / "heat.png").stat().st_size > 1000
+    assert report.to_dict(top=2)["rows"][0]["name"] == report.ranked()[0].name
+
+
+def test_sensitivity_leaves_the_prepared_graph_alone_and_checks_arguments() -> None:
+    calib = _benign_calib()
+    _, prepared = _prepared(calib)
+    x = calib.example_inputs(2)
+    before = prepared(**x)
+    sensitivity(prepared, calib, rows_per_timestep=1, kinds=("activation",))
+    assert torch.equal(prepared(**x), before)
+    with pytest.raises(ValueError, match="kinds"):
+        sensitivity(prepared, calib, kinds=("bias",))
+    with pytest.raises(ValueError, match="rows_per_timestep"):
+        sensitivity(prepared, calib, rows_per_timestep=0)
+    with pytest.raises(TypeError, match="CalibrationSet"):
+        sensitivity(prepared, {"sample": x["sample"]})  # type: ignore[arg-type]
+
+
+# --- precision fallback -----------------------------------------------------------------------------------------
+
+def test_fallback_keeps_the_layer_reading_the_harmful_quantizer_in_float() -> None:
+    calib = _late_step_calib()
+    _, prepared = _prepared(calib)
+    decision = choose_float_layers(prepared, calib, rows_per_timestep=4)
+    assert "conv_in" in decision.layers
+    harmful = {h["value"]: h for h in decision.harmful}
+    assert set(harmful) == {"sample", "conv_in"}
+    assert harmful["sample"]["at_timestep"] == 10.0 and harmful["sample"]["kept"]
+    assert set(decision.layers) == {layer for h in decision.harmful for layer in h["layers"]}
+    assert 0 < decision.macs_fraction < 0.05
+    n_candidates = sum(1 for m in prepared.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert decision.forwards < n_candidates  # group testing, not one forward per quantizer
+
+
+def test_fallback_finds_nothing_on_benign_data_and_respects_the_budget() -> None:
+    calib = _benign_calib()
+    _, prepared = _prepared(calib)
+    assert "sample" not in {h["value"] for h in choose_float_layers(prepared, calib).harmful}
+    late = _late_step_calib()
+    _, prepared = _prepared(late)
+    none_allowed = choose_float_layers(prepared, late, max_macs_fraction=0.0)
+    assert none_allowed.layers == () and not any(h["kept"] for h in none_allowed.harmful)
+    with pytest.raises(ValueError, match="share"):
+        choose_float_layers(prepared, late, share=0)
+
+
+def test_quantize_default_recipe_uses_the_fallback_and_records_it() -> None:
+    from diffusers import DDIMScheduler
+
+    calib = _late_step_calib(rows=4)
+    qunet = qdiff_ao.quantize(build_unet(), DDIMScheduler(), qdiff_ao.QuantConfig(weight_bits=8), calib=calib,
+                              reconstruct=False, batch_size=8, progress=False)
+    info = qunet.quantization_info
+    assert "conv_in" in info["precision_fallback"]["layers"]
+    assert "conv_in" in info["config"]["keep_float"]
+    assert type(qunet.graph_module.get_submodule("conv_in")) is nn.Conv2d
+
+
+# --- output correction ------------------------------------------------------------------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(0, 999, allow_nan=False), min_size=1, max_size=6, unique=True),
+       st.lists(st.floats(-1000, 2000, allow_nan=False), min_size=1, max_size=8))
+def test_correction_group_is_the_interval_holding_t(bounds: list[float], ts: list[float]) -> None:
+    bounds = sorted(bounds)
+    module = TimestepOutputCorrection(len(bounds) + 1, 2)
+    module.boundaries.copy_(torch.tensor(bounds))
+    module.bias.copy_(torch.arange(len(bounds) + 1, dtype=torch.float32).view(-1, 1).expand(-1, 2))
+    t = torch.tensor(ts, dtype=torch.float32)
+    groups = module.group_of(t)
+    expected = [sum(b <= v for b in torch.tensor(bounds).tolist()) for v in t.tolist()]
+    assert groups.tolist() == expected
+    y = torch.zeros(len(ts), 2, 3, 3)
+    out = module(y, t)
+    assert torch.equal(out[:, 0, 0, 0], -groups.float())
+
+
+def test_output_correction_is_kept_only_where_it_helps_held_back_rows() -> None:
+    calib = _calibration_over_steps()
+    unet, prepared = _prepared(calib, qdiff_ao.QuantConfig())
+    correct_output(prepared, calib, unet, num_groups=3)
+    report = qdiff_ao.graph_info(prepared).bias_correction
+    assert report["method"] == "timestep_groups" and len(report["groups"]) == 3
+    module = getattr(prepared, OUTPUT_CORRECTION)
+    for g, row in enumerate(report["groups"]):
+        assert row["kept"] == (row["mse_after"] < row["mse_before"])
+        assert bool(module.bias[g].abs().sum() > 0) == row["kept"]
+    assert report["boundaries"] == sorted(report["boundaries"])
+
+
+def _calibration_over_steps() -> qdiff_ao.CalibrationSet:
+    parts = [unet_inputs(4, t=t, seed=i) for i, t in enumerate((950, 700, 450, 200, 50, 10))]
+    return qdiff_ao.CalibrationSet(torch.cat([p["sample"] for p in parts]), torch.cat([p["timestep"] for p in parts]))
+
+
+@torch.no_grad()
+def test_corrected_model_converts_saves_and_reloads_bit_identical(tmp_path: Path) -> None:
+    calib = _calibration_over_steps()
+    unet, prepared = _prepared(calib, qdiff_ao.QuantConfig())
+    correct_output(prepared, calib, unet, num_groups=3)
+    module = getattr(prepared, OUTPUT_CORRECTION)
+    module.bias.copy_(torch.tensor([[0.0], [1.0], [2.0]]).expand_as(module.bias))  # distinct, visible offsets
+    qunet = qdiff_ao.QuantizedUNet(qdiff_ao.convert(prepared), like=unet)
+    x = unet_inputs(2, t=10)
+    x_late = {**x, "timestep": torch.full((2,), 950)}
+    gap = (qunet(**x_late).sample - qunet(**x).sample).mean()
+    assert gap < -1.0  # the late group's larger offset is subtracted
+    qunet.save_pretrained(tmp_path / "ckpt")
+    loaded = qdiff_ao.QuantizedUNet.from_pretrained(tmp_path / "ckpt")
+    for inputs in (x, x_late):
+        assert torch.equal(loaded(**inputs).sample, qunet(**inputs).sample)
+
+
+def test_output_correction_needs_two_rows_per_timestep() -> None:
+    calib = _benign_calib(rows=1)
+    unet, prepared = _prepared(calib)
+    with pytest.raises(ValueError, match=">= 2 rows"):
+        correct_output(prepared, calib, unet)
