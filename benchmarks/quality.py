@@ -1,27 +1,34 @@
-"""The paper's table on the bundled digits DDPM: FP32 vs naive PTQ vs Q-Diffusion (ours), with ablations.
+"""The quality table on every model of the zoo: FP32 vs Q-Diffusion (ours) with the defaults, and ablations.
 
-    python benchmarks/quality.py [--seeds 3] [--num-samples 300] [--steps 50] [--recon-iters N] [--out docs/quality]
+    python benchmarks/quality.py --model digits [--seeds 2] [--num-samples 1000] [--steps 50] [--out docs/quality]
+    python benchmarks/quality.py --model shapes32
+    python benchmarks/quality.py --model shapes16-cond
 
-Every row samples with the same sampler (DDIM, --steps steps, eta 0) from the same initial noise per seed.
-Columns: digits FD (Frechet distance of classifier features to held-out real digits; an FID analogue, see
-qdiff_ao.app.metrics) as mean ± std over seeds, mean classifier confidence, mean relative noise-prediction error along
-the FP DDIM trajectory, checkpoint size, latency ratio vs FP32 (batch 8, median of interleaved rounds).
+Every row samples with the same sampler (DDIM, --steps steps, eta 0) from the same initial noise per seed;
+class-conditional models sample with classifier-free guidance (class j mod K for sample j). Columns: FD in the
+model's own classifier features (digits: ``qdiff_ao.app.metrics.DigitsFD``; zoo: ``qdiff_ao.app.zoo.yardstick``),
+as mean ± std over seeds, and **x FP**: each seed's FD divided by the FP32 FD of the same seed, mean ± std;
+mean relative noise-prediction error along the FP DDIM trajectory, and the same over its last 5 steps;
+checkpoint size; latency vs FP32 (batch 8, median of interleaved rounds). Layers kept in float by the
+precision fallback are listed.
 
-Rows: FP32; naive PTQ at W8A8 / W4A8 (min/max observers, no split, no timestep-aware statistics, calibration on a
-single step: x_T, the first step of the trajectory, no reconstruction, no bias correction); Q-Diffusion (ours)
-at W8A8, W4A8 and weights-only W4 (uniform calibration over the trajectory, Lp range search, split shortcuts,
-reconstruction, output bias correction); ablations of ours at W4A8: no split, calibration on the first / last
-steps only, no reconstruction, no output bias correction.
+Rows: FP32; ours with the defaults at W8A8, W4A8 and weights-only W4; ablations of W4A8 that remove one default
+step each (the precision fallback, the output correction -- or replace it by the single static bias of
+``passes.correct_output_bias`` --, split shortcuts, reconstruction). The output-correction variants share one
+reconstruction (the prepared graph is copied before the correction), so they differ in that step alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,32 +40,46 @@ import qdiff_ao  # noqa: E402
 from qdiff_ao.app.main_job import load_model_folder, speed_ratio  # noqa: E402
 from qdiff_ao.app.metrics import DigitsFD, noise_prediction_error  # noqa: E402
 from qdiff_ao.app.sampling import ddim_sample, initial_noise  # noqa: E402
+from qdiff_ao.passes.output_correction import OUTPUT_CORRECTION  # noqa: E402
+
+MODELS = ("digits", "shapes32", "shapes16-cond")
 
 
-def rows(recon: qdiff_ao.ReconstructionConfig) -> list[dict[str, Any]]:
-    naive = dict(range_method="minmax", timestep_aware=False)
+@dataclass
+class Subject:
+    """A model under test: float UNet, scheduler, the sampling wrapper and the FD yardstick."""
+
+    name: str
+    unet: Any
+    scheduler: Any
+    denoiser: Callable[[Any], Any]
+    fd: Callable[[torch.Tensor], float]
+    calib_kwargs: dict[str, Any]
+
+
+def load_subject(name: str) -> Subject:
+    if name == "digits":
+        unet, scheduler, _ = load_model_folder(None)
+        metric = DigitsFD.from_bundled()
+        return Subject(name, unet, scheduler, lambda u: u, metric.fd, {})
+    from qdiff_ao.app.zoo.sampling import load_zoo
+    from qdiff_ao.app.zoo.yardstick import ShapesFD
+
+    zoo = load_zoo(name)
+    return Subject(name, zoo.unet, zoo.scheduler, zoo.denoiser, ShapesFD.for_zoo(name).fd, zoo.calibration_kwargs())
+
+
+def rows() -> list[dict[str, Any]]:
+    w4a8 = qdiff_ao.QuantConfig()
     return [
-        dict(label="naive PTQ W8A8", cfg=qdiff_ao.QuantConfig(weight_bits=8, act_bits=8, **naive), split=False,
-             calib="single", recon=False, bias=False),
-        dict(label="naive PTQ W4A8", cfg=qdiff_ao.QuantConfig(weight_bits=4, act_bits=8, **naive), split=False,
-             calib="single", recon=False, bias=False),
-        dict(label="Q-Diffusion W8A8", cfg=qdiff_ao.QuantConfig(weight_bits=8, act_bits=8, reconstruction=recon),
-             split=True, calib="uniform", recon=True, bias=True),
-        dict(label="Q-Diffusion W4A8", cfg=qdiff_ao.QuantConfig(weight_bits=4, act_bits=8, reconstruction=recon),
-             split=True, calib="uniform", recon=True, bias=True),
-        dict(label="Q-Diffusion W4A32 (weights only)",
-             cfg=qdiff_ao.QuantConfig(weight_bits=4, act_bits=None, reconstruction=recon), split=True,
-             calib="uniform", recon=True, bias=True),
-        dict(label="ours W4A8, no split", cfg=qdiff_ao.QuantConfig(reconstruction=recon), split=False,
-             calib="uniform", recon=True, bias=True),
-        dict(label="ours W4A8, first-steps calibration", cfg=qdiff_ao.QuantConfig(reconstruction=recon),
-             split=True, calib="first", recon=True, bias=True),
-        dict(label="ours W4A8, last-steps calibration", cfg=qdiff_ao.QuantConfig(reconstruction=recon),
-             split=True, calib="last", recon=True, bias=True),
-        dict(label="ours W4A8, no reconstruction", cfg=qdiff_ao.QuantConfig(), split=True, calib="uniform",
-             recon=False, bias=True),
-        dict(label="ours W4A8, no bias correction", cfg=qdiff_ao.QuantConfig(reconstruction=recon), split=True,
-             calib="uniform", recon=True, bias=False),
+        dict(label="ours W8A8", cfg=qdiff_ao.QuantConfig(weight_bits=8, act_bits=8)),
+        dict(label="ours W4A8 (defaults)", cfg=w4a8, variants={
+            "ours W4A8, static output bias instead of grouped correction": "static",
+            "ours W4A8, no output correction": "none"}),
+        dict(label="ours W4A32 (weights only)", cfg=qdiff_ao.QuantConfig(act_bits=None)),
+        dict(label="ours W4A8, no precision fallback", cfg=w4a8, kwargs=dict(precision_fallback=False)),
+        dict(label="ours W4A8, no split", cfg=w4a8, kwargs=dict(split=False)),
+        dict(label="ours W4A8, no reconstruction", cfg=w4a8, kwargs=dict(reconstruct=False)),
     ]
 
 
@@ -66,34 +87,36 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def evaluate(name: str, model: Any, unet: Any, scheduler: Any, metric: DigitsFD, args: argparse.Namespace,
-             noises: list[torch.Tensor]) -> dict[str, Any]:
-    fds, confs = [], []
+def evaluate(label: str, model: Any, subject: Subject, args: argparse.Namespace, noises: list[torch.Tensor],
+             fp_fds: list[float] | None) -> dict[str, Any]:
+    fds = []
     for i, noise in enumerate(noises):
-        images = ddim_sample(model, scheduler.config, noise, num_inference_steps=args.steps, batch_size=100,
-                             progress=False)
-        fds.append(metric.fd(images))
-        confs.append(metric.mean_confidence(images))
+        images = ddim_sample(subject.denoiser(model), subject.scheduler.config, noise, num_inference_steps=args.steps,
+                             batch_size=100, progress=False)
+        fds.append(subject.fd(images))
         if i == 0 and args.grids:
             from torchvision.utils import save_image
 
-            safe = name.replace(" ", "_").replace("/", "-").replace("(", "").replace(")", "").replace(",", "")
-            save_image(images[:64] * 0.5 + 0.5, Path(args.out) / f"samples_{safe}.png", nrow=8)
-    err = noise_prediction_error(unet, model, scheduler, num_samples=64, num_inference_steps=args.steps,
+            safe = "".join(c if c.isalnum() else "_" for c in label)
+            save_image(images[:64] * 0.5 + 0.5, Path(args.out) / f"samples_{subject.name}_{safe}.png", nrow=8)
+    err = noise_prediction_error(subject.denoiser(subject.unet), subject.denoiser(model), subject.scheduler,
+                                 num_samples=32, num_inference_steps=args.steps,
                                  sample_shape=tuple(noises[0].shape[1:]), seed=0)
+    ratios = [q / f for q, f in zip(fds, fp_fds or fds, strict=True)]
     return {"fd_mean": statistics.mean(fds), "fd_std": statistics.pstdev(fds), "fds": fds,
-            "confidence": statistics.mean(confs), "eps_error": float(err.mean())}
+            "ratio_mean": statistics.mean(ratios), "ratio_std": statistics.pstdev(ratios),
+            "eps_error": float(err.mean()), "eps_error_last5": float(err[-5:].mean())}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--num-samples", type=int, default=300)
+    parser.add_argument("--model", choices=MODELS, default="digits")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=50, help="DDIM sampling steps")
     parser.add_argument("--calib-steps", type=int, default=100)
     parser.add_argument("--calib-timesteps", type=int, default=20)
     parser.add_argument("--samples-per-timestep", type=int, default=32)
-    parser.add_argument("--recon-iters", type=int, default=None, help="AdaRound iterations per block")
     parser.add_argument("--only", nargs="*", default=None, help="row labels to run (substring match)")
     parser.add_argument("--out", default="docs/quality")
     parser.add_argument("--grids", action="store_true", help="write a sample grid per row")
@@ -101,57 +124,100 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    unet, scheduler, model_name = load_model_folder(None)
-    metric = DigitsFD.from_bundled()
-    recon = qdiff_ao.ReconstructionConfig() if args.recon_iters is None else qdiff_ao.ReconstructionConfig(
-        weight_iters=args.recon_iters, act_iters=args.recon_iters // 2)
+    subject = load_subject(args.model)
+    unet, scheduler = subject.unet, subject.scheduler
     noises = [initial_noise(unet, args.num_samples, seed=1000 + s) for s in range(args.seeds)]
-    calibs: dict[str, qdiff_ao.CalibrationSet] = {}
+    calib = qdiff_ao.collect_calibration_data(
+        unet, scheduler, num_inference_steps=args.calib_steps, num_timesteps=args.calib_timesteps,
+        samples_per_timestep=args.samples_per_timestep, seed=0, progress=False, **subject.calib_kwargs)
 
-    def calib_for(kind: str) -> qdiff_ao.CalibrationSet:
-        if kind not in calibs:
-            strategy, n = ("first", 1) if kind == "single" else (kind, args.calib_timesteps)
-            calibs[kind] = qdiff_ao.collect_calibration_data(
-                unet, scheduler, num_inference_steps=args.calib_steps, num_timesteps=n,
-                samples_per_timestep=args.samples_per_timestep * (args.calib_timesteps if n == 1 else 1),
-                strategy=strategy, seed=0, progress=False)
-        return calibs[kind]
-
-    results = [{"label": "FP32", **evaluate("FP32", unet, unet, scheduler, metric, args, noises),
-                "size_bytes": None, "latency_ratio": 1.0, "seconds": 0.0}]
+    fp = evaluate("FP32", unet, subject, args, noises, None)
     with tempfile.TemporaryDirectory() as tmp:
         unet.save_pretrained(tmp, safe_serialization=True)
         fp_bytes = _dir_bytes(Path(tmp))
-    results[0]["size_bytes"] = fp_bytes
-    print(f"FP32: FD {results[0]['fd_mean']:.3f} ± {results[0]['fd_std']:.3f}", flush=True)
-    x8 = torch.randn(8, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    for row in rows(recon):
-        if args.only and not any(s in row["label"] for s in args.only):
-            continue
-        t0 = time.perf_counter()
-        qunet = qdiff_ao.quantize(unet, scheduler, row["cfg"], calib=calib_for(row["calib"]), split=row["split"],
-                                  reconstruct=row["recon"], bias_correction=row["bias"], progress=False)
+    results = [{"label": "FP32", **fp, "size_bytes": fp_bytes, "latency_ratio": 1.0, "seconds": 0.0,
+                "keep_float": []}]
+    print(f"[{args.model}] FP32: FD {fp['fd_mean']:.3f} ± {fp['fd_std']:.3f}", flush=True)
+    c, s = unet.config.in_channels, unet.config.sample_size
+    x8 = torch.randn(8, c, s, s)
+    speed_kwargs = {}
+    if subject.calib_kwargs:
+        speed_kwargs = {"encoder_hidden_states": subject.calib_kwargs["encoder_hidden_states"][:1].expand(8, -1, -1)}
+
+    def finish(label: str, qunet: Any, seconds: float) -> None:
         qunet.optimize_for_inference()  # bit-identical, several times faster to sample with
-        seconds = time.perf_counter() - t0
         with tempfile.TemporaryDirectory() as tmp:
             qunet.save_pretrained(Path(tmp) / "ckpt")
             size = _dir_bytes(Path(tmp) / "ckpt")
-        res = {"label": row["label"], **evaluate(row["label"], qunet, unet, scheduler, metric, args, noises),
-               "size_bytes": size, "latency_ratio": speed_ratio(unet, qunet, x8), "seconds": seconds}
+        res = {"label": label, **evaluate(label, qunet, subject, args, noises, fp["fds"]), "size_bytes": size,
+               "latency_ratio": speed_ratio_kw(unet, qunet, x8, speed_kwargs) if speed_kwargs else
+               speed_ratio(unet, qunet, x8), "seconds": seconds,
+               "keep_float": list(qunet.quantization_info["config"]["keep_float"])}
         results.append(res)
-        print(f"{row['label']}: FD {res['fd_mean']:.3f} ± {res['fd_std']:.3f} ({seconds:.0f} s)", flush=True)
-    fd_head = f"digits FD ↓ (mean ± std, {args.seeds} seeds × {args.num_samples} samples)"
-    table = [f"| model | {fd_head} | confidence | noise-pred. error | size (KiB) | latency vs FP32 (batch 8) |",
-             "|---|---:|---:|---:|---:|---:|"]
+        print(f"[{args.model}] {label}: FD {res['fd_mean']:.3f} ± {res['fd_std']:.3f} = {res['ratio_mean']:.3f}x FP "
+              f"(eps err {res['eps_error']:.4f}, last 5 {res['eps_error_last5']:.4f}; {seconds:.0f} s; float "
+              f"{res['keep_float']})", flush=True)
+
+    for row in rows():
+        variants = row.get("variants", {})
+        wanted = [label for label in (row["label"], *variants) if not args.only or any(o in label for o in args.only)]
+        if not wanted:
+            continue
+        captured: dict[str, Any] = {}
+
+        def capture(prepared: Any, _calib: Any, captured: dict[str, Any] = captured) -> None:
+            captured["prepared"] = copy.deepcopy(prepared)
+
+        t0 = time.perf_counter()
+        kwargs = dict(row.get("kwargs", {}))
+        qunet = qdiff_ao.quantize(unet, scheduler, row["cfg"], calib=calib, progress=False,
+                                  on_prepared=capture if variants else None, **kwargs)
+        seconds = time.perf_counter() - t0
+        if row["label"] in wanted:
+            finish(row["label"], qunet, seconds)
+        for label, variant in variants.items():
+            if label not in wanted:
+                continue
+            prepared = copy.deepcopy(captured["prepared"])
+            module = getattr(prepared, OUTPUT_CORRECTION, None)
+            if module is not None:
+                module.bias.zero_()  # undo the grouped correction: the graph as reconstructed
+            if variant == "static":
+                try:
+                    qdiff_ao.passes.correct_output_bias(prepared, calib, unet)
+                except ValueError as err:  # e.g. the output layer was kept in float: no bias to fold into
+                    print(f"[{args.model}] {label}: skipped ({err})", flush=True)
+                    continue
+            variant_qunet = qdiff_ao.QuantizedUNet(qdiff_ao.convert(prepared), like=unet)
+            variant_qunet.quantization_info = qunet.quantization_info
+            finish(label, variant_qunet, seconds)
+    fd_head = f"FD ↓ (mean ± std, {args.seeds} seeds × {args.num_samples} samples)"
+    table = [f"| {args.model} | {fd_head} | x FP (per seed) | eps error | eps error, last 5 steps | size (KiB) | "
+             "latency vs FP32 (batch 8) | layers kept in float |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
-        table.append(f"| {r['label']} | {r['fd_mean']:.3f} ± {r['fd_std']:.3f} | {r['confidence']:.3f} | "
-                     f"{r['eps_error']:.4f} | {r['size_bytes'] / 1024:.0f} | {r['latency_ratio']:.2f}x |")
+        table.append(f"| {r['label']} | {r['fd_mean']:.2f} ± {r['fd_std']:.2f} | {r['ratio_mean']:.3f} ± "
+                     f"{r['ratio_std']:.3f} | {r['eps_error']:.4f} | {r['eps_error_last5']:.4f} | "
+                     f"{r['size_bytes'] / 1024:.0f} | {r['latency_ratio']:.2f}x | {', '.join(r['keep_float'])} |")
     text = "\n".join(table)
     print("\n" + text)
-    meta = {"model": model_name, "sampler": f"DDIM {args.steps} steps, eta 0", "args": vars(args),
-            "reconstruction": recon.__dict__, "torch": torch.__version__}
-    (Path(args.out) / "quality.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=2, default=str))
-    (Path(args.out) / "quality.md").write_text(text + "\n")
+    meta = {"model": args.model, "sampler": f"DDIM {args.steps} steps, eta 0", "args": vars(args),
+            "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    (Path(args.out) / f"quality_{args.model}.json").write_text(
+        json.dumps({"meta": meta, "rows": results}, indent=2, default=str))
+    (Path(args.out) / f"quality_{args.model}.md").write_text(text + "\n")
+
+
+@torch.no_grad()
+def speed_ratio_kw(fp: Any, q: Any, x: torch.Tensor, kwargs: dict[str, Any], rounds: int = 5) -> float:
+    """Median FP32 / quantized latency with extra UNet inputs (interleaved rounds)."""
+    t = torch.tensor(500)
+    times: dict[str, list[float]] = {"fp": [], "q": []}
+    for _ in range(rounds):
+        for key, model in (("fp", fp), ("q", q)):
+            t0 = time.perf_counter()
+            model(x, t, **kwargs)
+            times[key].append(time.perf_counter() - t0)
+    return statistics.median(times["fp"]) / statistics.median(times["q"])
 
 
 if __name__ == "__main__":
