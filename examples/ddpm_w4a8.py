@@ -50,7 +50,9 @@ def main() -> None:
     qdiff_ao.passes.observe_softmax(prepared, cfg)
     # 3. Calibrate timestep by timestep, then lower to fbgemm/x86 INT8 kernels.
     qdiff_ao.calibrate(prepared, calib, batch_size=8)
-    qdiff_ao.passes.correct_output_bias(prepared, calib, unet)  # remove the mean error of the noise prediction
+    report = qdiff_ao.report.sensitivity(prepared, calib, rows_per_timestep=2)  # which quantizer hurts, when
+    print(report.format_table(5))
+    qdiff_ao.passes.correct_output(prepared, calib, unet, num_groups=4)  # mean eps error per timestep group
     qdiff_ao.passes.freeze_wide_softmax_observers(prepared)  # only acts on 16-bit softmax observers
     quantized = convert_fx(prepared, convert_custom_config=qdiff_ao.convert_custom_config(),
                            backend_config=qdiff_ao.get_backend_config(cfg))

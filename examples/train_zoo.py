@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ckpt-every", type=int, default=250)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-export", action="store_true", help="skip the export (timing and test runs)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     bar.close()
     elapsed += time.perf_counter() - t0
     logger.info("trained %d steps in %.0f s; final running loss %.4f", step, elapsed, running or float("nan"))
+    if args.no_export:
+        return
     ema.copy_to(params)
     unet.eval()
     entry.folder.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 import diffusers
 import torch
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--samples", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None, help="classifier file (default: <zoo folder>/"
+                    f"{CLASSIFIER_FILE})")
+    ap.add_argument("--no-report", action="store_true", help="skip the FD scale report (test runs)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -58,8 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         mu, sigma = feature_statistics(model.features(ref))
     metric = ShapesFD(model, mu, sigma, entry.image_size)
-    metric.save(entry.folder / CLASSIFIER_FILE)
-    logger.info("reference accuracy %.4f; wrote %s", metric.accuracy(ref, ref_labels), entry.folder / CLASSIFIER_FILE)
+    out = args.out or entry.folder / CLASSIFIER_FILE
+    metric.save(out)
+    logger.info("reference accuracy %.4f; wrote %s", metric.accuracy(ref, ref_labels), out)
+    if args.no_report:
+        return
     n = args.samples
     floor, _ = make_shapes(n, entry.image_size, seed=_FLOOR_SEED)
     noise = torch.rand(n, 3, entry.image_size, entry.image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1

@@ -26,6 +26,8 @@ ARGS: dict[str, list[str]] = {
     "train_ddpm.py": ["--steps", "2", "--batch-size", "4", "--out", "{tmp}/run", "--no-export",
                       "--sample-every", "1000", "--ckpt-every", "1000"],
     "train_classifier.py": ["--report-only", "--samples", "16"],
+    "train_zoo.py": ["shapes16-cond", "--steps", "2", "--out", "{tmp}/zoo", "--no-export", "--ckpt-every", "1000"],
+    "train_zoo_classifier.py": ["shapes32", "--steps", "2", "--out", "{tmp}/clf.safetensors", "--no-report"],
 }
 SLOW = {"ddpm_w4a8.py"}  # 11-12 s with --steps 2 (bundled model, TorchScript freezing, two samplings)
 

@@ -85,7 +85,7 @@ _SHAPES16_COND = ZooEntry(
     image_size=16,
     num_classes=6,
     guidance_scale=3.0,
-    train_steps=4000,
+    train_steps=3000,
     notes="class-conditional RGB 16x16 shapes, v-prediction, cross-attention to 4 class tokens, CFG 3.0",
 )
 
