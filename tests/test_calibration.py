@@ -17,6 +17,8 @@ from diffusers import (
     EulerDiscreteScheduler,
     PNDMScheduler,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qdiff_ao.calibration.collection import select_step_indices
 from tests.calibration_helpers import STEPS, collect, count_calls, sched_timesteps, tiny_cond_unet, tiny_unet
@@ -25,9 +27,14 @@ from tests.calibration_helpers import STEPS, collect, count_calls, sched_timeste
 
 
 def test_select_step_indices_matches_q_diffusion_and_ablations() -> None:
-    assert select_step_indices(100, 20, "uniform") == list(range(0, 100, 5))
+    assert select_step_indices(100, 20, "q_diffusion") == list(range(0, 100, 5))
+    assert select_step_indices(10, 3, "q_diffusion") == [0, 3, 6]
+    uniform = select_step_indices(100, 20, "uniform")
+    assert uniform[0] == 0 and uniform[-1] == 99 and len(set(uniform)) == 20  # both ends of the trajectory
+    assert all(4 <= b - a <= 6 for a, b in zip(uniform, uniform[1:]))
     assert select_step_indices(10, 10, "uniform") == list(range(10))
-    assert select_step_indices(10, 3, "uniform") == [0, 3, 6]
+    assert select_step_indices(10, 3, "uniform") == [0, 5, 9]
+    assert select_step_indices(10, 1, "uniform") == [0]
     assert select_step_indices(10, 3, "first") == [0, 1, 2]
     assert select_step_indices(10, 3, "last") == [7, 8, 9]
     with pytest.raises(ValueError, match="strategy"):
@@ -262,3 +269,15 @@ def test_nan_from_the_sampler_names_the_step() -> None:
         unet.conv_out.bias.fill_(float("nan"))
     with pytest.raises(ValueError, match="NaN/Inf at sampler step index 0 \\(timestep 900\\)"):
         collect(unet, DDIMScheduler())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 400), st.data())
+def test_uniform_steps_are_distinct_sorted_and_cover_both_ends(num_steps: int, data: st.DataObject) -> None:
+    k = data.draw(st.integers(1, num_steps))
+    steps = select_step_indices(num_steps, k, "uniform")
+    assert steps == sorted(set(steps)) and len(steps) == k
+    assert steps[0] == 0 and (k == 1 or steps[-1] == num_steps - 1)
+    if k > 1:  # gaps differ by at most one step: evenly spread
+        gaps = [b - a for a, b in zip(steps, steps[1:])]
+        assert max(gaps) - min(gaps) <= 1

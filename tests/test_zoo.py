@@ -68,3 +68,23 @@ def test_registry_entries_build_and_unknown_names_fail() -> None:
     assert cond.conditional and cond.scheduler_config["prediction_type"] == "v_prediction"
     with pytest.raises(ValueError, match="known"):
         zoo_entry("cifar")
+
+
+@pytest.mark.slow
+def test_sensitivity_finds_the_late_step_input_problem_of_the_trained_linear_beta_model() -> None:
+    """On the trained shapes32 model (linear betas), nobody names conv_in: the measurement finds it."""
+    import qdiff_ao
+    from qdiff_ao.app.zoo.sampling import load_zoo
+
+    zoo = load_zoo("shapes32")
+    calib = qdiff_ao.collect_calibration_data(zoo.unet, zoo.scheduler, num_inference_steps=50, num_timesteps=10,
+                                              samples_per_timestep=4, progress=False)
+    prepared = qdiff_ao.prepare(zoo.unet, qdiff_ao.QuantConfig(weight_bits=8), calib.example_inputs(2))
+    qdiff_ao.calibrate(prepared, calib, progress=False)
+    report = qdiff_ao.report.sensitivity(prepared, calib, rows_per_timestep=2, kinds=("activation",))
+    top = report.ranked()[0]
+    assert top.value == "sample" and "conv_in" in top.layers
+    assert top.errors[0] == top.worst  # worst at the smallest timestep (the last sampler step)
+    assert top.worst > 10 * report.median_worst()
+    decision = qdiff_ao.passes.choose_float_layers(prepared, calib)
+    assert "conv_in" in decision.layers

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "harmful (see passes.choose_float_layers)")
     q.add_argument("--no-sensitivity", action="store_true",
                    help="skip the per-quantizer sensitivity report and heat map (one forward per quantizer)")
-    q.add_argument("--calibration-strategy", choices=["uniform", "first", "last"], default="uniform")
+    q.add_argument("--calibration-strategy", choices=["uniform", "q_diffusion", "first", "last"], default="uniform")
     q.add_argument("--calibration-steps", type=int, default=100, help="sampler steps of the calibration run")
     q.add_argument("--calibration-timesteps", type=int, default=20, help="timesteps kept for calibration")
     q.add_argument("--samples-per-timestep", type=int, default=32)

@@ -3,15 +3,18 @@
 Q-Diffusion (Sec. 4.1, "time step-aware calibration data sampling"): activation distributions of a diffusion
 UNet change across denoising steps, so calibrating on one step (or on training images) misfits the others.
 The calibration set is therefore the FP sampler's own intermediate inputs ``x_t`` taken at ``K`` steps spread
-uniformly over the whole trajectory of ``S`` steps (the paper: every 5th of 100 DDIM steps, ``K = 20``).
+uniformly over the whole trajectory of ``S`` steps, first and last step included (the paper: every 5th of 100
+DDIM steps, ``K = 20``, which never sees the last 4 steps; kept as strategy ``"q_diffusion"``).
 
 :func:`collect_calibration_data` runs the sampler itself (seeded, on a private copy of the scheduler) and
 records the UNet inputs at the selected steps; :func:`calibrate` feeds a prepared model batch by batch,
 grouped by timestep, while publishing ``t`` through :func:`~qdiff_ao.observers.timestep_context.timestep_context`.
 
 Example:
-    >>> select_step_indices(100, 20, "uniform")[:4], select_step_indices(10, 3, "last")
-    ([0, 5, 10, 15], [7, 8, 9])
+    >>> select_step_indices(100, 20, "uniform")[-3:], select_step_indices(100, 20, "q_diffusion")[-3:]
+    ([89, 94, 99], [85, 90, 95])
+    >>> select_step_indices(10, 3, "last")
+    [7, 8, 9]
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ __all__ = ["STRATEGIES", "select_step_indices", "collect_calibration_data", "cal
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("uniform", "first", "last")
+STRATEGIES = ("uniform", "q_diffusion", "first", "last")
 
 
 def select_step_indices(num_steps: int, num_timesteps: int, strategy: str = "uniform") -> list[int]:
@@ -45,8 +48,12 @@ def select_step_indices(num_steps: int, num_timesteps: int, strategy: str = "uni
 
     With ``S = num_steps`` sampler steps and ``K = num_timesteps``:
 
-    * ``"uniform"``: ``i_k = floor(k * S / K)`` for ``k = 0..K-1``, i.e. every ``S/K``-th step starting at the
-      first one (Q-Diffusion, Sec. 4.1: S=100, K=20 gives 0, 5, ..., 95);
+    * ``"uniform"`` (default): ``i_k = floor(k (S - 1) / (K - 1) + 1/2)`` for ``k = 0..K-1``: evenly spread
+      over the whole trajectory *including its last step* (S=100, K=20 gives 0, 5, 10, 16, ..., 94, 99). The
+      last step (t near 0) is where the input holds the least noise and quantization hurts most (an 8-bit grid
+      set by the noisy steps cannot resolve it); the float fallback and the output correction must see it;
+    * ``"q_diffusion"``: ``i_k = floor(k * S / K)``, every ``S/K``-th step starting at the first one (Q-Diffusion,
+      Sec. 4.1: S=100, K=20 gives 0, 5, ..., 95: the last S/K - 1 steps are never seen);
     * ``"first"``: ``0..K-1`` (the noisiest steps only);
     * ``"last"``: ``S-K..S-1`` (the cleanest steps only), the two ablations of the paper's Fig. 4.
 
@@ -64,7 +71,11 @@ def select_step_indices(num_steps: int, num_timesteps: int, strategy: str = "uni
         return list(range(num_timesteps))
     if strategy == "last":
         return list(range(num_steps - num_timesteps, num_steps))
-    return [k * num_steps // num_timesteps for k in range(num_timesteps)]
+    if strategy == "q_diffusion":
+        return [k * num_steps // num_timesteps for k in range(num_timesteps)]
+    if num_timesteps == 1:
+        return [0]
+    return [(2 * k * (num_steps - 1) + num_timesteps - 1) // (2 * (num_timesteps - 1)) for k in range(num_timesteps)]
 
 
 def collect_calibration_data(
