@@ -220,3 +220,12 @@ def test_output_correction_needs_two_rows_per_timestep() -> None:
     unet, prepared = _prepared(calib)
     with pytest.raises(ValueError, match=">= 2 rows"):
         correct_output(prepared, calib, unet)
+
+
+def test_static_bias_correction_refuses_a_float_output_layer() -> None:
+    from qdiff_ao.passes.bias_correction import find_output_layer
+
+    calib = _benign_calib()
+    _, prepared = _prepared(calib, qdiff_ao.QuantConfig(keep_float=("conv_out",)))
+    with pytest.raises(ValueError, match="kept in float"):
+        find_output_layer(prepared)

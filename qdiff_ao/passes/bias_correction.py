@@ -71,6 +71,11 @@ def find_output_layer(prepared: fx.GraphModule) -> tuple[str, str | None]:
             break
         if node.op == "call_module" and is_quantized_layer(prepared.get_submodule(str(node.target))):
             return str(node.target), quantizer
+        if node.op == "call_module" and isinstance(prepared.get_submodule(str(node.target)), (nn.Conv2d, nn.Linear)):
+            raise ValueError(
+                f"the model output comes from {node.target!r}, a layer kept in float: there is no quantized output "
+                "layer whose bias could absorb the error (qdiff_ao.passes.correct_output corrects at the output)"
+            )
         if _is_quantizer(prepared, node):
             quantizer = quantizer or str(node.target)
         node = node.args[0] if node.args else None
