@@ -123,11 +123,13 @@ def test_no_quantized_output_layer_is_refused() -> None:
         find_output_layer(gm)
 
 
-def test_recipe_applies_it_by_default() -> None:
+def test_recipe_applies_an_output_correction_by_default() -> None:
     unet = build_unet("attn")
     calib = _calib("attn")
     qunet = qdiff_ao.quantize(unet, None, calib=calib, reconstruct=False, progress=False)
-    info = qunet.quantization_info["bias_correction"]
-    assert info["layer"] == "conv_out" and len(info["correction"]) == unet.config.out_channels
+    info = qunet.quantization_info["bias_correction"]  # the recipe's correction is the grouped one now
+    assert info["method"] == "timestep_groups" and len(info["groups"]) == len(calib.timesteps())
+    module = qunet.graph_module.get_submodule("qdiff_output_correction")
+    assert tuple(module.bias.shape) == (len(calib.timesteps()), unet.config.out_channels)
     off = qdiff_ao.quantize(unet, None, calib=calib, reconstruct=False, bias_correction=False, progress=False)
     assert off.quantization_info["bias_correction"] is None
