@@ -1,8 +1,8 @@
 """Golden pin of the whole recipe: refactors must leave the checkpoint bytes and the outputs bit-identical.
 
 Three tiny UNets (self-attention with skip concats, class conditioning, cross-attention) are quantized W4A8 with
-the full recipe (split shortcut, timestep-aware calibration, AdaRound/LSQ reconstruction, output bias
-correction) on seeded calibration data, one thread; the test compares
+the full recipe (split shortcut, timestep-aware calibration, measured float fallback, AdaRound/LSQ reconstruction,
+output correction per timestep group) on seeded calibration data, one thread; the test compares
 
 * the SHA-256 of the checkpoint's ``model.safetensors`` file (every integer code, qparam and float tensor, and
   the header's hash of ``config.json``),
