@@ -164,7 +164,7 @@ def quantize(
         >>> qunet = qdiff_ao.quantize(unet, DDIMScheduler(), qdiff_ao.QuantConfig(), num_inference_steps=4,
         ...                           num_timesteps=2, samples_per_timestep=2, reconstruct=False, progress=False)
         >>> sorted(qunet.quantization_info["calibration_timesteps"])
-        [250, 750]
+        [0, 750]
     """
     cfg = cfg or QuantConfig()
     timings: dict[str, float] = {}
