@@ -266,9 +266,9 @@ def sensitivity(
             finally:
                 switch.enabled = False
             node = nodes[name]
-            value = _observed_value(node) if kind == "activation" else name
+            observed = _observed_value(node) if kind == "activation" else name
             layers = _layers_of(prepared, node) if kind == "activation" else (name,)
-            rows.append(QuantizerSensitivity(name, kind, value, layers, errors))
+            rows.append(QuantizerSensitivity(name, kind, observed, layers, errors))
     finally:
         _switch_all(sim, True)
     report = SensitivityReport(tuple(timesteps), tuple(rows), all_on, rows_per_timestep)

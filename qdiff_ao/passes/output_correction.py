@@ -23,7 +23,7 @@ saved in checkpoints like any float tensor.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
@@ -47,6 +47,9 @@ class TimestepOutputCorrection(nn.Module):
 
     Buffers: ``boundaries`` ``(G - 1,)`` ascending timesteps, ``bias`` ``(G, C)``.
     """
+
+    boundaries: torch.Tensor
+    bias: torch.Tensor
 
     def __init__(self, num_groups: int, channels: int) -> None:
         super().__init__()
@@ -87,7 +90,7 @@ def _timestep_node(gm: fx.GraphModule) -> fx.Node:
 def add_output_correction(gm: fx.GraphModule, num_groups: int, channels: int) -> TimestepOutputCorrection:
     """Insert a zero :class:`TimestepOutputCorrection` before the graph output (once); returns it."""
     if hasattr(gm, OUTPUT_CORRECTION):
-        module = getattr(gm, OUTPUT_CORRECTION)
+        module = cast(TimestepOutputCorrection, getattr(gm, OUTPUT_CORRECTION))
         if tuple(module.bias.shape) != (num_groups, channels):
             raise ValueError(f"the graph already has an output correction of shape {tuple(module.bias.shape)}")
         return module
@@ -207,7 +210,7 @@ def correct_output(
     module.boundaries.copy_(torch.tensor(boundaries, dtype=module.boundaries.dtype))
     module.bias.copy_(bias.to(module.bias.dtype))
     report = {"method": "timestep_groups", "boundaries": boundaries, "groups": report_groups,
-              "num_groups_kept": sum(g["kept"] for g in report_groups), "num_samples": len(calib)}
+              "num_groups_kept": sum(1 for g in report_groups if g["kept"]), "num_samples": len(calib)}
     update_graph_info(prepared, bias_correction=report)
     logger.info("output correction: %d of %d timestep groups kept", report["num_groups_kept"], len(groups))
     return prepared

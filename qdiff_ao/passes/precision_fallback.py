@@ -76,7 +76,8 @@ def _layer_macs(sim: Simulation, run: Callable[[], torch.Tensor]) -> dict[str, i
     for name, sim_layer in sim.layers.items():
         layer = sim_layer.layer
 
-        def hook(_m: nn.Module, _i: Any, out: torch.Tensor, name: str = name, layer: nn.Module = layer) -> None:
+        def hook(_m: nn.Module, _i: Any, out: torch.Tensor, name: str = name,
+                 layer: nn.Conv2d | nn.Linear = layer) -> None:
             if isinstance(layer, nn.Conv2d):
                 per_output = layer.in_channels // layer.groups * math.prod(layer.kernel_size)
             else:

@@ -58,7 +58,7 @@ class ZooModel:
 
     entry: ZooEntry
     unet: Any
-    scheduler: DDPMScheduler
+    scheduler: Any  # a DDPMScheduler (typed Any: diffusers' config attribute is dynamic)
     tokens: ClassTokens | None
 
     def denoiser(self, unet: Any = None) -> Any:
