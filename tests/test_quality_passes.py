@@ -229,3 +229,17 @@ def test_static_bias_correction_refuses_a_float_output_layer() -> None:
     _, prepared = _prepared(calib, qdiff_ao.QuantConfig(keep_float=("conv_out",)))
     with pytest.raises(ValueError, match="kept in float"):
         find_output_layer(prepared)
+
+
+def test_checkpoint_of_a_model_loaded_from_a_path_object(tmp_path: Path) -> None:
+    """diffusers records from_pretrained(Path(...)) as a Path in the config; saving must not choke on it."""
+    unet = build_unet()
+    unet.save_pretrained(tmp_path / "fp")
+    loaded = type(unet).from_pretrained(tmp_path / "fp").eval()
+    assert not isinstance(loaded.config["_name_or_path"], str)
+    calib = _benign_calib(rows=2)
+    qunet = qdiff_ao.quantize(loaded, None, calib=calib, reconstruct=False, precision_fallback=False,
+                              bias_correction=False, progress=False)
+    qunet.save_pretrained(tmp_path / "q")
+    config = (tmp_path / "q" / "config.json").read_text()
+    assert "_name_or_path" not in config and str(tmp_path) not in config

@@ -136,7 +136,9 @@ def save_graph(
         )
         raise ValueError(f"the graph info has no {missing}, which load() needs to rebuild the graph")
     tensors, _ = export_tensors(gm, info.config.weight_qrange())
-    config = _jsonable(dict(unet_config), "unet_config")
+    # `_name_or_path` records where diffusers loaded the float model from (a str or a Path): a fact about the
+    # user's disk, not about the model, and not JSON-safe when it is a Path.
+    config = _jsonable({k: v for k, v in dict(unet_config).items() if k != "_name_or_path"}, "unet_config")
     if isinstance(config.get("_use_default_values"), list):  # diffusers builds it from a set: its order varies
         config["_use_default_values"] = sorted(config["_use_default_values"])
     body = {
