@@ -158,15 +158,12 @@ def _layers_of(prepared: fx.GraphModule, node: fx.Node) -> tuple[str, ...]:
     return tuple(sorted(layers))
 
 
-def _select_rows(calib: CalibrationSet, rows_per_timestep: int) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """The first ``rows_per_timestep`` rows of every timestep (ascending t), as one batch of model inputs."""
-    picked = []
+def _select_rows(calib: CalibrationSet, rows_per_timestep: int
+                 ) -> tuple[list[float], dict[str, torch.Tensor], list[int]]:
+    """(timesteps ascending, the first ``rows_per_timestep`` rows of each as one batch of inputs, rows per timestep)."""
     timesteps = calib.timesteps()
-    for t in timesteps:
-        rows = torch.nonzero(calib.timestep == t).flatten()[:rows_per_timestep]
-        picked.append(rows)
-    index = torch.cat(picked)
-    return [float(t) for t in timesteps], calib._rows(index)
+    picked = [torch.nonzero(calib.timestep == t).flatten()[:rows_per_timestep] for t in timesteps]
+    return [float(t) for t in timesteps], calib._rows(torch.cat(picked)), [int(p.numel()) for p in picked]
 
 
 def _output_tensor(out: Any) -> torch.Tensor:
@@ -234,8 +231,7 @@ def sensitivity(
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     sim = build_simulation(prepared)
     sim.gm.eval()
-    timesteps, inputs = _select_rows(calib, rows_per_timestep)
-    counts = [int((calib.timestep == t).sum().clamp(max=rows_per_timestep)) for t in calib.timesteps()]
+    timesteps, inputs, counts = _select_rows(calib, rows_per_timestep)
     names = [str(n.target) for n in sim.gm.graph.nodes if n.op == "placeholder"]
 
     def run() -> torch.Tensor:

@@ -34,7 +34,13 @@ import torch
 from torch import fx, nn
 
 from qdiff_ao.calibration.calibration_set import CalibrationSet
-from qdiff_ao.calibration.sensitivity import _layers_of, _observed_value, _output_tensor, _per_timestep_error
+from qdiff_ao.calibration.sensitivity import (
+    _layers_of,
+    _observed_value,
+    _output_tensor,
+    _per_timestep_error,
+    _select_rows,
+)
 from qdiff_ao.quantizers.simulation import Simulation, build_simulation
 
 __all__ = ["FallbackDecision", "choose_float_layers"]
@@ -128,10 +134,7 @@ def choose_float_layers(
                          f"{rows_per_timestep}")
     sim = build_simulation(prepared)
     sim.gm.eval()
-    timesteps = calib.timesteps()
-    index = torch.cat([torch.nonzero(calib.timestep == t).flatten()[:rows_per_timestep] for t in timesteps])
-    inputs = calib._rows(index)
-    counts = [int((calib.timestep == t).sum().clamp(max=rows_per_timestep)) for t in timesteps]
+    timesteps, inputs, counts = _select_rows(calib, rows_per_timestep)
     names = [str(n.target) for n in sim.gm.graph.nodes if n.op == "placeholder"]
     forwards = 0
 
