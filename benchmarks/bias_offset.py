@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import qdiff_ao  # noqa: E402
-from qdiff_ao.app.main_job import load_model_folder  # noqa: E402
 from qdiff_ao.app.metrics import DigitsFD, noise_prediction_error, noise_prediction_offset  # noqa: E402
+from qdiff_ao.app.model_source import load_model_folder  # noqa: E402
 from qdiff_ao.app.sampling import ddim_sample, initial_noise  # noqa: E402
 
 

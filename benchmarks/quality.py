@@ -37,8 +37,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import qdiff_ao  # noqa: E402
-from qdiff_ao.app.main_job import load_model_folder, speed_ratio  # noqa: E402
+from qdiff_ao.app.main_job import speed_ratio  # noqa: E402
 from qdiff_ao.app.metrics import DigitsFD, noise_prediction_error  # noqa: E402
+from qdiff_ao.app.model_source import load_model_folder  # noqa: E402
 from qdiff_ao.app.sampling import ddim_sample, initial_noise  # noqa: E402
 from qdiff_ao.passes.output_correction import OUTPUT_CORRECTION  # noqa: E402
 
@@ -150,8 +151,7 @@ def main() -> None:
             qunet.save_pretrained(Path(tmp) / "ckpt")
             size = _dir_bytes(Path(tmp) / "ckpt")
         res = {"label": label, **evaluate(label, qunet, subject, args, noises, fp["fds"]), "size_bytes": size,
-               "latency_ratio": speed_ratio_kw(unet, qunet, x8, speed_kwargs) if speed_kwargs else
-               speed_ratio(unet, qunet, x8), "seconds": seconds,
+               "latency_ratio": speed_ratio(unet, qunet, {"sample": x8, **speed_kwargs}), "seconds": seconds,
                "keep_float": list(qunet.quantization_info["config"]["keep_float"])}
         results.append(res)
         print(f"[{args.model}] {label}: FD {res['fd_mean']:.3f} ± {res['fd_std']:.3f} = {res['ratio_mean']:.3f}x FP "
@@ -205,19 +205,6 @@ def main() -> None:
     (Path(args.out) / f"quality_{args.model}.json").write_text(
         json.dumps({"meta": meta, "rows": results}, indent=2, default=str))
     (Path(args.out) / f"quality_{args.model}.md").write_text(text + "\n")
-
-
-@torch.no_grad()
-def speed_ratio_kw(fp: Any, q: Any, x: torch.Tensor, kwargs: dict[str, Any], rounds: int = 5) -> float:
-    """Median FP32 / quantized latency with extra UNet inputs (interleaved rounds)."""
-    t = torch.tensor(500)
-    times: dict[str, list[float]] = {"fp": [], "q": []}
-    for _ in range(rounds):
-        for key, model in (("fp", fp), ("q", q)):
-            t0 = time.perf_counter()
-            model(x, t, **kwargs)
-            times[key].append(time.perf_counter() - t0)
-    return statistics.median(times["fp"]) / statistics.median(times["q"])
 
 
 if __name__ == "__main__":

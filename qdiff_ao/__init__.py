@@ -40,6 +40,11 @@ from qdiff_ao.observers import (
 from qdiff_ao.qconfig import get_backend_config, get_qconfig_mapping
 from qdiff_ao.workflow import convert, prepare, quantize
 
+# diffusers' pipeline loader finds a component's load method by checking the component class against base classes
+# it looks up *on the component's library* (here ``qdiff_ao``): exposing diffusers' own ModelMixin under that name
+# is what lets ``model_index.json`` say ``"unet": ["qdiff_ao", "QuantizedUNet"]`` (not part of the public API).
+from diffusers import ModelMixin  # noqa: E402,F401  isort: skip
+
 __all__ = [
     "__version__",
     "backends",

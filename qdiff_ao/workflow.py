@@ -36,6 +36,7 @@ from torch import fx, nn
 
 from qdiff_ao.backends.base import Backend
 from qdiff_ao.backends.x86 import X86Backend
+from qdiff_ao.calibration._plan import is_pipeline, resolve_components
 from qdiff_ao.calibration.calibration_set import CalibrationSet
 from qdiff_ao.calibration.collection import calibrate, collect_calibration_data
 from qdiff_ao.calibration.range_report import activation_ranges
@@ -103,8 +104,8 @@ def convert(prepared: fx.GraphModule) -> fx.GraphModule:
 
 
 def quantize(
-    unet: nn.Module,
-    scheduler: Any,
+    unet: Any,
+    scheduler: Any = None,
     cfg: QuantConfig | None = None,
     *,
     num_inference_steps: int = 100,
@@ -126,8 +127,11 @@ def quantize(
     """Quantize a diffusers UNet with Q-Diffusion and return a pipeline-ready :class:`QuantizedUNet`.
 
     Args:
-        unet: the float diffusers UNet (left unchanged).
-        scheduler: the diffusers scheduler whose trajectory provides calibration data.
+        unet: the float diffusers UNet (left unchanged), or a diffusers pipeline holding it (its ``unet`` is
+            quantized; calibration runs the pipeline's own sampler, so text-to-image pipelines take ``prompts=``,
+            ``guidance_scale=`` and ``negative_prompt=``, see :func:`qdiff_ao.collect_calibration_data`).
+        scheduler: the diffusers scheduler whose trajectory provides calibration data (default for a pipeline:
+            its own).
         cfg: quantization settings (default W4A8, ``QuantConfig()``); ``cfg.reconstruction`` sets the
             reconstruction iterations.
         num_inference_steps, num_timesteps, samples_per_timestep, calibration_strategy: calibration data
@@ -169,9 +173,12 @@ def quantize(
     cfg = cfg or QuantConfig()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    calibration_model = unet
+    if is_pipeline(unet):
+        unet, scheduler, _ = resolve_components(unet, scheduler)
     if calib is None:
         calib = collect_calibration_data(
-            unet, scheduler, num_inference_steps=num_inference_steps, num_timesteps=num_timesteps,
+            calibration_model, scheduler, num_inference_steps=num_inference_steps, num_timesteps=num_timesteps,
             samples_per_timestep=samples_per_timestep, strategy=calibration_strategy, batch_size=batch_size,
             seed=seed, progress=progress, **collect_kwargs,
         )

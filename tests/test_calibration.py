@@ -187,7 +187,8 @@ def test_pipeline_prompts_are_encoded_with_encode_prompt() -> None:
 
     pipe = types.SimpleNamespace(unet=unet, scheduler=DDIMScheduler(), encode_prompt=encode_prompt)
     calib = collect(pipe, prompts=["a", "abc"], negative_prompt="blurry", num_timesteps=1, samples_per_timestep=2)
-    assert seen == {"prompt": ["a", "abc"], "cfg": True, "negative": "blurry"}
+    # one negative per prompt: StableDiffusionPipeline.encode_prompt raises on a str beside a list of prompts
+    assert seen == {"prompt": ["a", "abc"], "cfg": True, "negative": ["blurry", "blurry"]}
     assert calib.encoder_hidden_states[:, 0, 0].tolist() == [-1.0, -1.0, 1.0, 3.0]
 
 

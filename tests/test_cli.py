@@ -48,7 +48,7 @@ def test_quantize_tiny_model_end_to_end(tmp_path, monkeypatch: pytest.MonkeyPatc
     # The checkpoint reloads and runs.
     from qdiff_ao import load
 
-    qunet = load(out / "checkpoint")
+    qunet = load(out / "pipeline" / "unet")
     assert qunet(torch.randn(2, 3, 16, 16), 10).sample.shape == (2, 3, 16, 16)
     # A second run refuses to overwrite the earlier output without --overwrite.
     assert main(args) == 2

@@ -2,6 +2,7 @@
 
     qdiff-ao quantize                       # the bundled digits DDPM to W4A8 with the full recipe -> ./qdiff-out
     qdiff-ao quantize --model DIR --weight-bits 8 --act-bits 8 --out out/w8a8
+    qdiff-ao quantize --model SD_PIPELINE_DIR --prompts prompts.txt --guidance-scale 7.5 --out out/sd
     qdiff-ao info                           # versions, kernels, bundled artifacts
 """
 
@@ -27,13 +28,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qdiff-ao", description="Q-Diffusion post-training quantization of "
                                      "diffusers UNets, lowered to real INT8 kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quantize", help="quantize a diffusers DDPM/DDIM model and write checkpoint + report",
-                       description="Quantize a diffusers model folder (unet/ + scheduler/; default: the bundled "
-                       "digits DDPM) with timestep-uniform calibration, split shortcuts, a measured float fallback for "
-                       "harmful quantizers, reconstruction and a per-timestep-group output correction, "
-                       "then write the checkpoint, report.md/json, sample grids and activation plots.")
-    q.add_argument("--model", type=Path, default=None, help="diffusers model folder with unet/ and scheduler/ "
-                   "(default: the bundled digits DDPM)")
+    q = sub.add_parser("quantize", help="quantize a diffusers pipeline's UNet and write a quantized pipeline + report",
+                       description="Quantize the UNet of a diffusers pipeline folder (DDPM/DDIM, or a "
+                       "StableDiffusionPipeline-shaped text-to-image folder; or a unet/ + scheduler/ folder; default: "
+                       "the bundled digits DDPM) with timestep-uniform calibration, split shortcuts, a measured float "
+                       "fallback for harmful quantizers, reconstruction and a per-timestep-group output correction, "
+                       "then write OUT/pipeline (loads with DiffusionPipeline.from_pretrained; model card inside), "
+                       "report.md/json, sample grids and activation plots.")
+    q.add_argument("--model", type=Path, default=None, help="diffusers pipeline folder (model_index.json) or a "
+                   "folder with unet/ and scheduler/ (default: the bundled digits DDPM)")
+    q.add_argument("--prompts", type=Path, default=None, help="text-to-image: calibration prompts, one per line "
+                   "(default: 16 varied prompts shipped with qdiff_ao)")
+    q.add_argument("--guidance-scale", type=float, default=7.5, help="text-to-image: classifier-free guidance of "
+                   "the calibration sampler and the report samples (<= 1: no guidance)")
+    q.add_argument("--negative-prompt", default=None, help="text-to-image: the prompt of the unconditional half "
+                   "(default: the empty prompt)")
     q.add_argument("--weight-bits", type=int, default=4)
     q.add_argument("--act-bits", type=int, default=8, help="activation bits; 0 = weights only")
     q.add_argument("--no-split", action="store_true", help="disable split shortcut quantization")
@@ -50,11 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--samples-per-timestep", type=int, default=32)
     q.add_argument("--recon-iters", type=int, default=None,
                    help="AdaRound iterations per block (0 = no reconstruction; default: the config's)")
-    q.add_argument("--num-samples", type=int, default=300, help="images sampled for the FD / confidence report "
-                   "(300 = the size of the held-out reference set)")
+    q.add_argument("--num-samples", type=int, default=None, help="images sampled for the report (default: 300 "
+                   "for the digits FD, the size of its held-out reference set; 16 for text-to-image; 64 otherwise)")
     q.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps for the report samples")
     q.add_argument("--out", type=Path, default=Path("qdiff-out"))
-    q.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
+    q.add_argument("--overwrite", action="store_true", help="replace the output of an earlier run in --out")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -1,13 +1,16 @@
-"""The main job behind ``qdiff-ao quantize``: quantize a model folder and write checkpoint, report and figures.
+"""The main job behind ``qdiff-ao quantize``: quantize a model folder and write pipeline, report and figures.
 
 Output folder layout::
 
-    OUT/checkpoint/            the compressed quantized UNet (qdiff_ao.load / QuantizedUNet.from_pretrained)
-    OUT/report.md, report.json size, speed, FD, confidence, noise-prediction error, timings, settings
-    OUT/samples_fp.png         FP32 samples (DDIM, fixed noise)
-    OUT/samples_quantized.png  quantized samples from the same noise
+    OUT/pipeline/              the quantized pipeline: DiffusionPipeline.from_pretrained(OUT/pipeline) loads it
+    OUT/pipeline/unet/         the compressed quantized UNet (qdiff_ao.load / QuantizedUNet.from_pretrained)
+    OUT/pipeline/README.md     its model card, generated from this report
+    OUT/report.md, report.json size, speed, quality, noise-prediction error, timings, settings
+    OUT/samples_fp.png         FP32 samples (DDIM for unconditional models, the pipeline for text-to-image)
+    OUT/samples_quantized.png  quantized samples from the same noise (and prompts)
     OUT/activation_ranges.png  per-timestep activation ranges of the most drifting layers
     OUT/split_histograms.png   the two halves of skip concats (when split shortcuts are on)
+    OUT/sensitivity.png        the per-quantizer sensitivity heat map
 """
 
 from __future__ import annotations
@@ -15,78 +18,32 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import diffusers
 import torch
 
 from qdiff_ao import workflow
 from qdiff_ao.app import bundled, metrics
-from qdiff_ao.app.bundled import DIGITS_DDPM_DIR
+from qdiff_ao.app.model_card import model_card
+from qdiff_ao.app.model_source import MainJobError, ModelSource, load_model_source
 from qdiff_ao.app.output_folder import StagedOutput, check_output_target
-from qdiff_ao.app.sampling import ddim_sample, initial_noise
+from qdiff_ao.app.pipeline_output import write_pipeline_folder
+from qdiff_ao.app.prompts import DEFAULT_PROMPTS_FILE, read_prompts
+from qdiff_ao.app.sampling import ddim_sample, initial_noise, pipeline_sample
 from qdiff_ao.calibration.range_report import plot_activation_ranges, plot_split_histograms
 from qdiff_ao.calibration.sensitivity import sensitivity
 from qdiff_ao.config import QuantConfig, ReconstructionConfig
 
-__all__ = ["MainJobError", "run_main_job", "load_model_folder", "speed_ratio"]
+__all__ = ["MainJobError", "run_main_job", "speed_ratio"]
 
 logger = logging.getLogger(__name__)
 
-
-class MainJobError(ValueError):
-    """A problem with the command's input (paths, model kind), reported without a traceback."""
-
-
-def load_model_folder(path: Path | None) -> tuple[Any, Any, str]:
-    """(unet, scheduler, name) from a diffusers folder with unet/ and scheduler/, or the bundled DDPM.
-
-    Raises:
-        MainJobError: the folder is missing, incomplete, unreadable or not an unconditional UNet2DModel.
-    """
-    name = "bundled digits DDPM" if path is None else str(path)
-    root = Path(DIGITS_DDPM_DIR if path is None else path)
-    if not root.is_dir():
-        raise MainJobError(f"model folder {root} does not exist (expected a diffusers folder with unet/ and "
-                           "scheduler/, as written by pipeline.save_pretrained)")
-    for sub in ("unet", "scheduler"):
-        if not (root / sub).is_dir():
-            hint = " (train it with examples/train_ddpm.py)" if path is None else ""
-            raise MainJobError(f"{root} has no {sub}/ subfolder{hint}; expected a diffusers pipeline folder")
-    unet_cfg = _read_json(root / "unet" / "config.json")
-    if unet_cfg.get("_class_name") != "UNet2DModel":
-        raise MainJobError(
-            f"qdiff-ao quantize supports unconditional UNet2DModel folders, got {unet_cfg.get('_class_name')!r}; "
-            "quantize conditional UNets from Python (qdiff_ao.quantize with encoder_hidden_states=...)"
-        )
-    sched_cfg = _read_json(root / "scheduler" / "scheduler_config.json")
-    sched_cls = getattr(diffusers, str(sched_cfg.get("_class_name")), None)
-    if not (isinstance(sched_cls, type) and issubclass(sched_cls, diffusers.SchedulerMixin)):
-        raise MainJobError(f"unknown scheduler class {sched_cfg.get('_class_name')!r} in {root / 'scheduler'}")
-    try:
-        # str paths: diffusers records the load path in the config, which must stay JSON-serialisable.
-        unet = diffusers.UNet2DModel.from_pretrained(str(root / "unet")).eval()
-        scheduler = sched_cls.from_pretrained(str(root / "scheduler"))
-    except (OSError, ValueError, TypeError, KeyError) as err:  # missing weights, a config diffusers refuses
-        raise MainJobError(f"cannot load the model in {root}: {type(err).__name__}: {err}") from None
-    return unet, scheduler, name
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MainJobError(f"{path} is missing; expected a diffusers model folder") from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise MainJobError(f"{path} is not a readable JSON config ({type(err).__name__}: {err})") from None
-    if not isinstance(value, dict):
-        raise MainJobError(f"{path} holds a JSON {type(value).__name__}, not a config object")
-    return value
-
+SPEED_BATCH = 8
 
 def check_args(args: argparse.Namespace) -> None:
     """Validate every option before any work is done (and before anything is written).
@@ -95,10 +52,10 @@ def check_args(args: argparse.Namespace) -> None:
         MainJobError: naming the option, what it must be and what it got.
     """
     positive = {"--calibration-steps": args.calibration_steps, "--calibration-timesteps": args.calibration_timesteps,
-                "--samples-per-timestep": args.samples_per_timestep, "--num-samples": args.num_samples,
-                "--sampling-steps": args.sampling_steps}
-    if args.threads is not None:
-        positive["--threads"] = args.threads
+                "--samples-per-timestep": args.samples_per_timestep, "--sampling-steps": args.sampling_steps}
+    for option, value in (("--threads", args.threads), ("--num-samples", args.num_samples)):
+        if value is not None:
+            positive[option] = value
     for option, value in positive.items():
         if value < 1:
             raise MainJobError(f"{option} must be >= 1, got {value}")
@@ -108,24 +65,39 @@ def check_args(args: argparse.Namespace) -> None:
     if args.calibration_timesteps > args.calibration_steps:
         raise MainJobError(f"--calibration-timesteps ({args.calibration_timesteps}) cannot exceed "
                            f"--calibration-steps ({args.calibration_steps}): timesteps are picked from the steps")
+    if not (math.isfinite(args.guidance_scale) and args.guidance_scale >= 0):
+        raise MainJobError(f"--guidance-scale must be a finite number >= 0 (<= 1 turns guidance off), got "
+                           f"{args.guidance_scale}")
+    if args.prompts is not None:
+        read_prompts(args.prompts)  # an empty or unreadable file fails here, before any model loads
     try:
         check_output_target(args.out, args.overwrite)
     except ValueError as err:
         raise MainJobError(str(err)) from None
 
 
-def speed_ratio(fp: Any, q: Any, x: torch.Tensor, rounds: int = 5) -> float:
-    """Median over interleaved rounds of time(fp) / time(q) for one forward at the batch of ``x``."""
-    t = torch.full((x.shape[0],), 500)
+def _check_args_fit_model(args: argparse.Namespace, source: ModelSource) -> None:
+    text_options = [o for o, v in (("--prompts", args.prompts), ("--negative-prompt", args.negative_prompt)) if v]
+    if source.kind != "text-to-image" and text_options:
+        raise MainJobError(f"{' and '.join(text_options)} only apply to text-to-image pipelines; {source.name} "
+                           f"holds an {source.kind} model: drop them")
+
+
+def speed_ratio(fp: Any, q: Any, inputs: dict[str, torch.Tensor], rounds: int = 5) -> float:
+    """Median over interleaved rounds of time(fp) / time(q) for one forward on ``inputs`` at timestep 500.
+
+    ``inputs`` holds ``sample`` and any other UNet input (``encoder_hidden_states``) at the batch to time.
+    """
+    t = torch.full((inputs["sample"].shape[0],), 500)
     ratios = []
     with torch.no_grad():
-        fp(x, t)
-        q(x, t)
+        fp(timestep=t, **inputs)
+        q(timestep=t, **inputs)
         for _ in range(rounds):
             t0 = time.perf_counter()
-            fp(x, t)
+            fp(timestep=t, **inputs)
             t1 = time.perf_counter()
-            q(x, t)
+            q(timestep=t, **inputs)
             t2 = time.perf_counter()
             ratios.append((t1 - t0) / (t2 - t1))
     return statistics.median(ratios)
@@ -147,12 +119,13 @@ def run_main_job(args: argparse.Namespace) -> dict[str, Any]:
         cfg = QuantConfig(weight_bits=args.weight_bits, act_bits=args.act_bits or None, reconstruction=rcfg)
     except ValueError as err:
         raise MainJobError(str(err)) from None
-    unet, scheduler, name = load_model_folder(args.model)
+    source = load_model_source(args.model)
+    _check_args_fit_model(args, source)
     if args.threads:
         torch.set_num_threads(args.threads)
     staged = StagedOutput(args.out)
     try:
-        report = _quantize_and_report(args, unet, scheduler, name, cfg, staged.path, save_image)
+        report = _quantize_and_report(args, source, cfg, staged.path, save_image)
         staged.publish()
     finally:
         staged.discard()  # a no-op once published
@@ -160,12 +133,51 @@ def run_main_job(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def _quantize_and_report(args: argparse.Namespace, unet: Any, scheduler: Any, name: str, cfg: QuantConfig,
-                         out: Path, save_image: Any) -> dict[str, Any]:
-    """Quantize and write checkpoint, figures and report into ``out`` (the staging folder)."""
+class _TextConditioning:
+    """Prompts, guidance and their embeddings for a text-to-image run (calibration, samples, error, speed)."""
+
+    def __init__(self, args: argparse.Namespace, pipeline: Any) -> None:
+        self.prompts = read_prompts(args.prompts)
+        self.source = str(args.prompts) if args.prompts else f"the default set, {DEFAULT_PROMPTS_FILE.name}"
+        self.guidance_scale = args.guidance_scale
+        self.negative_prompt = args.negative_prompt
+        with torch.no_grad():
+            self.embeddings = pipeline.encode_prompt(self.prompts, torch.device("cpu"), 1, False)[0]
+
+    def collect_kwargs(self) -> dict[str, Any]:
+        return {"prompts": self.prompts, "guidance_scale": self.guidance_scale, "negative_prompt": self.negative_prompt}
+
+    def rows(self, n: int) -> torch.Tensor:
+        """Prompt embeddings for ``n`` samples, prompt ``j mod P`` for sample ``j``."""
+        return self.embeddings[torch.arange(n) % len(self.prompts)]
+
+
+def _samples(args: argparse.Namespace, source: ModelSource, qunet: Any, text: _TextConditioning | None,
+             num_samples: int, progress: bool) -> dict[str, torch.Tensor]:
+    """FP and quantized samples in [0, 1] from the same initial noise (and prompts)."""
+    if text is None:
+        noise = initial_noise(source.unet, num_samples, args.seed)
+        sched = source.scheduler.config
+        return {key: ddim_sample(model, sched, noise, num_inference_steps=args.sampling_steps, progress=progress,
+                                 desc=f"{key} samples") * 0.5 + 0.5
+                for key, model in (("fp", source.unet), ("quantized", qunet))}
+    quantized_pipe = type(source.pipeline)(**{**source.pipeline.components, "unet": qunet})
+    quantized_pipe.set_progress_bar_config(disable=True)
+    return {key: pipeline_sample(pipe, [text.prompts[j % len(text.prompts)] for j in range(num_samples)],
+                                 seed=args.seed, num_inference_steps=args.sampling_steps,
+                                 guidance_scale=text.guidance_scale, negative_prompt=text.negative_prompt,
+                                 progress=progress, desc=f"{key} samples")
+            for key, pipe in (("fp", source.pipeline), ("quantized", quantized_pipe))}
+
+
+def _quantize_and_report(args: argparse.Namespace, source: ModelSource, cfg: QuantConfig, out: Path,
+                         save_image: Any) -> dict[str, Any]:
+    """Quantize and write pipeline folder, figures and report into ``out`` (the staging folder)."""
     progress = not args.quiet
     figures: dict[str, str] = {}
     extra: dict[str, Any] = {}
+    unet = source.unet
+    text = _TextConditioning(args, source.pipeline) if source.kind == "text-to-image" else None
 
     def on_prepared(prepared: Any, calib: Any) -> None:
         if cfg.act_bits is not None:
@@ -175,7 +187,7 @@ def _quantize_and_report(args: argparse.Namespace, unet: Any, scheduler: Any, na
             rows = min(16, max(calib.timestep_histogram().values()))
             plot_split_histograms(prepared, calib.example_inputs(rows), out / "split_histograms.png")
             figures["split_histograms"] = "split_histograms.png"
-        if not getattr(args, "no_sensitivity", False):
+        if not args.no_sensitivity:
             found = sensitivity(prepared, calib, rows_per_timestep=2, progress=progress)
             found.plot(out / "sensitivity.png")
             figures["sensitivity"] = "sensitivity.png"
@@ -184,52 +196,67 @@ def _quantize_and_report(args: argparse.Namespace, unet: Any, scheduler: Any, na
 
     t_start = time.perf_counter()
     qunet = workflow.quantize(
-        unet, scheduler, cfg, num_inference_steps=args.calibration_steps, num_timesteps=args.calibration_timesteps,
+        source.pipeline if text is not None else unet, source.scheduler, cfg,
+        num_inference_steps=args.calibration_steps, num_timesteps=args.calibration_timesteps,
         samples_per_timestep=args.samples_per_timestep, calibration_strategy=args.calibration_strategy,
-        split=not args.no_split, reconstruct=args.recon_iters != 0,
-        bias_correction=not getattr(args, "no_bias_correction", False),
-        precision_fallback=not getattr(args, "no_precision_fallback", False), seed=args.seed, progress=progress,
-        on_prepared=on_prepared,
+        split=not args.no_split, reconstruct=args.recon_iters != 0, bias_correction=not args.no_bias_correction,
+        precision_fallback=not args.no_precision_fallback, seed=args.seed, progress=progress,
+        on_prepared=on_prepared, **(text.collect_kwargs() if text is not None else {}),
     )
     quantize_s = time.perf_counter() - t_start
-    qunet.save_pretrained(out / "checkpoint")
+    pipeline_dir = out / "pipeline"
+    qunet.save_pretrained(pipeline_dir / "unet")
     with tempfile.TemporaryDirectory() as tmp:
         unet.save_pretrained(tmp, safe_serialization=True)
         fp_bytes = _dir_bytes(Path(tmp))
-    q_bytes = _dir_bytes(out / "checkpoint")
+    q_bytes = _dir_bytes(pipeline_dir / "unet")
     qunet.optimize_for_inference()  # bit-identical frozen TorchScript: faster sampling and the speed we report
 
-    noise = initial_noise(unet, args.num_samples, args.seed)
-    samples = {
-        "fp": ddim_sample(unet, scheduler.config, noise, num_inference_steps=args.sampling_steps, progress=progress,
-                          desc="FP32 samples"),
-        "quantized": ddim_sample(qunet, scheduler.config, noise, num_inference_steps=args.sampling_steps,
-                                 progress=progress, desc="quantized samples"),
-    }
+    is_digits = text is None and (unet.config.in_channels, unet.config.sample_size) == (1, bundled.IMAGE_SIZE)
+    num_samples = args.num_samples or (300 if is_digits else 16 if text is not None else 64)
+    samples = _samples(args, source, qunet, text, num_samples, progress)
     for key, images in samples.items():
-        save_image(images[:64] * 0.5 + 0.5, out / f"samples_{key}.png", nrow=8)
+        save_image(images[:64], out / f"samples_{key}.png", nrow=8)
+    c, s = unet.config.in_channels, unet.config.sample_size
+    cond = {"encoder_hidden_states": text.rows(SPEED_BATCH)} if text is not None else {}
+    speed: dict[str, float] = {"batch": SPEED_BATCH}
+    for key, b in (("batch_1", 1), ("batch_n", SPEED_BATCH)):
+        inputs = {"sample": torch.randn(b, c, s, s), **{k: v[:b] for k, v in cond.items()}}
+        speed[key] = round(speed_ratio(unet, qunet, inputs), 2)
+    error_rows = min(64, num_samples)
+    error_cond = {"encoder_hidden_states": text.rows(error_rows)} if text is not None else {}
+    noise_err = metrics.noise_prediction_error(
+        lambda sample, timestep: unet(sample, timestep, **error_cond),
+        lambda sample, timestep: qunet(sample, timestep, **error_cond),
+        source.scheduler, num_samples=error_rows, num_inference_steps=args.sampling_steps, sample_shape=(c, s, s),
+        seed=args.seed,
+    )
+    calibration = {"scheduler": type(source.scheduler).__name__, "steps": args.calibration_steps,
+                   "timesteps": args.calibration_timesteps, "strategy": args.calibration_strategy,
+                   "samples_per_timestep": args.samples_per_timestep}
+    if text is not None:
+        calibration.update(prompts=text.prompts, prompts_source=text.source, guidance_scale=text.guidance_scale,
+                           negative_prompt=text.negative_prompt)
     report: dict[str, Any] = {
-        "model": name, "scheme": cfg.name, "config": cfg.to_dict(), "quantize_seconds": round(quantize_s, 1),
+        "model": source.name, "base_model": source.root.name if args.model is not None else "qdiff-ao digits DDPM",
+        "kind": source.kind, "pipeline_class": source.pipeline_class, "scheme": cfg.name, "config": cfg.to_dict(),
+        "calibration": calibration, "quantize_seconds": round(quantize_s, 1),
         "timings": qunet.quantization_info["timings"], "splits": len(qunet.quantization_info["splits"]),
         "checkpoint_bytes": q_bytes, "fp32_safetensors_bytes": fp_bytes, "size_ratio": q_bytes / fp_bytes,
-        "speed_ratio_vs_fp32": {}, "num_samples": args.num_samples, "sampling": f"DDIM {args.sampling_steps} steps",
+        "speed_ratio_vs_fp32": speed, "num_samples": num_samples,
+        "sampling": f"{'DDIM' if text is None else type(source.scheduler).__name__} {args.sampling_steps} steps",
         "figures": figures, "most_drifting": qunet.quantization_info["most_drifting"],
         "precision_fallback": qunet.quantization_info["precision_fallback"],
-        "output_correction": qunet.quantization_info["bias_correction"], **extra,
+        "output_correction": qunet.quantization_info["bias_correction"],
+        "noise_prediction_error_mean": float(noise_err.mean()), **extra,
     }
-    c, s = unet.config.in_channels, unet.config.sample_size
-    for b in (1, 8):
-        report["speed_ratio_vs_fp32"][f"batch_{b}"] = round(speed_ratio(unet, qunet, torch.randn(b, c, s, s)), 2)
-    noise_err = metrics.noise_prediction_error(
-        lambda sample, timestep: unet(sample, timestep), lambda sample, timestep: qunet(sample, timestep),
-        scheduler, num_samples=min(64, args.num_samples), num_inference_steps=args.sampling_steps,
-        sample_shape=(c, s, s), seed=args.seed,
-    )
-    report["noise_prediction_error_mean"] = float(noise_err.mean())
-    if (c, s) == (1, bundled.IMAGE_SIZE):
+    if is_digits:
         metric = metrics.DigitsFD.from_bundled()
-        report["fd"] = {k: metric.fd(v) for k, v in samples.items()}
-        report["confidence"] = {k: metric.mean_confidence(v) for k, v in samples.items()}
+        signed = {k: v * 2 - 1 for k, v in samples.items()}  # the yardstick takes [-1, 1] samples
+        report["fd"] = {k: metric.fd(v) for k, v in signed.items()}
+        report["confidence"] = {k: metric.mean_confidence(v) for k, v in signed.items()}
+    report["pipeline"] = pipeline_dir.name
+    write_pipeline_folder(source, pipeline_dir, model_card(report))
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "report.md").write_text(_markdown(report))
     return report
@@ -237,6 +264,7 @@ def _quantize_and_report(args: argparse.Namespace, unet: Any, scheduler: Any, na
 
 def _markdown(r: dict[str, Any]) -> str:
     timings = ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items())
+    speed = r["speed_ratio_vs_fp32"]
     lines = [f"# qdiff-ao quantize: {r['model']} -> {r['scheme']}", "",
              "| measure | FP32 | quantized |", "|---|---:|---:|"]
     if "fd" in r:
@@ -245,16 +273,22 @@ def _markdown(r: dict[str, Any]) -> str:
         conf = r["confidence"]
         lines.append(f"| mean classifier confidence | {conf['fp']:.3f} | {conf['quantized']:.3f} |")
     lines += [
-        f"| size (bytes) | {r['fp32_safetensors_bytes']:,} | {r['checkpoint_bytes']:,} ({r['size_ratio']:.3f}x) |",
-        "| speed vs FP32 eager, batch 1 / 8 (quantized: frozen TorchScript) | 1.00x | "
-        f"{r['speed_ratio_vs_fp32']['batch_1']:.2f}x / "
-        f"{r['speed_ratio_vs_fp32']['batch_8']:.2f}x |",
+        f"| UNet size (bytes) | {r['fp32_safetensors_bytes']:,} | {r['checkpoint_bytes']:,} "
+        f"({r['size_ratio']:.3f}x) |",
+        f"| UNet speed vs FP32 eager, batch 1 / {speed['batch']} (quantized: frozen TorchScript) | 1.00x | "
+        f"{speed['batch_1']:.2f}x / {speed['batch_n']:.2f}x |",
         f"| mean relative noise-prediction error along the FP DDIM trajectory | 0 | "
         f"{r['noise_prediction_error_mean']:.4f} |",
         "", f"Quantization took {r['quantize_seconds']} s ({timings}); "
         f"{r['splits']} skip concats split. Samples: {r['sampling']}, same initial noise for both models.", "",
+        f"Quantized pipeline: `{r['pipeline']}/` (`DiffusionPipeline.from_pretrained` loads it; model card in "
+        f"`{r['pipeline']}/README.md`).", "",
         "Figures: samples_fp.png, samples_quantized.png, " + ", ".join(r["figures"].values()), "",
     ]
+    if r["kind"] == "text-to-image":
+        cal = r["calibration"]
+        lines += [f"Calibration prompts: {len(cal['prompts'])} from {cal['prompts_source']}, guidance scale "
+                  f"{cal['guidance_scale']}.", ""]
     fallback = r.get("precision_fallback")
     if fallback is not None:
         kept = ", ".join(f"`{name}`" for name in fallback["layers"]) or "none"

@@ -17,8 +17,9 @@ from pathlib import Path
 
 __all__ = ["KNOWN_ENTRIES", "StagedOutput", "check_output_target", "recover_interrupted_publish"]
 
-KNOWN_ENTRIES = frozenset({"checkpoint", "report.json", "report.md", "samples_fp.png", "samples_quantized.png",
-                           "activation_ranges.png", "split_histograms.png", "sensitivity.png"})
+# "checkpoint": the UNet checkpoint folder of outputs written before the pipeline folder existed.
+KNOWN_ENTRIES = frozenset({"pipeline", "checkpoint", "report.json", "report.md", "samples_fp.png",
+                           "samples_quantized.png", "activation_ranges.png", "split_histograms.png", "sensitivity.png"})
 
 
 def _ours(path: Path) -> bool:

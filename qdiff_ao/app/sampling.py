@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["initial_noise", "ddim_sample"]
+__all__ = ["initial_noise", "ddim_sample", "pipeline_sample"]
 
 
 def initial_noise(unet: Any, num_samples: int, seed: int) -> torch.Tensor:
@@ -56,3 +56,31 @@ def ddim_sample(
         out.append(x.clamp(-1, 1))
     bar.close()
     return torch.cat(out)
+
+
+@torch.no_grad()
+def pipeline_sample(
+    pipeline: Any,
+    prompts: list[str],
+    *,
+    seed: int,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    negative_prompt: str | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "sampling",
+) -> torch.Tensor:
+    """Images in [0, 1], shape (len(prompts), 3, H, W), from a text-to-image pipeline, one per prompt.
+
+    Chunk ``k`` draws its initial latents from ``torch.Generator().manual_seed(seed + k)``, so two pipelines
+    differing only in their UNet start every image from the same noise.
+    """
+    images = []
+    chunks = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    for k, chunk in enumerate(tqdm(chunks, desc=desc, disable=not progress, leave=False)):
+        out = pipeline(chunk, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                       negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
+                       generator=torch.Generator().manual_seed(seed + k), output_type="pt")
+        images.append(out.images.float().clamp(0, 1))
+    return torch.cat(images)

@@ -114,13 +114,13 @@ def _config(unet: torch.nn.Module) -> Any:
     return config if hasattr(config, "get") else {}
 
 
-def _is_pipeline(obj: Any) -> bool:
+def is_pipeline(obj: Any) -> bool:
     return not isinstance(obj, torch.nn.Module) and (hasattr(obj, "components") or hasattr(obj, "unet"))
 
 
-def _resolve_components(model: Any, scheduler: Any) -> tuple[torch.nn.Module, Any, Any]:
+def resolve_components(model: Any, scheduler: Any) -> tuple[torch.nn.Module, Any, Any]:
     """(unet, scheduler, pipeline or None) from a UNet + scheduler or a pipeline."""
-    pipeline = model if _is_pipeline(model) else None
+    pipeline = model if is_pipeline(model) else None
     unet = model
     if pipeline is not None:
         unet = getattr(pipeline, "unet", None)
@@ -204,9 +204,15 @@ def _encode_prompts(
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not texts or not all(isinstance(p, str) for p in texts):
         raise TypeError(f"prompts must be a str or a non-empty list of str, got {prompts!r}")
+    # one negative prompt per prompt: encode_prompt refuses a str beside a list of prompts
+    negatives = (
+        [""] * len(texts)
+        if negative_prompt is None
+        else ([negative_prompt] * len(texts) if isinstance(negative_prompt, str) else list(negative_prompt))
+    )
     with torch.no_grad():
         if callable(getattr(pipeline, "encode_prompt", None)):
-            out = pipeline.encode_prompt(texts, device, 1, cfg, negative_prompt=negative_prompt)
+            out = pipeline.encode_prompt(texts, device, 1, cfg, negative_prompt=negatives)
             if not (isinstance(out, tuple) and len(out) == 2):
                 raise ValueError(
                     f"{type(pipeline).__name__}.encode_prompt returned {type(out).__name__} of length "
@@ -227,11 +233,6 @@ def _encode_prompts(
             ).input_ids
             return encoder(ids.to(device))[0]
 
-        negatives = (
-            [""] * len(texts)
-            if negative_prompt is None
-            else ([negative_prompt] * len(texts) if isinstance(negative_prompt, str) else list(negative_prompt))
-        )
         return embed(texts), (embed(negatives) if cfg else None)
 
 
@@ -269,7 +270,7 @@ def plan_sampler(
     sample_shape: Sequence[int] | None,
 ) -> SamplerPlan:
     """Check model, scheduler and conditioning together and return the resolved :class:`SamplerPlan`."""
-    unet, scheduler, pipeline = _resolve_components(model, scheduler)
+    unet, scheduler, pipeline = resolve_components(model, scheduler)
     _check_scheduler_fits(unet, scheduler, num_inference_steps)
     shape = _sample_shape(unet, sample_shape)
     first = next(iter(unet.parameters()), None)

@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.models.modeling_utils import ModelMixin
 from torch import fx, nn
 
 from qdiff_ao.capture.input_guards import check_graph_inputs, traced_input_guards
 from qdiff_ao.deploy.checkpoint.archive import load_graph, save_graph
 from qdiff_ao.deploy.freezing import freeze_graph
 
-__all__ = ["QuantizedUNet", "graph_input_spec", "load", "save"]
+__all__ = ["QuantizedUNet", "check_loader_options", "graph_input_spec", "load", "save"]
 
 _MAX_INT_TIMESTEP = 2**53  # beyond this a float timestep no longer holds an exact integer
 
@@ -37,8 +38,50 @@ def graph_input_spec(gm: fx.GraphModule) -> dict[str, tuple[int, torch.dtype]]:
     return spec
 
 
-class QuantizedUNet(nn.Module):
+# What diffusers' loader may pass to a model component, and the values a float32-I/O CPU checkpoint honours
+# (None everywhere means "not asked for").
+_LOADER_OPTIONS: dict[str, tuple[Any, ...]] = {
+    "torch_dtype": (None, torch.float32),
+    "dtype": (None, torch.float32),
+    "device_map": (None, "cpu"),
+    "variant": (None,),
+    "use_safetensors": (None, True),
+    "use_flashpack": (None, False),
+    "quantization_config": (None,),
+    "max_memory": (None,),
+    "offload_folder": (None,),
+    "offload_state_dict": (None, False, True),
+    "low_cpu_mem_usage": (None, False, True),
+    "disable_mmap": (None, False, True),
+}
+
+
+def check_loader_options(options: dict[str, Any]) -> None:
+    """Refuse loader keywords that would otherwise be silently ignored (a dtype, a GPU device map, a variant).
+
+    Raises:
+        TypeError: an unknown keyword.
+        ValueError: a known keyword at a value this checkpoint cannot honour.
+    """
+    for name, value in options.items():
+        if name not in _LOADER_OPTIONS:
+            raise TypeError(f"QuantizedUNet.from_pretrained got an unexpected keyword {name!r}; it accepts "
+                            f"{sorted(_LOADER_OPTIONS)} (the keywords diffusers' pipeline loader passes)")
+        if not any(value is ok or value == ok for ok in _LOADER_OPTIONS[name]):
+            raise ValueError(
+                f"QuantizedUNet.from_pretrained: {name}={value!r} cannot be honoured: the checkpoint holds integer "
+                f"weights with float32 inputs and outputs for the CPU ({name} may be "
+                f"{[v for v in _LOADER_OPTIONS[name]]}); drop {name} from the from_pretrained call"
+            )
+
+
+class QuantizedUNet(ModelMixin):
     """Drop-in UNet for diffusers pipelines around a (quantized) traced GraphModule.
+
+    A ``diffusers.ModelMixin`` so that diffusers' pipeline loader and saver treat it as a model component:
+    a pipeline folder whose ``model_index.json`` says ``"unet": ["qdiff_ao", "QuantizedUNet"]`` loads with
+    ``DiffusionPipeline.from_pretrained`` (diffusers finds the load method through ``qdiff_ao.ModelMixin``), and
+    ``pipe.save_pretrained`` writes this checkpoint into ``unet/``.
 
     Args:
         graph_module: from ``qdiff_ao.convert`` (or a user's convert_fx on a ``qdiff_ao.trace`` graph).
@@ -87,18 +130,30 @@ class QuantizedUNet(nn.Module):
                 return t.device
         return torch.device("cpu")
 
-    def save_pretrained(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    # ModelMixin's save/load keywords (variants, shards, hub pushes) do not apply to this checkpoint format;
+    # diffusers' pipeline saver passes a component only the keywords its save_pretrained signature names.
+    def save_pretrained(  # type: ignore[override]
+        self, path: str | os.PathLike[str], *, overwrite: bool = False
+    ) -> Path:
         """Write a compressed checkpoint directory (``config.json`` + ``model.safetensors``; see
         :func:`qdiff_ao.deploy.checkpoint.save_graph`) and return its absolute path."""
         return save_graph(self.graph_module, path, unet_config=self.config, overwrite=overwrite)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike[str]) -> QuantizedUNet:
+    def from_pretrained(  # type: ignore[override]
+        cls, path: str | os.PathLike[str], **loader_options: Any
+    ) -> QuantizedUNet:
         """Load a checkpoint written by :meth:`save_pretrained`, in eval mode on the CPU (usable as ``pipe.unet``).
+
+        ``loader_options`` are the keywords diffusers' pipeline loader passes to every model component
+        (``torch_dtype``, ``device_map``, ``variant``, ...); each is accepted only at a value this CPU integer
+        checkpoint can honour (see :func:`check_loader_options`).
 
         Raises:
             CheckpointError: see :func:`qdiff_ao.deploy.checkpoint.load_graph`.
+            TypeError, ValueError: a loader option this checkpoint cannot honour.
         """
+        check_loader_options(loader_options)
         gm, config = load_graph(path)
         return cls(gm, config=config).eval()
 
@@ -131,7 +186,7 @@ class QuantizedUNet(nn.Module):
         self._guards = guards
         return self
 
-    def to(self, *args: Any, **kwargs: Any) -> QuantizedUNet:
+    def to(self, *args: Any, **kwargs: Any) -> QuantizedUNet:  # type: ignore[override]
         dtype = kwargs.get("dtype") or next((a for a in args if isinstance(a, torch.dtype)), None)
         device = kwargs.get("device") or next((a for a in args if isinstance(a, (str, torch.device))), None)
         if dtype is not None and dtype != torch.float32:
@@ -265,3 +320,8 @@ def save(
 def load(path: str | os.PathLike[str]) -> QuantizedUNet:
     """Alias of :meth:`QuantizedUNet.from_pretrained`."""
     return QuantizedUNet.from_pretrained(path)
+
+
+# The public name, not the defining module: diffusers' pipeline saver writes a custom component's module into
+# model_index.json, and "qdiff_ao" stays valid however the package's files move (as pickles do).
+QuantizedUNet.__module__ = "qdiff_ao"
