@@ -39,6 +39,7 @@ from qdiff_ao.backends.x86 import X86Backend
 from qdiff_ao.calibration._plan import is_pipeline, resolve_components
 from qdiff_ao.calibration.calibration_set import CalibrationSet
 from qdiff_ao.calibration.collection import calibrate, collect_calibration_data
+from qdiff_ao.calibration.distributed import init_from_environment
 from qdiff_ao.calibration.range_report import activation_ranges
 from qdiff_ao.capture.graph_state import graph_info, has_graph_info
 from qdiff_ao.capture.tracing import trace
@@ -154,6 +155,10 @@ def quantize(
             before conversion (reports and plots use it).
         **collect_kwargs: forwarded to ``collect_calibration_data`` (e.g. ``encoder_hidden_states``).
 
+    Under ``torchrun`` (or an initialised process group) calibration data are sampled and observed data-parallel
+    and merged exactly (:mod:`qdiff_ao.calibration.distributed`); the later steps run on the whole set on every
+    rank, so every rank returns the same model. Save from any rank: only rank 0 writes.
+
     Returns:
         The quantized UNet; ``.quantization_info`` holds timings, the calibration timesteps, the most drifting
         activation ranges and the reconstruction report.
@@ -173,6 +178,13 @@ def quantize(
     cfg = cfg or QuantConfig()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    init_from_environment()  # under torchrun: join the process group (see qdiff_ao.calibration.distributed)
+    if calib is not None and "shard" in calib.metadata and (precision_fallback or reconstruct or bias_correction):
+        raise ValueError(
+            f"calib is rank {calib.metadata['shard']}'s shard (keep_shards=True): the precision fallback, "
+            "reconstruction and output correction need the whole set on every rank; collect it gathered "
+            "(keep_shards=False) or turn those steps off"
+        )
     calibration_model = unet
     if is_pipeline(unet):
         unet, scheduler, _ = resolve_components(unet, scheduler)

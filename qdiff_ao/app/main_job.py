@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from qdiff_ao import workflow
 from qdiff_ao.app import bundled, metrics
@@ -35,6 +36,7 @@ from qdiff_ao.app.output_folder import StagedOutput, check_output_target
 from qdiff_ao.app.pipeline_output import write_pipeline_folder
 from qdiff_ao.app.prompts import DEFAULT_PROMPTS_FILE, read_prompts
 from qdiff_ao.app.sampling import ddim_sample, initial_noise, pipeline_sample
+from qdiff_ao.calibration.distributed import init_from_environment, is_main_process, rank_and_world
 from qdiff_ao.calibration.range_report import plot_activation_ranges, plot_split_histograms
 from qdiff_ao.calibration.sensitivity import sensitivity
 from qdiff_ao.config import QuantConfig, ReconstructionConfig
@@ -45,8 +47,10 @@ logger = logging.getLogger(__name__)
 
 SPEED_BATCH = 8
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(args: argparse.Namespace, check_output: bool = True) -> None:
     """Validate every option before any work is done (and before anything is written).
+
+    ``check_output=False`` skips the ``--out`` checks (ranks other than 0 of a process group write nothing).
 
     Raises:
         MainJobError: naming the option, what it must be and what it got.
@@ -71,7 +75,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.prompts is not None:
         read_prompts(args.prompts)  # an empty or unreadable file fails here, before any model loads
     try:
-        check_output_target(args.out, args.overwrite)
+        if check_output:
+            check_output_target(args.out, args.overwrite)
     except ValueError as err:
         raise MainJobError(str(err)) from None
 
@@ -111,7 +116,9 @@ def run_main_job(args: argparse.Namespace) -> dict[str, Any]:
     """Quantize, then write the output folder described in the module docstring; returns the report dict."""
     from torchvision.utils import save_image  # torchvision: an optional extra, needed by the main job only
 
-    check_args(args)
+    init_from_environment()  # under torchrun: calibration runs data-parallel; rank 0 writes everything
+    main = is_main_process()
+    check_args(args, check_output=main)
     rcfg = ReconstructionConfig()
     if args.recon_iters:
         rcfg = ReconstructionConfig(weight_iters=args.recon_iters, act_iters=max(1, args.recon_iters // 2))
@@ -123,6 +130,9 @@ def run_main_job(args: argparse.Namespace) -> dict[str, Any]:
     _check_args_fit_model(args, source)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not main:
+        _quantize(args, source, cfg, None)
+        return {}
     staged = StagedOutput(args.out)
     try:
         report = _quantize_and_report(args, source, cfg, staged.path, save_image)
@@ -170,6 +180,32 @@ def _samples(args: argparse.Namespace, source: ModelSource, qunet: Any, text: _T
             for key, pipe in (("fp", source.pipeline), ("quantized", quantized_pipe))}
 
 
+def _quantize(args: argparse.Namespace, source: ModelSource, cfg: QuantConfig, on_prepared: Any) -> tuple[Any, float]:
+    """(quantized UNet, seconds): the part every rank of a process group runs; afterwards the group is left."""
+    text = _TextConditioning(args, source.pipeline) if source.kind == "text-to-image" else None
+    rank, world = rank_and_world()
+    t_start = time.perf_counter()
+    try:
+        qunet = workflow.quantize(
+            source.pipeline if text is not None else source.unet, source.scheduler, cfg,
+            num_inference_steps=args.calibration_steps, num_timesteps=args.calibration_timesteps,
+            samples_per_timestep=args.samples_per_timestep, calibration_strategy=args.calibration_strategy,
+            split=not args.no_split, reconstruct=args.recon_iters != 0, bias_correction=not args.no_bias_correction,
+            precision_fallback=not args.no_precision_fallback, seed=args.seed, progress=not args.quiet,
+            on_prepared=on_prepared, **(text.collect_kwargs() if text is not None else {}),
+        )
+    except RuntimeError as err:
+        if world == 1:
+            raise
+        # gloo reports a dead peer ("Connection closed by peer") or a timeout as a plain RuntimeError
+        raise MainJobError(f"rank {rank} of the torch.distributed group of {world} stopped: {err} (another rank "
+                           "failed or timed out; see its log). Nothing was written") from None
+    if world > 1:
+        dist.destroy_process_group()  # every rank holds the same model; rank 0 alone reports and writes
+    qunet.quantization_info["world_size"] = world
+    return qunet, time.perf_counter() - t_start
+
+
 def _quantize_and_report(args: argparse.Namespace, source: ModelSource, cfg: QuantConfig, out: Path,
                          save_image: Any) -> dict[str, Any]:
     """Quantize and write pipeline folder, figures and report into ``out`` (the staging folder)."""
@@ -177,7 +213,6 @@ def _quantize_and_report(args: argparse.Namespace, source: ModelSource, cfg: Qua
     figures: dict[str, str] = {}
     extra: dict[str, Any] = {}
     unet = source.unet
-    text = _TextConditioning(args, source.pipeline) if source.kind == "text-to-image" else None
 
     def on_prepared(prepared: Any, calib: Any) -> None:
         if cfg.act_bits is not None:
@@ -194,16 +229,8 @@ def _quantize_and_report(args: argparse.Namespace, source: ModelSource, cfg: Qua
             extra["sensitivity"] = found.to_dict(top=20)
             extra["sensitivity_table"] = found.format_table(10)
 
-    t_start = time.perf_counter()
-    qunet = workflow.quantize(
-        source.pipeline if text is not None else unet, source.scheduler, cfg,
-        num_inference_steps=args.calibration_steps, num_timesteps=args.calibration_timesteps,
-        samples_per_timestep=args.samples_per_timestep, calibration_strategy=args.calibration_strategy,
-        split=not args.no_split, reconstruct=args.recon_iters != 0, bias_correction=not args.no_bias_correction,
-        precision_fallback=not args.no_precision_fallback, seed=args.seed, progress=progress,
-        on_prepared=on_prepared, **(text.collect_kwargs() if text is not None else {}),
-    )
-    quantize_s = time.perf_counter() - t_start
+    qunet, quantize_s = _quantize(args, source, cfg, on_prepared)
+    text = _TextConditioning(args, source.pipeline) if source.kind == "text-to-image" else None
     pipeline_dir = out / "pipeline"
     qunet.save_pretrained(pipeline_dir / "unet")
     with tempfile.TemporaryDirectory() as tmp:
@@ -241,6 +268,7 @@ def _quantize_and_report(args: argparse.Namespace, source: ModelSource, cfg: Qua
         "model": source.name, "base_model": source.root.name if args.model is not None else "qdiff-ao digits DDPM",
         "kind": source.kind, "pipeline_class": source.pipeline_class, "scheme": cfg.name, "config": cfg.to_dict(),
         "calibration": calibration, "quantize_seconds": round(quantize_s, 1),
+        "world_size": qunet.quantization_info["world_size"],
         "timings": qunet.quantization_info["timings"], "splits": len(qunet.quantization_info["splits"]),
         "checkpoint_bytes": q_bytes, "fp32_safetensors_bytes": fp_bytes, "size_ratio": q_bytes / fp_bytes,
         "speed_ratio_vs_fp32": speed, "num_samples": num_samples,
@@ -279,7 +307,8 @@ def _markdown(r: dict[str, Any]) -> str:
         f"{speed['batch_1']:.2f}x / {speed['batch_n']:.2f}x |",
         f"| mean relative noise-prediction error along the FP DDIM trajectory | 0 | "
         f"{r['noise_prediction_error_mean']:.4f} |",
-        "", f"Quantization took {r['quantize_seconds']} s ({timings}); "
+        "", f"Quantization took {r['quantize_seconds']} s ({timings}"
+        f"{'; ' + str(r['world_size']) + ' processes (torch.distributed)' if r.get('world_size', 1) > 1 else ''}); "
         f"{r['splits']} skip concats split. Samples: {r['sampling']}, same initial noise for both models.", "",
         f"Quantized pipeline: `{r['pipeline']}/` (`DiffusionPipeline.from_pretrained` loads it; model card in "
         f"`{r['pipeline']}/README.md`).", "",

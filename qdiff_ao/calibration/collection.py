@@ -26,6 +26,7 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from qdiff_ao.calibration._plan import (
@@ -34,6 +35,8 @@ from qdiff_ao.calibration._plan import (
     plan_sampler,
 )
 from qdiff_ao.calibration.calibration_set import CalibrationSet
+from qdiff_ao.calibration.distributed import chunk_seed, init_from_environment, rank_and_world
+from qdiff_ao.observers.merging import all_reduce_observers
 from qdiff_ao.observers.timestep_context import timestep_context
 
 __all__ = ["STRATEGIES", "select_step_indices", "collect_calibration_data", "calibrate"]
@@ -97,13 +100,15 @@ def collect_calibration_data(
     sample_shape: tuple[int, ...] | None = None,
     max_memory_bytes: int = 2**31,
     progress: bool = True,
+    keep_shards: bool = False,
 ) -> CalibrationSet:
     """Run the FP sampler and record the UNet inputs ``(x_t, t[, cond])`` at timestep-uniform steps.
 
-    For each of ``ceil(samples_per_timestep / batch_size)`` chunks: draw seeded noise
-    ``x_T = init_noise_sigma * N(0, I)``, run the scheduler's steps under ``torch.no_grad``, and at each selected
-    step ``i`` (see :func:`select_step_indices`) record ``x_in = scheduler.scale_model_input(x_t, t_i)``, i.e.
-    exactly what the UNet receives. With classifier-free guidance (conditional UNet and ``guidance_scale > 1``)
+    For each chunk ``c`` of the ``ceil(samples_per_timestep / batch_size)`` chunks: draw noise
+    ``x_T = init_noise_sigma * N(0, I)`` from a generator seeded ``seed + c * 2**32`` (chunk 0: ``seed``), run
+    the scheduler's steps under ``torch.no_grad``, and at each selected step ``i`` (see
+    :func:`select_step_indices`) record ``x_in = scheduler.scale_model_input(x_t, t_i)``, i.e. exactly what the
+    UNet receives. With classifier-free guidance (conditional UNet and ``guidance_scale > 1``)
     the model input is ``[x_in; x_in]`` with ``[uncond; cond]`` embeddings and the update uses
     ``eps = eps_u + guidance_scale * (eps_c - eps_u)``; both halves are recorded, so each selected step holds
     ``2 * samples_per_timestep`` rows. Sample ``j`` uses conditioning row ``j mod P`` (P prompts / classes).
@@ -130,7 +135,14 @@ def collect_calibration_data(
         class_labels: class labels ``[P, ...]`` for class-conditional UNets.
         sample_shape: ``(C, H, W)`` of ``x_t``; defaults to ``(config.in_channels, *config.sample_size)``.
         max_memory_bytes: refuse (before sampling) if the set would take more bytes than this.
-        progress: show a tqdm bar.
+        progress: show a tqdm bar (rank 0 only under torch.distributed).
+        keep_shards: under a process group of N > 1 ranks, keep on each rank only the rows it sampled (its
+            chunks of ``batch_size`` trajectories, ``metadata["shard"] = "rank/N"``) instead of gathering the
+            whole set on every rank. Without a process group it changes nothing.
+
+    Under torch.distributed (an initialised group, or torchrun's environment), chunk ``c`` of ``batch_size``
+    trajectories runs on rank ``c mod N`` with its own seeded generator and the rows are then shared, so every
+    rank holds the single-process set row for row (see :mod:`qdiff_ao.calibration.distributed`).
 
     Returns:
         The :class:`CalibrationSet`, rows ordered by step, then trajectory.
@@ -171,8 +183,18 @@ def collect_calibration_data(
             f"bytes) but max_memory_bytes={max_memory_bytes:,}; lower samples_per_timestep or num_timesteps, "
             "or raise max_memory_bytes"
         )
+    init_from_environment()
+    rank, world = rank_and_world()
     store = _allocate(plan, num_rows)
-    _run_sampler(plan, store, indices, samples_per_timestep, batch_size, seed, progress)
+    _run_sampler(plan, store, indices, samples_per_timestep, batch_size, seed, progress and rank == 0)
+    own_rows = None
+    if world > 1:
+        chunks = _chunk_rows(indices, samples_per_timestep, batch_size, plan.rows_per_trajectory)
+        if keep_shards and len(chunks) < world:
+            raise ValueError(f"keep_shards with {world} ranks needs >= {world} chunks of trajectories, got "
+                             f"{len(chunks)} (samples_per_timestep={samples_per_timestep}, batch_size={batch_size}); "
+                             "lower batch_size or gather the set (keep_shards=False)")
+        own_rows = _share_rows(store, chunks, keep_shards)
     metadata = {
         "strategy": strategy,
         "scheduler": plan.scheduler_name,
@@ -184,6 +206,9 @@ def collect_calibration_data(
         "step_indices": json.dumps(indices),
         "guidance_scale": plan.guidance_scale if plan.cfg else "none",
     }
+    if own_rows is not None:
+        metadata["shard"] = f"{rank}/{world}"
+        store = {name: value[own_rows] for name, value in store.items()}
     calib = CalibrationSet(metadata={k: str(v) for k, v in metadata.items()}, **store)
     logger.info("collected %r (steps %s of %d)", calib, indices, num_steps)
     return calib
@@ -226,18 +251,22 @@ def _run_sampler(
     The model batch of the chunk starting at trajectory ``o`` (``f * size`` rows, ``f`` = 2 with guidance) at
     selected step ``indices[p]`` goes to rows ``p * R + f * o`` onwards, ``R = f * samples_per_timestep``.
     """
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    rank, world = rank_and_world()
     position = {step: p for p, step in enumerate(indices)}
     last = indices[-1]
     factor = plan.rows_per_trajectory
     rows_per_step = samples_per_timestep * factor
     num_chunks = math.ceil(samples_per_timestep / batch_size)
-    step_kwargs = {"generator": generator} if "generator" in inspect.signature(plan.scheduler.step).parameters else {}
-    bar = tqdm(total=num_chunks * (last + 1), disable=not progress, desc="calibration data", unit="step")
+    takes_generator = "generator" in inspect.signature(plan.scheduler.step).parameters
+    mine = [c for c in range(num_chunks) if c % world == rank]
+    bar = tqdm(total=len(mine) * (last + 1), disable=not progress, desc="calibration data", unit="step")
     with torch.no_grad(), bar:
-        for chunk in range(num_chunks):
+        for chunk in mine:
             offset = chunk * batch_size
             size = min(batch_size, samples_per_timestep - offset)
+            # one generator per chunk: a chunk's noise does not depend on which rank runs it, or after what
+            generator = torch.Generator(device="cpu").manual_seed(chunk_seed(seed, chunk))
+            step_kwargs = {"generator": generator} if takes_generator else {}
             scheduler = plan.fresh_scheduler()
             noise = torch.randn((size, *plan.sample_shape), generator=generator, dtype=torch.float32)
             x = noise.to(plan.device, plan.dtype) * scheduler.init_noise_sigma
@@ -268,6 +297,33 @@ def _run_sampler(
                 bar.update(1)
 
 
+def _chunk_rows(indices: list[int], samples_per_timestep: int, batch_size: int, factor: int) -> list[list[slice]]:
+    """Per chunk, the row slices it fills (one per selected step; layout of :func:`_run_sampler`)."""
+    rows_per_step = samples_per_timestep * factor
+    out = []
+    for offset in range(0, samples_per_timestep, batch_size):
+        size = min(batch_size, samples_per_timestep - offset)
+        out.append([slice(p * rows_per_step + factor * offset, p * rows_per_step + factor * (offset + size))
+                    for p in range(len(indices))])
+    return out
+
+
+def _share_rows(store: dict[str, torch.Tensor], chunks: list[list[slice]], keep_shards: bool) -> None | torch.Tensor:
+    """Give every rank every chunk's rows (broadcast from the chunk's rank, an exact copy), or, with
+    ``keep_shards``, return the indices of this rank's own rows."""
+    rank, world = rank_and_world()
+    if keep_shards:
+        own = [torch.arange(sl.start, sl.stop) for c, slices in enumerate(chunks) if c % world == rank
+               for sl in slices]
+        return torch.cat(own) if own else torch.zeros(0, dtype=torch.int64)
+    for c, slices in enumerate(chunks):
+        for sl in slices:
+            for name in sorted(store):
+                view = store[name][sl]  # rows are the first dimension: a contiguous block
+                dist.broadcast(view, src=c % world)
+    return None
+
+
 def _accepted_inputs(model: Any) -> tuple[set[str], set[str]] | None:
     """(accepted, required) keyword names of ``model.forward``, or None if it takes ``**kwargs``."""
     try:
@@ -293,6 +349,11 @@ def calibrate(model: Any, calib: CalibrationSet, *, batch_size: int = 32, progre
     ``with timestep_context(t): model(**inputs)`` under ``torch.no_grad``, with inputs moved to the model's
     device. The model's train/eval mode is left as it is.
 
+    Under a torch.distributed process group of N > 1 ranks, batch ``b`` runs on rank ``b mod N`` (a set from
+    ``keep_shards=True`` is fed whole: it already is this rank's share), then every observer's statistics are
+    merged exactly across ranks (:func:`qdiff_ao.observers.merging.all_reduce_observers`): each rank ends with
+    the qparams one process computes on the whole set.
+
     Args:
         model: a callable module taking UNet keyword inputs: a prepared ``torch.fx.GraphModule`` whose
             placeholders are named ``sample``, ``timestep``, ... or a plain diffusers UNet.
@@ -304,6 +365,7 @@ def calibrate(model: Any, calib: CalibrationSet, *, batch_size: int = 32, progre
         TypeError: if ``model`` is not callable or ``calib`` is not a :class:`CalibrationSet`.
         ValueError: if ``batch_size < 1`` or ``model`` does not take the set's inputs (e.g. it was traced
             without ``encoder_hidden_states``).
+        TypeError: under a process group, an observer whose statistics cannot be merged exactly (EMA).
     """
     if not isinstance(calib, CalibrationSet):
         raise TypeError(f"calib must be a CalibrationSet (from collect_calibration_data), got {type(calib).__name__}")
@@ -320,10 +382,17 @@ def calibrate(model: Any, calib: CalibrationSet, *, batch_size: int = 32, progre
             )
     tensors = [*getattr(model, "parameters", list)(), *getattr(model, "buffers", list)()]
     device = tensors[0].device if tensors else torch.device("cpu")
+    init_from_environment()
+    rank, world = rank_and_world()
+    deal = world > 1 and "shard" not in calib.metadata
     total = calib.num_batches(batch_size)
-    with torch.no_grad(), tqdm(total=total, disable=not progress, desc="calibrate", unit="batch") as bar:
-        for t, inputs in calib.batches(batch_size):
-            with timestep_context(t):
-                model(**{name: value.to(device) for name, value in inputs.items()})
+    bar = tqdm(total=total, disable=not progress or rank != 0, desc="calibrate", unit="batch")
+    with torch.no_grad(), bar:
+        for b, (t, inputs) in enumerate(calib.batches(batch_size)):
+            if not deal or b % world == rank:
+                with timestep_context(t):
+                    model(**{name: value.to(device) for name, value in inputs.items()})
             bar.update(1)
+    if world > 1 and isinstance(model, torch.nn.Module):
+        all_reduce_observers(model)
     logger.info("calibrated on %d rows, %d timesteps, %d batches", len(calib), len(calib.timesteps()), total)

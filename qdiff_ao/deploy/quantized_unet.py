@@ -19,6 +19,7 @@ import torch
 from diffusers.models.modeling_utils import ModelMixin
 from torch import fx, nn
 
+from qdiff_ao.calibration.distributed import run_on_main_process
 from qdiff_ao.capture.input_guards import check_graph_inputs, traced_input_guards
 from qdiff_ao.deploy.checkpoint.archive import load_graph, save_graph
 from qdiff_ao.deploy.freezing import freeze_graph
@@ -136,8 +137,15 @@ class QuantizedUNet(ModelMixin):
         self, path: str | os.PathLike[str], *, overwrite: bool = False
     ) -> Path:
         """Write a compressed checkpoint directory (``config.json`` + ``model.safetensors``; see
-        :func:`qdiff_ao.deploy.checkpoint.save_graph`) and return its absolute path."""
-        return save_graph(self.graph_module, path, unet_config=self.config, overwrite=overwrite)
+        :func:`qdiff_ao.deploy.checkpoint.save_graph`) and return its absolute path.
+
+        Under a torch.distributed process group only rank 0 writes; the other ranks wait for it (and raise if it
+        failed), so every rank can call this with the same path.
+        """
+        written: list[Path] = []
+        run_on_main_process(lambda: written.append(save_graph(self.graph_module, path, unet_config=self.config,
+                                                              overwrite=overwrite)), "saving the checkpoint")
+        return written[0] if written else Path(path).expanduser().absolute()
 
     @classmethod
     def from_pretrained(  # type: ignore[override]

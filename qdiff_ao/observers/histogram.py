@@ -16,7 +16,7 @@ import math
 
 import torch
 
-__all__ = ["pow2_bound", "update_histogram", "bin_centers"]
+__all__ = ["pow2_bound", "update_histogram", "rebin_histogram", "bin_centers"]
 
 _MIN_EXP = -126  # float32's smallest normal exponent: the grid of an all-zero tensor
 
@@ -45,17 +45,33 @@ def update_histogram(
     n = hist.shape[1]
     need = pow2_bound(rows.abs().amax(dim=1))
     new_bound = torch.where(bound > 0, torch.maximum(bound, need), need)
-    # Rows that already had data are re-binned by exact doubling; at most log2(n) + 1 doublings change
-    # anything (afterwards every value sits in one of the two central bins).
-    has_data = bound > 0
-    steps = torch.where(has_data, torch.log2(new_bound / bound.clamp(min=2.0**_MIN_EXP)), torch.zeros_like(bound))
-    max_steps = min(int(steps.max().item()) if steps.numel() else 0, int(math.log2(n)) + 1)
-    for k in range(max_steps):
-        hist = _double(hist, steps > k)
+    hist = rebin_histogram(hist, bound, new_bound)  # rows that already had data: exact doubling
     width = 2.0 * new_bound / n
     idx = torch.floor((rows.double() + new_bound[:, None]) / width[:, None]).long().clamp_(0, n - 1)
     hist = hist.scatter_add(1, idx, torch.ones_like(idx, dtype=hist.dtype))
     return hist, new_bound
+
+
+def rebin_histogram(hist: torch.Tensor, bound: torch.Tensor, new_bound: torch.Tensor) -> torch.Tensor:
+    """``hist`` on grids ``bound`` re-binned exactly onto the larger power-of-two grids ``new_bound`` (C,).
+
+    Rows with ``bound == 0`` (no data) stay empty. After re-binning two histograms of disjoint data onto the
+    same grids, their sum is the histogram of the union: this is how ranks of a process group merge statistics.
+
+    Raises:
+        ValueError: a non-empty row's new bound is smaller than its bound, or not a power-of-two multiple of it.
+    """
+    has_data = bound > 0
+    ratio = torch.where(has_data, new_bound / bound.clamp(min=2.0**_MIN_EXP), torch.ones_like(bound))
+    steps = torch.log2(ratio)
+    if bool((steps < 0).any()) or bool((steps != steps.round()).any()):
+        raise ValueError(f"rebin_histogram: new bounds {new_bound.tolist()} must be bounds {bound.tolist()} times a "
+                         "power of two >= 1")
+    n = hist.shape[1]
+    # at most log2(n) + 1 doublings change anything (afterwards every value sits in one of the two central bins)
+    for k in range(min(int(steps.max().item()) if steps.numel() else 0, int(math.log2(n)) + 1)):
+        hist = _double(hist, steps > k)
+    return hist
 
 
 def bin_centers(bound: torch.Tensor, n: int) -> torch.Tensor:

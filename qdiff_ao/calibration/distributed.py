@@ -1,0 +1,100 @@
+"""Calibration on a torch.distributed process group (launched by ``torchrun``): who runs what, and sharing rows.
+
+Without an initialised process group (and without torchrun's environment) everything here is the identity:
+rank 0 of a world of 1. Under ``torchrun --nproc_per_node=N`` the default group is initialised from the
+environment on first use (:func:`init_from_environment`: gloo on CPU, NCCL when CUDA is present; a timeout, so a
+rank that dies makes the others fail instead of waiting forever), and
+
+* calibration trajectories are cut into chunks of ``batch_size``; chunk ``c`` runs on rank ``c mod N`` from its
+  own generator, seeded ``seed + c * 2**32`` (chunk 0: ``seed``, as one process always did), so the set does not
+  depend on how many ranks produced it. Each chunk's rows are then broadcast from their rank, an exact copy:
+  every rank ends with the single-process set, row for row;
+* calibration batches are dealt round-robin (batch ``b`` on rank ``b mod N``) and the observers' statistics are
+  merged exactly afterwards (:func:`qdiff_ao.observers.merging.all_reduce_observers`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DEFAULT_TIMEOUT_S", "chunk_seed", "init_from_environment", "is_main_process", "rank_and_world",
+           "run_on_main_process"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 600.0
+"""Seconds a collective waits for the other ranks (override: environment variable ``QDIFF_AO_DIST_TIMEOUT_S``)."""
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and without a process group): the rank that writes files and shows progress."""
+    return rank_and_world()[0] == 0
+
+
+def init_from_environment() -> bool:
+    """Initialise the default process group from torchrun's environment; True if a group with > 1 rank exists.
+
+    Reads ``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` (set by torchrun); does nothing when a
+    group is already initialised or ``WORLD_SIZE`` is absent or 1.
+
+    Raises:
+        ValueError: ``QDIFF_AO_DIST_TIMEOUT_S`` is not a positive number.
+    """
+    if not dist.is_available():
+        return False
+    if dist.is_initialized():
+        return dist.get_world_size() > 1
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    raw = os.environ.get("QDIFF_AO_DIST_TIMEOUT_S", str(DEFAULT_TIMEOUT_S))
+    try:
+        timeout = float(raw)
+    except ValueError:
+        timeout = -1.0
+    if not timeout > 0:
+        raise ValueError(f"QDIFF_AO_DIST_TIMEOUT_S must be a positive number of seconds, got {raw!r}")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
+    logger.info("process group: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
+    return dist.get_world_size() > 1
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """Seed of the generator of calibration chunk ``chunk``: ``seed + chunk * 2**32`` (chunk 0: ``seed``)."""
+    return seed + (chunk << 32)
+
+
+def run_on_main_process(action: object, what: str) -> None:
+    """Run ``action()`` on rank 0 only; every rank returns once it finished, or raises if it failed there.
+
+    Raises:
+        RuntimeError: on ranks other than 0, when the action raised on rank 0 (the original error propagates
+            on rank 0 itself).
+    """
+    rank, world = rank_and_world()
+    if world == 1:
+        action()  # type: ignore[operator]
+        return
+    outcome: list[object] = [None]
+    if rank == 0:
+        try:
+            action()  # type: ignore[operator]
+        except BaseException as err:
+            outcome[0] = f"{type(err).__name__}: {err}"
+            dist.broadcast_object_list(outcome, src=0)
+            raise
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise RuntimeError(f"{what} failed on rank 0: {outcome[0]}")

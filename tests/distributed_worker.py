@@ -1,0 +1,82 @@
+"""The body of one rank in tests/test_distributed.py (spawned by torch.multiprocessing; gloo over a file store).
+
+Each rank quantizes the tiny attention UNet with the default recipe minus reconstruction and output correction,
+collects the calibration set gathered and as shards, and writes what the test compares into ``out``:
+rank 0 the checkpoint (``ckpt/``), every rank its tensors (``rank{r}.pt``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+WORLD = 2
+COLLECT = dict(num_inference_steps=6, num_timesteps=3, samples_per_timestep=8, batch_size=2, seed=3, progress=False)
+
+
+def quantize_tiny(calib: Any = None) -> Any:
+    """The run both the 2-rank workers and the single process do (same arguments)."""
+    from diffusers import DDPMScheduler
+
+    import qdiff_ao
+    from tests.unet_factory import build_unet
+
+    return qdiff_ao.quantize(build_unet("attn"), DDPMScheduler(num_train_timesteps=1000), qdiff_ao.QuantConfig(),
+                             reconstruct=False, bias_correction=False, calib=calib, **COLLECT)
+
+
+def collect_tiny(keep_shards: bool = False) -> Any:
+    from diffusers import DDPMScheduler
+
+    import qdiff_ao
+    from tests.unet_factory import build_unet
+
+    return qdiff_ao.collect_calibration_data(build_unet("attn"), DDPMScheduler(num_train_timesteps=1000),
+                                             keep_shards=keep_shards, **COLLECT)
+
+
+def run_rank(rank: int, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.pop("WORLD_SIZE", None)  # the group is set up here, not from a launcher's environment
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=WORLD)
+    try:
+        gathered = collect_tiny()
+        shard = collect_tiny(keep_shards=True)
+        qunet = quantize_tiny()
+        qunet.save_pretrained(Path(out) / "ckpt")  # rank 0 writes; rank 1 waits for it
+        ema_error = ""
+        try:
+            import qdiff_ao
+            from tests.unet_factory import build_unet
+
+            cfg = qdiff_ao.QuantConfig(act_observer="ema")
+            prepared = qdiff_ao.prepare(build_unet("attn"), cfg, gathered.example_inputs(2))
+            qdiff_ao.calibrate(prepared, gathered, progress=False)
+        except TypeError as err:
+            ema_error = str(err)
+        torch.save({"gathered": dict(gathered._tensors()), "shard": dict(shard._tensors()),
+                    "shard_meta": shard.metadata, "ema_error": ema_error,
+                    "keep_float": qunet.quantization_info["config"]["keep_float"]}, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_rank_that_may_die(rank: int, out: str) -> None:
+    """Rank 1 dies before the first collective; rank 0 records the error it gets (instead of hanging)."""
+    import datetime
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    if rank == 1:
+        os._exit(3)
+    try:
+        collect_tiny()
+        outcome = "no error"
+    except Exception as err:  # noqa: BLE001  the test reads what rank 0 saw
+        outcome = f"{type(err).__name__}: {err}"
+    (Path(out) / "rank0_error.txt").write_text(outcome)
