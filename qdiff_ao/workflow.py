@@ -39,7 +39,7 @@ from qdiff_ao.backends.x86 import X86Backend
 from qdiff_ao.calibration._plan import is_pipeline, resolve_components
 from qdiff_ao.calibration.calibration_set import CalibrationSet
 from qdiff_ao.calibration.collection import calibrate, collect_calibration_data
-from qdiff_ao.calibration.distributed import init_from_environment
+from qdiff_ao.calibration.distributed import init_from_environment, is_main_process
 from qdiff_ao.calibration.range_report import activation_ranges
 from qdiff_ao.capture.graph_state import graph_info, has_graph_info
 from qdiff_ao.capture.tracing import trace
@@ -179,6 +179,7 @@ def quantize(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     init_from_environment()  # under torchrun: join the process group (see qdiff_ao.calibration.distributed)
+    progress = progress and is_main_process()
     if calib is not None and "shard" in calib.metadata and (precision_fallback or reconstruct or bias_correction):
         raise ValueError(
             f"calib is rank {calib.metadata['shard']}'s shard (keep_shards=True): the precision fallback, "

@@ -18,15 +18,34 @@ WORLD = 2
 COLLECT = dict(num_inference_steps=6, num_timesteps=3, samples_per_timestep=8, batch_size=2, seed=3, progress=False)
 
 
-def quantize_tiny(calib: Any = None) -> Any:
+RECON = dict(weight_iters=30, act_iters=10, batch_size=8)
+
+
+def quantize_tiny(reconstruct: bool = False, recon_seed: int = 0) -> Any:
     """The run both the 2-rank workers and the single process do (same arguments)."""
     from diffusers import DDPMScheduler
 
     import qdiff_ao
     from tests.unet_factory import build_unet
 
-    return qdiff_ao.quantize(build_unet("attn"), DDPMScheduler(num_train_timesteps=1000), qdiff_ao.QuantConfig(),
-                             reconstruct=False, bias_correction=False, calib=calib, **COLLECT)
+    cfg = qdiff_ao.QuantConfig(reconstruction=qdiff_ao.ReconstructionConfig(seed=recon_seed, **RECON))
+    return qdiff_ao.quantize(build_unet("attn"), DDPMScheduler(num_train_timesteps=1000), cfg,
+                             reconstruct=reconstruct, bias_correction=False, **COLLECT)
+
+
+def eps_error(qunet: Any) -> tuple[float, torch.Tensor]:
+    """(relative error of the quantized noise prediction vs FP on fixed inputs, the quantized output)."""
+    from tests.unet_factory import build_unet, unet_inputs
+
+    errors, outs = [], []
+    for t in (900, 500, 50):
+        inputs = unet_inputs("attn", 4, t=t)
+        with torch.no_grad():
+            ref = build_unet("attn")(**inputs).sample
+            out = qunet(**inputs).sample
+        errors.append(float((out - ref).norm() / ref.norm()))
+        outs.append(out)
+    return sum(errors) / len(errors), torch.cat(outs)
 
 
 def collect_tiny(keep_shards: bool = False) -> Any:
@@ -48,6 +67,8 @@ def run_rank(rank: int, out: str) -> None:
         shard = collect_tiny(keep_shards=True)
         qunet = quantize_tiny()
         qunet.save_pretrained(Path(out) / "ckpt")  # rank 0 writes; rank 1 waits for it
+        reconstructed = quantize_tiny(reconstruct=True)
+        recon_error, recon_out = eps_error(reconstructed)
         ema_error = ""
         try:
             import qdiff_ao
@@ -60,7 +81,9 @@ def run_rank(rank: int, out: str) -> None:
             ema_error = str(err)
         torch.save({"gathered": dict(gathered._tensors()), "shard": dict(shard._tensors()),
                     "shard_meta": shard.metadata, "ema_error": ema_error,
-                    "keep_float": qunet.quantization_info["config"]["keep_float"]}, Path(out) / f"rank{rank}.pt")
+                    "keep_float": qunet.quantization_info["config"]["keep_float"], "recon_error": recon_error,
+                    "recon_out": recon_out, "recon_report": reconstructed.quantization_info["reconstruction"]},
+                   Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 

@@ -91,6 +91,18 @@ def test_two_ranks_write_the_single_process_checkpoint(two_ranks: Path, tmp_path
     assert config == json.loads((tmp_path / "ckpt" / "config.json").read_text())
 
 
+def test_data_parallel_reconstruction_keeps_ranks_identical_and_matches_one_process(two_ranks: Path,
+                                                                                   one_thread: None) -> None:
+    ranks = [torch.load(two_ranks / f"rank{r}.pt") for r in range(distributed_worker.WORLD)]
+    assert torch.equal(ranks[0]["recon_out"], ranks[1]["recon_out"]), "the ranks ended with different models"
+    assert ranks[0]["recon_report"]["num_samples"] == ranks[1]["recon_report"]["num_samples"] == 24  # 12 per rank
+    # one process, two seeds of the mini-batch draws: the 2-rank result lies within their spread (+-25%)
+    singles = [distributed_worker.eps_error(distributed_worker.quantize_tiny(True, seed))[0] for seed in (0, 1)]
+    no_recon = distributed_worker.eps_error(distributed_worker.quantize_tiny(False))[0]
+    assert 0.75 * min(singles) <= ranks[0]["recon_error"] <= 1.25 * max(singles), (ranks[0]["recon_error"], singles)
+    print(f"eps error: 2 ranks {ranks[0]['recon_error']:.4f}, 1 process {singles}, no reconstruction {no_recon:.4f}")
+
+
 def test_order_dependent_observers_are_refused_across_ranks(two_ranks: Path) -> None:
     for r in range(distributed_worker.WORLD):
         assert "EMAMinMaxObserver" in torch.load(two_ranks / f"rank{r}.pt")["ema_error"]

@@ -55,11 +55,13 @@ from tqdm import tqdm
 
 from qdiff_ao._compat import ObserverBase, QConfig
 from qdiff_ao.calibration.calibration_set import CalibrationSet
+from qdiff_ao.calibration.distributed import rank_and_world
 from qdiff_ao.capture.graph_state import graph_info, has_graph_info, update_graph_info
 from qdiff_ao.config import QuantConfig, ReconstructionConfig
 from qdiff_ao.observers.frozen import FrozenObserver
 from qdiff_ao.passes.reconstruction.blocks import BlockSpec, Partition, compile_block, partition_graph
 from qdiff_ao.passes.reconstruction.cache import Frontier, peak_bytes_per_sample, plan_steps
+from qdiff_ao.passes.reconstruction.data_parallel import rows_of_this_rank, sum_over_ranks
 from qdiff_ao.passes.reconstruction.resume_state import ReconstructionState
 from qdiff_ao.passes.reconstruction.training import BlockErrors, BlockTrainer, evaluate_block
 from qdiff_ao.quantizers.adaround import LearnedStepQuant
@@ -213,8 +215,9 @@ def _reconstruct_block(
     before, _ = evaluate_block(module, x_q, targets, spec.loss_outputs, rcfg.p, chunk)
     entry: dict[str, Any] = {"kind": spec.kind, "num_layers": len(layers), "layers": list(spec.layers),
                              "num_act_quantizers": len(learnable), "lp_before": before.lp, "mse_before": before.mse}
-    trainer = BlockTrainer(module, x_q, targets, spec.loss_outputs, rcfg,
-                           torch.Generator().manual_seed(rcfg.seed * 1_000_003 + i))
+    rank, world = rank_and_world()
+    seed = rcfg.seed * 1_000_003 + i if world == 1 else (rcfg.seed * 1_000_003 + i) * 4096 + rank
+    trainer = BlockTrainer(module, x_q, targets, spec.loss_outputs, rcfg, torch.Generator().manual_seed(seed))
 
     def errors(keep: bool = False) -> tuple[BlockErrors, list[torch.Tensor] | None]:
         return evaluate_block(module, x_q, targets, spec.loss_outputs, rcfg.p, chunk, keep_outputs=keep)
@@ -297,8 +300,11 @@ def reconstruct(
     the learned activation qparams are frozen (``FrozenObserver``), and the report is stored in
     ``graph_info(prepared).reconstruction``. Runs in eval mode, on CPU or wherever the model lives.
 
-    Memory: the cached block inputs/outputs of both frontiers take at most ``rcfg.max_cache_bytes``; the pass
-    caches ``N = min(len(calib), floor(max_cache_bytes / (2 * peak_bytes_per_sample)))`` seeded rows of
+    Under a torch.distributed process group the rows are split across ranks and gradients averaged, every rank
+    ending with the same parameters (:mod:`qdiff_ao.passes.reconstruction.data_parallel`).
+
+    Memory: the cached block inputs/outputs of both frontiers take at most ``rcfg.max_cache_bytes`` (per rank);
+    the pass caches ``N = min(len(calib), floor(max_cache_bytes / (2 * peak_bytes_per_sample)))`` seeded rows of
     ``calib``. On top come one block's forward/backward on ``batch_size`` rows and its rounding variables.
 
     Args:
@@ -336,6 +342,7 @@ def reconstruct(
         raise TypeError(f"calib must be a qdiff_ao.CalibrationSet, got {type(calib).__name__}")
     rcfg = _resolve_config(prepared, rcfg)
     types = _resolve_module_types(prepared, model, module_types)
+    _, world = rank_and_world()
     start = time.perf_counter()
     prepared.eval()
     sim = build_simulation(prepared)
@@ -355,7 +362,16 @@ def reconstruct(
     if n < len(calib):
         logger.warning("reconstruction caches %d of %d calibration samples (max_cache_bytes=%d, %d bytes each)",
                        n, len(calib), rcfg.max_cache_bytes, per_sample)
-    inputs = _graph_inputs(sim, calib, _select_rows(len(calib), n, rcfg.seed))
+    sharded = "shard" in calib.metadata
+    if world > 1 and state_path is not None:
+        raise ValueError("state_path (resumable reconstruction) is for one process; under torch.distributed run "
+                         "without it")
+    if world > 1 and not sharded:
+        n = min(len(calib), world * n)  # max_cache_bytes is per rank: each rank caches about n / world rows
+    rows = rows_of_this_rank(_select_rows(len(calib), n, rcfg.seed), sharded)
+    if world > 1:
+        n = int(sum_over_ranks([float(len(rows))])[0])
+    inputs = _graph_inputs(sim, calib, rows)
     chunk = max(4 * rcfg.batch_size, 1)
     fp = Frontier(sim.gm, part, inputs, True, sim.state, chunk)
     quant = Frontier(sim.gm, part, inputs, False, sim.state, chunk)

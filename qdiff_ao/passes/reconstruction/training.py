@@ -9,7 +9,9 @@ Given the block's cached inputs ``X_q`` (from the model quantized so far) and fu
     activations  min_u  E|f_block(X_q; W_hard, s = s0 * exp(u)) - Y|^p
                  Adam(lr=act_lr) with cosine decay to 0 over act_iters, on the block's learnable quantizers.
 
-Each step draws ``batch_size`` distinct cached rows with a seeded generator, so runs are deterministic.
+Each step draws ``batch_size`` distinct cached rows with a seeded generator, so runs are deterministic. On a
+process group of N ranks each rank draws ``ceil(batch_size / N)`` of its own rows and gradients are averaged
+(:mod:`qdiff_ao.passes.reconstruction.data_parallel`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import fx
 from tqdm import tqdm
 
 from qdiff_ao.config import ReconstructionConfig
+from qdiff_ao.passes.reconstruction.data_parallel import average_gradients, ranks_batch_size, sum_over_ranks
 from qdiff_ao.quantizers.adaround import LearnedStepQuant, beta_schedule, lp_loss
 from qdiff_ao.quantizers.simulation import SimActQuant, SimLayer
 
@@ -47,7 +50,7 @@ def evaluate_block(
     chunk: int,
     keep_outputs: bool = False,
 ) -> tuple[BlockErrors, list[torch.Tensor] | None]:
-    """Errors of ``module`` on all rows; optionally also its outputs (for the quantized frontier)."""
+    """Errors of ``module`` on all rows (of every rank); optionally also its outputs on this rank's rows."""
     rows = inputs[0].shape[0] if inputs else targets[0].shape[0]
     lp = sq = 0.0
     count = 0
@@ -63,7 +66,8 @@ def evaluate_block(
                 count += tgt.numel()
             if keep_outputs:
                 parts.append(outs)
-    errors = BlockErrors(lp / rows, sq / max(count, 1))
+    lp, sq, n_values, n_rows = sum_over_ranks([lp, sq, float(count), float(rows)])  # all ranks' rows
+    errors = BlockErrors(lp / max(n_rows, 1.0), sq / max(n_values, 1.0))
     if not keep_outputs:
         return errors, None
     return errors, [torch.cat([p_[i] for p_ in parts]) for i in range(len(parts[0]))]
@@ -93,7 +97,7 @@ class BlockTrainer:
         self.module, self.inputs, self.targets = module, inputs, targets
         self.loss_outputs, self.rcfg, self.generator = loss_outputs, rcfg, generator
         self.rows = targets[0].shape[0]
-        self.batch = min(rcfg.batch_size, self.rows)
+        self.batch = min(ranks_batch_size(rcfg.batch_size), self.rows)
 
     def _rec_loss(self) -> torch.Tensor:
         idx = torch.randperm(self.rows, generator=self.generator)[: self.batch]
@@ -121,6 +125,7 @@ class BlockTrainer:
             loss = rec if reg is None else rec + reg
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(params)  # across the ranks of a process group: every rank takes the same step
             opt.step()
             if sched is not None:
                 sched.step()

@@ -1,0 +1,57 @@
+"""Block reconstruction on a torch.distributed process group: rows split across ranks, gradients averaged.
+
+With N > 1 ranks (``qdiff_ao.calibration.distributed.rank_and_world``):
+
+* rows: the seeded selection of ``n`` cached rows is dealt out, rank ``r`` keeping rows ``r, r + N, ...`` of it
+  (a set kept as shards, ``collect_calibration_data(keep_shards=True)``, supplies this rank's own rows), so each
+  rank caches about ``n / N`` rows of block inputs and outputs: ``max_cache_bytes`` is per rank;
+* mini-batches: each rank draws ``ceil(batch_size / N)`` of its rows per iteration from a generator seeded by the
+  block and the rank, runs forward/backward, and the gradients are averaged with ``all_reduce``: every rank
+  applies the same Adam step to the same parameters, so all ranks stay identical (the optimiser sees the mean
+  loss over the N per-rank batches; the regulariser, the same on every rank, keeps its weight);
+* decisions (AdaRound or nearest rounding, learned or calibrated step sizes) compare errors summed over every
+  rank's rows (``all_reduce``), so every rank takes the same one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from qdiff_ao.calibration.distributed import rank_and_world
+
+__all__ = ["average_gradients", "ranks_batch_size", "rows_of_this_rank", "sum_over_ranks"]
+
+
+def rows_of_this_rank(selected: torch.Tensor, sharded: bool) -> torch.Tensor:
+    """This rank's part of the selected rows (all of them for a shard or a single process)."""
+    rank, world = rank_and_world()
+    return selected if world == 1 or sharded else selected[rank::world]
+
+
+def ranks_batch_size(batch_size: int) -> int:
+    """Rows per rank and iteration: ``ceil(batch_size / N)``."""
+    return max(1, math.ceil(batch_size / rank_and_world()[1]))
+
+
+def average_gradients(params: list[torch.Tensor]) -> None:
+    """Replace each parameter's gradient by its mean over the ranks (no-op in one process)."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad.div_(world)
+
+
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise sums of ``values`` over the ranks, in float64 (no-op in one process)."""
+    if rank_and_world()[1] == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
