@@ -132,7 +132,15 @@ def main() -> None:
         unet, scheduler, num_inference_steps=args.calib_steps, num_timesteps=args.calib_timesteps,
         samples_per_timestep=args.samples_per_timestep, seed=0, progress=False, **subject.calib_kwargs)
 
-    fp = evaluate("FP32", unet, subject, args, noises, None)
+    # The FP32 row is deterministic (fixed weights, noise and sampler): cached per model and sampling settings,
+    # so a rerun of a few rows does not sample the float model again.
+    fp_cache = Path(args.out) / f"fp_{args.model}_{args.seeds}x{args.num_samples}_ddim{args.steps}.json"
+    if fp_cache.is_file():
+        fp = json.loads(fp_cache.read_text())
+        print(f"[{args.model}] FP32 row read from {fp_cache}", flush=True)
+    else:
+        fp = evaluate("FP32", unet, subject, args, noises, None)
+        fp_cache.write_text(json.dumps(fp, indent=2))
     with tempfile.TemporaryDirectory() as tmp:
         unet.save_pretrained(tmp, safe_serialization=True)
         fp_bytes = _dir_bytes(Path(tmp))
@@ -154,6 +162,7 @@ def main() -> None:
                "latency_ratio": speed_ratio(unet, qunet, {"sample": x8, **speed_kwargs}), "seconds": seconds,
                "keep_float": list(qunet.quantization_info["config"]["keep_float"])}
         results.append(res)
+        write_tables(args, results)
         print(f"[{args.model}] {label}: FD {res['fd_mean']:.3f} ± {res['fd_std']:.3f} = {res['ratio_mean']:.3f}x FP "
               f"(eps err {res['eps_error']:.4f}, last 5 {res['eps_error_last5']:.4f}; {seconds:.0f} s; float "
               f"{res['keep_float']})", flush=True)
@@ -191,6 +200,11 @@ def main() -> None:
             variant_qunet = qdiff_ao.QuantizedUNet(qdiff_ao.convert(prepared), like=unet)
             variant_qunet.quantization_info = qunet.quantization_info
             finish(label, variant_qunet, seconds)
+    write_tables(args, results)
+
+
+def write_tables(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
+    """quality_<model>.md / .json in --out (rewritten after every row, so a stopped run keeps what it measured)."""
     fd_head = f"FD ↓ (mean ± std, {args.seeds} seeds × {args.num_samples} samples)"
     table = [f"| {args.model} | {fd_head} | x FP (per seed) | eps error | eps error, last 5 steps | size (KiB) | "
              "latency vs FP32 (batch 8) | layers kept in float |", "|---|---:|---:|---:|---:|---:|---:|---|"]
