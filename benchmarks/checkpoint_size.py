@@ -1,6 +1,6 @@
 """Checkpoint size: qdiff_ao compressed checkpoints vs the FP32 safetensors of the same UNet, in one run.
 
-    python benchmarks/checkpoint_size.py                 # google/ddpm-cifar10-32 architecture, random weights
+    python benchmarks/checkpoint_size.py                 # google/ddpm-cifar10-32 configuration, random weights
     python benchmarks/checkpoint_size.py --schemes W4A8 W8A8
 
 For each scheme the UNet is quantized (min/max calibration on one random batch: the size does not depend on the

@@ -11,17 +11,29 @@ from typing import Any
 import torch
 from diffusers import UNet2DModel
 
-CIFAR10_DDPM: dict[str, Any] = dict(
+_CIFAR10_LAYOUT: dict[str, Any] = dict(
     sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
     down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
 )
 
+CIFAR10_DDPM: dict[str, Any] = dict(
+    **_CIFAR10_LAYOUT, attention_head_dim=None, norm_eps=1e-6, downsample_padding=0, freq_shift=1,
+    flip_sin_to_cos=False,
+)
+"""google/ddpm-cifar10-32's real configuration: single-head attention (its ``attention_head_dim`` is null), and
+its own norm epsilon, downsample padding and time-embedding settings."""
 
-def cifar10_ddpm_unet(seed: int = 0) -> UNet2DModel:
-    """google/ddpm-cifar10-32's architecture (35.7M parameters) with random weights."""
+CIFAR10_32_HEADS: dict[str, Any] = dict(_CIFAR10_LAYOUT)
+"""The same layout with diffusers' defaults, i.e. ``attention_head_dim=8``: 32 heads of dimension 8 at 256
+channels. Not google/ddpm-cifar10-32 (benchmarks before 2026-12-02 called it that): an attention stress case."""
+
+
+def cifar10_ddpm_unet(seed: int = 0, *, heads32: bool = False) -> UNet2DModel:
+    """google/ddpm-cifar10-32's configuration (35.7M parameters) with random weights; ``heads32``: the 32-head
+    attention stress variant (:data:`CIFAR10_32_HEADS`)."""
     torch.manual_seed(seed)
-    return UNet2DModel(**CIFAR10_DDPM).eval()
+    return UNet2DModel(**(CIFAR10_32_HEADS if heads32 else CIFAR10_DDPM)).eval()
 
 
 def bundled_unet() -> UNet2DModel | None:

@@ -107,7 +107,7 @@ def main() -> None:
         sys.exit("needs onnx and onnxruntime: pip install 'qdiff_ao[onnx]'")
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__} (threads {args.threads}), onnxruntime {ort.__version__} (intra-op threads "
-          f"{args.threads}, no spinning); google/ddpm-cifar10-32 architecture, random weights")
+          f"{args.threads}, no spinning); google/ddpm-cifar10-32 configuration (single-head attention), random weights")
     unet = cifar10_ddpm_unet()
     with tempfile.TemporaryDirectory() as tmp:
         variants = build(unet, Path(tmp), args.threads)

@@ -129,14 +129,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--iters", type=int, default=3, help="forwards per timing (median)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--model", choices=["cifar10", "bundled", "both"], default="cifar10")
+    parser.add_argument("--model", choices=["cifar10", "cifar10-32heads", "bundled", "both"], default="cifar10",
+                        help="cifar10: google/ddpm-cifar10-32's real config (single-head attention); "
+                        "cifar10-32heads: the same layout with 32 heads of dim 8 (attention stress case)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, quantized engine {torch.backends.quantized.engine}, threads {args.threads}")
     if args.model in ("cifar10", "both"):
-        bench("google/ddpm-cifar10-32 architecture (random weights)", cifar10_ddpm_unet(), args.batches,
+        bench("google/ddpm-cifar10-32 configuration (random weights)", cifar10_ddpm_unet(), args.batches,
               args.rounds, args.iters)
+    if args.model == "cifar10-32heads":
+        bench("CIFAR-10 layout with 32 attention heads of dim 8 (stress case, random weights)",
+              cifar10_ddpm_unet(heads32=True), args.batches, args.rounds, args.iters)
     if args.model in ("bundled", "both"):
         unet = bundled_unet()
         if unet is None:
