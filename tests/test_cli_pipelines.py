@@ -146,3 +146,16 @@ def test_quantized_unet_refuses_loader_options_it_cannot_honour(tmp_path: Path) 
         QuantizedUNet.from_pretrained(out / "pipeline" / "unet", revision_of_mine=1)
     assert isinstance(QuantizedUNet.from_pretrained(out / "pipeline" / "unet", torch_dtype=torch.float32),
                       QuantizedUNet)
+
+
+def test_bare_unet_and_scheduler_folder_becomes_a_pipeline(tmp_path: Path) -> None:
+    source = save_unconditional_pipeline(tmp_path / "bare")
+    (source / "model_index.json").unlink()  # what the bundled model looks like: unet/ + scheduler/ only
+    out = tmp_path / "out"
+    assert main(["quantize", "--model", str(source), "--out", str(out), "--num-samples", "2", "--no-sensitivity",
+                 "--no-precision-fallback", *FAST]) == 0
+    index = json.loads((out / "pipeline" / "model_index.json").read_text())
+    assert index["_class_name"] == "DDIMPipeline" and index["scheduler"] == ["diffusers", "DDIMScheduler"]
+    pipe = _load(out / "pipeline")
+    assert isinstance(pipe.unet, QuantizedUNet)
+    assert pipe(batch_size=1, num_inference_steps=2, output_type="np").images.shape == (1, 16, 16, 3)
