@@ -104,6 +104,35 @@ def convert(prepared: fx.GraphModule) -> fx.GraphModule:
     return (backend if isinstance(backend, Backend) else _DEFAULT_BACKEND).convert(prepared)
 
 
+def _fallback_rounds(
+    unet: nn.Module, cfg: QuantConfig, prepared: fx.GraphModule, calib: CalibrationSet, example_rows: int,
+    split: bool, batch_size: int, progress: bool, rounds: int, budget: float = 0.05,
+) -> tuple[dict[str, Any], QuantConfig, fx.GraphModule]:
+    """Measured float fallback, repeated; returns (merged report, config with keep_float, calibrated graph).
+
+    Round k's budget is what is left of ``budget`` (a share of the original quantized multiply-accumulates),
+    expressed as a share of the layers still quantized: ``(budget - used) / (1 - used)``.
+    """
+    used, forwards, done = 0.0, 0, 0
+    layers: list[str] = []
+    harmful: list[dict[str, Any]] = []
+    for _ in range(rounds):
+        decision = choose_float_layers(prepared, calib, max_macs_fraction=max(0.0, (budget - used) / (1 - used)))
+        done += 1
+        forwards += decision.forwards
+        harmful += [dict(h, round=done) for h in decision.harmful]
+        new_layers = tuple(n for n in decision.layers if n not in cfg.keep_float)
+        if not new_layers:
+            break
+        used += decision.macs_fraction * (1 - used)
+        layers += new_layers
+        cfg = dataclasses.replace(cfg, keep_float=cfg.keep_float + new_layers)
+        prepared = prepare(unet, cfg, calib.example_inputs(example_rows), split=split)
+        calibrate(prepared, calib, batch_size=batch_size, progress=progress)
+    report = {"layers": layers, "harmful": harmful, "macs_fraction": used, "forwards": forwards, "rounds": done}
+    return report, cfg, prepared
+
+
 def quantize(
     unet: Any,
     scheduler: Any = None,
@@ -117,6 +146,7 @@ def quantize(
     reconstruct: bool = True,
     bias_correction: bool = True,
     precision_fallback: bool = True,
+    fallback_rounds: int = 3,
     correction_groups: int = 8,
     calib: CalibrationSet | None = None,
     batch_size: int = 32,
@@ -147,6 +177,10 @@ def quantize(
             of the output error at some step, e.g. the input quantizer near ``t = 0`` under linear betas) and keep
             the layers reading them in float, within 5% of the quantized multiply-accumulates
             (``qdiff_ao.passes.choose_float_layers``); the chosen names go to ``cfg.keep_float``.
+        fallback_rounds: measurement rounds of the fallback: after each round that keeps new layers in float the
+            model is prepared and calibrated again and measured again (a dominant quantizer hides the next one:
+            the input quantizer's error near t = 0 dwarfs the rest until it is gone), until a round finds nothing
+            or the 5% budget, shared by all rounds, is spent.
         calib: a ready CalibrationSet.
         batch_size: calibration batch size.
         seed: seed of calibration sampling.
@@ -207,12 +241,8 @@ def quantize(
     fallback = None
     if precision_fallback and cfg.act_bits is not None:
         t0 = time.perf_counter()
-        fallback = choose_float_layers(prepared, calib)
-        new_layers = tuple(n for n in fallback.layers if n not in cfg.keep_float)
-        if new_layers:
-            cfg = dataclasses.replace(cfg, keep_float=cfg.keep_float + new_layers)
-            prepared = prepare(unet, cfg, calib.example_inputs(example_rows), split=split)
-            calibrate(prepared, calib, batch_size=batch_size, progress=progress)
+        fallback, cfg, prepared = _fallback_rounds(unet, cfg, prepared, calib, example_rows, split, batch_size,
+                                                   progress, fallback_rounds)
         timings["precision_fallback_s"] = time.perf_counter() - t0
     ranges = activation_ranges(prepared)
     recon_report = None
@@ -246,7 +276,7 @@ def quantize(
         "most_drifting": [{"value": r["value"], "drift": r["drift"]} for r in ranges[:10]],
         "reconstruction": recon_report,
         "bias_correction": bias_report,
-        "precision_fallback": fallback.to_dict() if fallback is not None else None,
+        "precision_fallback": fallback,
     }
     with torch.no_grad():
         qunet(**calib.example_inputs(1))  # fail here, not in the user's pipeline, if anything is off

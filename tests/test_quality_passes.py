@@ -155,9 +155,19 @@ def test_quantize_default_recipe_uses_the_fallback_and_records_it() -> None:
     qunet = qdiff_ao.quantize(build_unet(), DDIMScheduler(), qdiff_ao.QuantConfig(weight_bits=8), calib=calib,
                               reconstruct=False, batch_size=8, progress=False)
     info = qunet.quantization_info
-    assert "conv_in" in info["precision_fallback"]["layers"]
+    fallback = info["precision_fallback"]
+    assert "conv_in" in fallback["layers"]
     assert "conv_in" in info["config"]["keep_float"]
     assert type(qunet.graph_module.get_submodule("conv_in")) is nn.Conv2d
+    # rounds: measured again after each round that kept new layers, the last round finding nothing new (or the
+    # round limit); the 5% budget is shared by all rounds
+    assert 2 <= fallback["rounds"] <= 3 and 0 < fallback["macs_fraction"] <= 0.05
+    assert sorted(fallback["layers"]) == sorted(info["config"]["keep_float"])
+    assert {h["round"] for h in fallback["harmful"]} <= set(range(1, fallback["rounds"] + 1))
+    single = qdiff_ao.quantize(build_unet(), DDIMScheduler(), qdiff_ao.QuantConfig(weight_bits=8), calib=calib,
+                               reconstruct=False, batch_size=8, progress=False, fallback_rounds=1)
+    assert single.quantization_info["precision_fallback"]["rounds"] == 1
+    assert set(single.quantization_info["precision_fallback"]["layers"]) <= set(fallback["layers"])
 
 
 # --- output correction ------------------------------------------------------------------------------------------

@@ -323,7 +323,8 @@ def _markdown(r: dict[str, Any]) -> str:
         kept = ", ".join(f"`{name}`" for name in fallback["layers"]) or "none"
         lines += [f"Precision fallback (measured): layers kept in float: {kept} "
                   f"({100 * fallback['macs_fraction']:.2f}% of the quantized multiply-accumulates; "
-                  f"{len(fallback['harmful'])} harmful quantizers found in {fallback['forwards']} forwards).", ""]
+                  f"{len(fallback['harmful'])} harmful quantizers found in {fallback['forwards']} forwards, "
+                  f"{fallback.get('rounds', 1)} measurement rounds).", ""]
     correction = r.get("output_correction")
     if correction is not None and correction.get("method") == "timestep_groups":
         lines += [f"Output correction: {correction['num_groups_kept']} of {len(correction['groups'])} timestep "
