@@ -66,7 +66,7 @@ def run_rank(rank: int, out: str) -> None:
         gathered = collect_tiny()
         shard = collect_tiny(keep_shards=True)
         qunet = quantize_tiny()
-        qunet.save_pretrained(Path(out) / "ckpt")  # rank 0 writes; rank 1 waits for it
+        qunet.save_pretrained(Path(out) / "ckpt")  # rank 0 writes; on rank 1 a no-op
         reconstructed = quantize_tiny(reconstruct=True)
         recon_error, recon_out = eps_error(reconstructed)
         ema_error = ""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -76,25 +77,13 @@ def chunk_seed(seed: int, chunk: int) -> int:
     return seed + (chunk << 32)
 
 
-def run_on_main_process(action: object, what: str) -> None:
-    """Run ``action()`` on rank 0 only; every rank returns once it finished, or raises if it failed there.
+def run_on_main_process(action: Callable[[], None]) -> bool:
+    """Run ``action()`` on rank 0 (and without a process group) only; True where it ran.
 
-    Raises:
-        RuntimeError: on ranks other than 0, when the action raised on rank 0 (the original error propagates
-            on rank 0 itself).
+    No collective is involved, so both usual patterns work under torchrun: every rank calling (only rank 0
+    acts) and ``if rank == 0:`` around the call (a collective there would wait forever for the other ranks).
     """
-    rank, world = rank_and_world()
-    if world == 1:
-        action()  # type: ignore[operator]
-        return
-    outcome: list[object] = [None]
-    if rank == 0:
-        try:
-            action()  # type: ignore[operator]
-        except BaseException as err:
-            outcome[0] = f"{type(err).__name__}: {err}"
-            dist.broadcast_object_list(outcome, src=0)
-            raise
-    dist.broadcast_object_list(outcome, src=0)
-    if outcome[0] is not None:
-        raise RuntimeError(f"{what} failed on rank 0: {outcome[0]}")
+    if not is_main_process():
+        return False
+    action()
+    return True

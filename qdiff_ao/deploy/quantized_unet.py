@@ -139,12 +139,12 @@ class QuantizedUNet(ModelMixin):
         """Write a compressed checkpoint directory (``config.json`` + ``model.safetensors``; see
         :func:`qdiff_ao.deploy.checkpoint.save_graph`) and return its absolute path.
 
-        Under a torch.distributed process group only rank 0 writes; the other ranks wait for it (and raise if it
-        failed), so every rank can call this with the same path.
+        Under a torch.distributed process group only rank 0 writes (the other ranks return the path without
+        writing), so every rank may call it, or only rank 0.
         """
         written: list[Path] = []
         run_on_main_process(lambda: written.append(save_graph(self.graph_module, path, unet_config=self.config,
-                                                              overwrite=overwrite)), "saving the checkpoint")
+                                                              overwrite=overwrite)))
         return written[0] if written else Path(path).expanduser().absolute()
 
     @classmethod
