@@ -130,12 +130,13 @@ def run_main_job(args: argparse.Namespace) -> dict[str, Any]:
     _check_args_fit_model(args, source)
     if args.threads:
         torch.set_num_threads(args.threads)
+    text = _TextConditioning(args, source.pipeline) if source.kind == "text-to-image" else None
     if not main:
-        _quantize(args, source, cfg, None)
+        _quantize(args, source, cfg, text, None)
         return {}
     staged = StagedOutput(args.out)
     try:
-        report = _quantize_and_report(args, source, cfg, staged.path, save_image)
+        report = _quantize_and_report(args, source, cfg, text, staged.path, save_image)
         staged.publish()
     finally:
         staged.discard()  # a no-op once published
@@ -180,9 +181,9 @@ def _samples(args: argparse.Namespace, source: ModelSource, qunet: Any, text: _T
             for key, pipe in (("fp", source.pipeline), ("quantized", quantized_pipe))}
 
 
-def _quantize(args: argparse.Namespace, source: ModelSource, cfg: QuantConfig, on_prepared: Any) -> tuple[Any, float]:
+def _quantize(args: argparse.Namespace, source: ModelSource, cfg: QuantConfig, text: _TextConditioning | None,
+              on_prepared: Any) -> tuple[Any, float]:
     """(quantized UNet, seconds): the part every rank of a process group runs; afterwards the group is left."""
-    text = _TextConditioning(args, source.pipeline) if source.kind == "text-to-image" else None
     rank, world = rank_and_world()
     t_start = time.perf_counter()
     try:
@@ -206,8 +207,8 @@ def _quantize(args: argparse.Namespace, source: ModelSource, cfg: QuantConfig, o
     return qunet, time.perf_counter() - t_start
 
 
-def _quantize_and_report(args: argparse.Namespace, source: ModelSource, cfg: QuantConfig, out: Path,
-                         save_image: Any) -> dict[str, Any]:
+def _quantize_and_report(args: argparse.Namespace, source: ModelSource, cfg: QuantConfig,
+                         text: _TextConditioning | None, out: Path, save_image: Any) -> dict[str, Any]:
     """Quantize and write pipeline folder, figures and report into ``out`` (the staging folder)."""
     progress = not args.quiet
     figures: dict[str, str] = {}
@@ -229,8 +230,7 @@ def _quantize_and_report(args: argparse.Namespace, source: ModelSource, cfg: Qua
             extra["sensitivity"] = found.to_dict(top=20)
             extra["sensitivity_table"] = found.format_table(10)
 
-    qunet, quantize_s = _quantize(args, source, cfg, on_prepared)
-    text = _TextConditioning(args, source.pipeline) if source.kind == "text-to-image" else None
+    qunet, quantize_s = _quantize(args, source, cfg, text, on_prepared)
     pipeline_dir = out / "pipeline"
     qunet.save_pretrained(pipeline_dir / "unet")
     with tempfile.TemporaryDirectory() as tmp:

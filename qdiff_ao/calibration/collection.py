@@ -22,7 +22,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import math
 from typing import Any
 
 import torch
@@ -254,9 +253,8 @@ def _run_sampler(
     rank, world = rank_and_world()
     position = {step: p for p, step in enumerate(indices)}
     last = indices[-1]
-    factor = plan.rows_per_trajectory
-    rows_per_step = samples_per_timestep * factor
-    num_chunks = math.ceil(samples_per_timestep / batch_size)
+    chunk_rows = _chunk_rows(indices, samples_per_timestep, batch_size, plan.rows_per_trajectory)
+    num_chunks = len(chunk_rows)
     takes_generator = "generator" in inspect.signature(plan.scheduler.step).parameters
     mine = [c for c in range(num_chunks) if c % world == rank]
     bar = tqdm(total=len(mine) * (last + 1), disable=not progress, desc="calibration data", unit="step")
@@ -277,8 +275,7 @@ def _run_sampler(
                 t_vec = t.reshape(1).repeat(model_in.shape[0])
                 if i in position:
                     _check_finite(model_in, "the sampler's x_t", plan, i, t)
-                    start = position[i] * rows_per_step + factor * offset
-                    rows = slice(start, start + model_in.shape[0])
+                    rows = chunk_rows[chunk][position[i]]
                     store["sample"][rows] = model_in.cpu()
                     store["timestep"][rows] = t_vec.cpu()
                     store["step_index"][rows] = i

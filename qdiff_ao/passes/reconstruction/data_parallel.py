@@ -22,13 +22,31 @@ import torch.distributed as dist
 
 from qdiff_ao.calibration.distributed import rank_and_world
 
-__all__ = ["average_gradients", "ranks_batch_size", "rows_of_this_rank", "sum_over_ranks"]
+__all__ = ["average_gradients", "ranks_batch_size", "rows_to_cache", "sum_over_ranks"]
 
 
-def rows_of_this_rank(selected: torch.Tensor, sharded: bool) -> torch.Tensor:
-    """This rank's part of the selected rows (all of them for a shard or a single process)."""
+def _select_rows(n_total: int, n: int, seed: int) -> torch.Tensor:
+    """``n`` distinct rows of ``n_total`` drawn with a seeded generator, sorted (all rows if ``n >= n_total``)."""
+    if n >= n_total:
+        return torch.arange(n_total)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_total, generator=g)[:n].sort().values
+
+
+def rows_to_cache(n_total: int, n_per_rank: int, seed: int, sharded: bool) -> tuple[torch.Tensor, int]:
+    """(this rank's calibration rows to cache, rows cached over all ranks).
+
+    One process: ``n_per_rank`` seeded rows. N ranks sharing a gathered set: ``min(n_total, N * n_per_rank)``
+    seeded rows, dealt out (rank ``r`` keeps ``r, r + N, ...``). A shard: this rank's own seeded selection.
+    """
     rank, world = rank_and_world()
-    return selected if world == 1 or sharded else selected[rank::world]
+    if world == 1:
+        return _select_rows(n_total, n_per_rank, seed), min(n_total, n_per_rank)
+    if sharded:
+        rows = _select_rows(n_total, n_per_rank, seed)
+    else:
+        rows = _select_rows(n_total, min(n_total, world * n_per_rank), seed)[rank::world]
+    return rows, int(sum_over_ranks([float(len(rows))])[0])
 
 
 def ranks_batch_size(batch_size: int) -> int:

@@ -61,7 +61,7 @@ from qdiff_ao.config import QuantConfig, ReconstructionConfig
 from qdiff_ao.observers.frozen import FrozenObserver
 from qdiff_ao.passes.reconstruction.blocks import BlockSpec, Partition, compile_block, partition_graph
 from qdiff_ao.passes.reconstruction.cache import Frontier, peak_bytes_per_sample, plan_steps
-from qdiff_ao.passes.reconstruction.data_parallel import rows_of_this_rank, sum_over_ranks
+from qdiff_ao.passes.reconstruction.data_parallel import rows_to_cache
 from qdiff_ao.passes.reconstruction.resume_state import ReconstructionState
 from qdiff_ao.passes.reconstruction.training import BlockErrors, BlockTrainer, evaluate_block
 from qdiff_ao.quantizers.adaround import LearnedStepQuant
@@ -155,13 +155,6 @@ def _frozen_parameters(module: nn.Module) -> Iterator[None]:
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-
-
-def _select_rows(n_total: int, n: int, seed: int) -> torch.Tensor:
-    if n >= n_total:
-        return torch.arange(n_total)
-    g = torch.Generator().manual_seed(seed)
-    return torch.randperm(n_total, generator=g)[:n].sort().values
 
 
 def _bake(prepared: fx.GraphModule, sim: Simulation, learned_acts: list[str]) -> None:
@@ -362,15 +355,10 @@ def reconstruct(
     if n < len(calib):
         logger.warning("reconstruction caches %d of %d calibration samples (max_cache_bytes=%d, %d bytes each)",
                        n, len(calib), rcfg.max_cache_bytes, per_sample)
-    sharded = "shard" in calib.metadata
     if world > 1 and state_path is not None:
         raise ValueError("state_path (resumable reconstruction) is for one process; under torch.distributed run "
                          "without it")
-    if world > 1 and not sharded:
-        n = min(len(calib), world * n)  # max_cache_bytes is per rank: each rank caches about n / world rows
-    rows = rows_of_this_rank(_select_rows(len(calib), n, rcfg.seed), sharded)
-    if world > 1:
-        n = int(sum_over_ranks([float(len(rows))])[0])
+    rows, n = rows_to_cache(len(calib), n, rcfg.seed, sharded="shard" in calib.metadata)
     inputs = _graph_inputs(sim, calib, rows)
     chunk = max(4 * rcfg.batch_size, 1)
     fp = Frontier(sim.gm, part, inputs, True, sim.state, chunk)
