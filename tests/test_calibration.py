@@ -169,10 +169,14 @@ def test_conditional_unet_with_guidance_doubles_the_batch() -> None:
     assert torch.equal(calib.encoder_hidden_states[2:4], cond[[0, 1]])
     # second chunk: trajectory 2 alone -> rows [uncond, cond[2 mod 2]]
     assert torch.equal(calib.encoder_hidden_states[4:6], torch.cat([uncond, cond[[0]]]))
+    # guidance pairs: -k / +k on the two rows of trajectory j at selected step p, k = p * 3 + j + 1
+    assert calib.guidance_pair[:6].tolist() == [-1, -2, 1, 2, -3, 3]
+    assert calib.guidance_pair[6:].tolist() == [-4, -5, 4, 5, -6, 6]
+    assert calib.metadata["guidance_scale"] == "5.0"
     no_cfg = collect(
         unet, DDIMScheduler(), encoder_hidden_states=cond, guidance_scale=1.0, num_timesteps=2, samples_per_timestep=3
     )
-    assert len(no_cfg) == 2 * 3
+    assert len(no_cfg) == 2 * 3 and no_cfg.guidance_pair is None
     _, inputs = next(calib.batches(4))
     assert unet(**inputs).sample.shape == (4, 4, 8, 8)
 

@@ -228,7 +228,7 @@ def test_corrected_model_converts_saves_and_reloads_bit_identical(tmp_path: Path
 def test_output_correction_needs_two_rows_per_timestep() -> None:
     calib = _benign_calib(rows=1)
     unet, prepared = _prepared(calib)
-    with pytest.raises(ValueError, match=">= 2 rows"):
+    with pytest.raises(ValueError, match=">= 2 trajectories"):
         correct_output(prepared, calib, unet)
 
 

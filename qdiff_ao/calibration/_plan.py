@@ -50,8 +50,9 @@ class SamplerPlan:
 
     @property
     def bytes_per_row(self) -> int:
-        """Bytes of one recorded row: x_t + t + step index (+ encoder_hidden_states row + class label row)."""
+        """Bytes of one recorded row: x_t + t + step index (+ encoder_hidden_states, class label, guidance pair)."""
         total = math.prod(self.sample_shape) * self.dtype.itemsize + self.timesteps.dtype.itemsize + 8
+        total += 8 if self.cfg else 0  # guidance_pair
         for extra in (self.cond, self.class_labels):
             if extra is not None:
                 total += math.prod(extra.shape[1:]) * extra.dtype.itemsize

@@ -12,6 +12,8 @@ Row ``i`` of the set is one UNet input exactly as the model saw it during sampli
     encoder_hidden_states[i]  text conditioning [L, D] (conditional UNets only)
     class_labels[i]           class conditioning (class-conditional UNets only)
     step_index[i]             position of t in the sampler's timestep list (several steps may share a t)
+    guidance_pair[i]          classifier-free guidance: -k on the unconditional, +k on the conditional row of
+                              pair k >= 1 (one trajectory at one step); the scale is metadata["guidance_scale"]
 
 Example:
     >>> import torch
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from collections.abc import Iterable, Iterator
 
@@ -43,7 +46,7 @@ _VERSION_KEY = "qdiff_ao_format_version"
 _VERSION = "2"  # 2: the tensors' SHA-256 in the metadata (version 1 files load without that check)
 _SHA_KEY = "qdiff_ao_tensors_sha256"
 _READABLE_VERSIONS = ("1", _VERSION)
-_OPTIONAL = ("encoder_hidden_states", "class_labels", "step_index")
+_OPTIONAL = ("encoder_hidden_states", "class_labels", "step_index", "guidance_pair")
 
 
 def _as_number(value: torch.Tensor) -> int | float:
@@ -60,6 +63,8 @@ class CalibrationSet:
         encoder_hidden_states: optional cross-attention conditioning, shape ``[N, L, D]``.
         class_labels: optional class conditioning, shape ``[N, ...]``.
         step_index: optional index of each row's step in the sampler's timestep list, shape ``[N]``.
+        guidance_pair: optional classifier-free guidance pairing, shape ``[N]``: ``-k`` / ``+k`` on the
+            unconditional / conditional row of pair ``k >= 1``; needs ``metadata["guidance_scale"]``.
         metadata: string key/value pairs saved with the set (strategy, scheduler, seed, ...).
 
     Raises:
@@ -74,6 +79,7 @@ class CalibrationSet:
         encoder_hidden_states: torch.Tensor | None = None,
         class_labels: torch.Tensor | None = None,
         step_index: torch.Tensor | None = None,
+        guidance_pair: torch.Tensor | None = None,
         metadata: dict[str, str] | None = None,
     ) -> None:
         named = {
@@ -82,6 +88,7 @@ class CalibrationSet:
             "encoder_hidden_states": encoder_hidden_states,
             "class_labels": class_labels,
             "step_index": step_index,
+            "guidance_pair": guidance_pair,
         }
         for name, value in named.items():
             if value is not None and not isinstance(value, torch.Tensor):
@@ -113,7 +120,10 @@ class CalibrationSet:
         self.encoder_hidden_states = encoder_hidden_states
         self.class_labels = class_labels
         self.step_index = step_index
+        self.guidance_pair = guidance_pair
         self.metadata: dict[str, str] = {str(k): str(v) for k, v in (metadata or {}).items()}
+        if guidance_pair is not None:
+            _check_guidance_pairs(guidance_pair, self.metadata)
 
     def __len__(self) -> int:
         return self.sample.shape[0]
@@ -291,6 +301,24 @@ def _tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def _check_guidance_pairs(guidance_pair: torch.Tensor, metadata: dict[str, str]) -> None:
+    """Refuse a ``guidance_pair`` tensor that is not integral, holds 0, or comes without a finite scale."""
+    if guidance_pair.is_floating_point() or guidance_pair.dtype == torch.bool or guidance_pair.dim() != 1:
+        raise ValueError(f"CalibrationSet: guidance_pair must be a 1-d integer tensor (-k unconditional, +k "
+                         f"conditional row of pair k >= 1), got {guidance_pair.dtype} of shape "
+                         f"{tuple(guidance_pair.shape)}")
+    if bool((guidance_pair == 0).any()):
+        raise ValueError("CalibrationSet: guidance_pair holds 0; pair ids are k >= 1 (-k unconditional, "
+                         "+k conditional)")
+    try:
+        scale = float(metadata["guidance_scale"])
+    except (KeyError, ValueError):
+        raise ValueError("CalibrationSet: guidance_pair needs metadata['guidance_scale'] (a number, the scale s of "
+                         f"y_u + s (y_c - y_u)), got {metadata.get('guidance_scale')!r}") from None
+    if not math.isfinite(scale):
+        raise ValueError(f"CalibrationSet: metadata['guidance_scale'] must be finite, got {scale}")
 
 
 def _check_batch_size(batch_size: int) -> None:

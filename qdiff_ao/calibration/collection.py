@@ -224,6 +224,8 @@ def _allocate(plan: SamplerPlan, num_rows: int) -> dict[str, torch.Tensor]:
     if plan.class_labels is not None:
         labels = plan.class_labels
         store["class_labels"] = torch.empty((num_rows, *labels.shape[1:]), dtype=labels.dtype)
+    if plan.cfg:
+        store["guidance_pair"] = torch.empty(num_rows, dtype=torch.int64)
     return store
 
 
@@ -279,6 +281,9 @@ def _run_sampler(
                     store["sample"][rows] = model_in.cpu()
                     store["timestep"][rows] = t_vec.cpu()
                     store["step_index"][rows] = i
+                    if plan.cfg:  # pair k = trajectory (offset + j) at selected step p: -k uncond, +k cond
+                        pair = position[i] * samples_per_timestep + offset + torch.arange(1, size + 1)
+                        store["guidance_pair"][rows] = torch.cat([-pair, pair])
                     for name, value in extra.items():
                         store[name][rows] = value.cpu()
                 if i == last:

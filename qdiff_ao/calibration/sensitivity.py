@@ -5,11 +5,12 @@ model) except one, ``q``; on calibration rows of each calibration timestep ``t``
 
     e_q(t) = || f_q(x_t, t) - f_fp(x_t, t) ||_F / || f_fp(x_t, t) ||_F          (norms over the rows of t)
 
-where ``f`` is the UNet output (the noise prediction). ``e_all(t)`` is the same with every quantizer on. A
-quantizer with a large ``e_q`` at some steps is one the model cannot afford at those steps: e.g. the input
-quantizer of a UNet trained with linear betas, whose 8-bit grid (set by the noisy early steps, |x_t| up to ~4)
-is coarser than the whole noise left in ``x_t`` near ``t = 0`` (amplitude ~0.01): at the last steps the
-quantized model cannot see the noise it has to predict.
+where ``f`` is the UNet output (the noise prediction) as the sampler uses it -- with classifier-free guidance
+the guided combination of each trajectory's two rows (:mod:`qdiff_ao.calibration.sampler_view`). ``e_all(t)`` is
+the same with every quantizer on. A quantizer with a large ``e_q`` at some steps is one the model cannot afford
+at those steps: e.g. the input quantizer of a UNet trained with linear betas, whose 8-bit grid (set by the noisy
+early steps, |x_t| up to ~4) is coarser than the whole noise left in ``x_t`` near ``t = 0`` (amplitude ~0.01):
+at the last steps the quantized model cannot see the noise it has to predict.
 
 One quantizer at a time isolates each effect (errors of many small quantizers add roughly in quadrature; the
 ranking is what matters). Weights are measured with their current rounding (after reconstruction, AdaRound's).
@@ -32,6 +33,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from qdiff_ao.calibration.calibration_set import CalibrationSet
+from qdiff_ao.calibration.sampler_view import per_timestep_error, probe_rows
 from qdiff_ao.capture.input_guards import is_input_guard
 from qdiff_ao.quantizers.qparams import is_quantized_layer
 from qdiff_ao.quantizers.simulation import Simulation, build_simulation
@@ -158,14 +160,6 @@ def _layers_of(prepared: fx.GraphModule, node: fx.Node) -> tuple[str, ...]:
     return tuple(sorted(layers))
 
 
-def _select_rows(calib: CalibrationSet, rows_per_timestep: int
-                 ) -> tuple[list[float], dict[str, torch.Tensor], list[int]]:
-    """(timesteps ascending, the first ``rows_per_timestep`` rows of each as one batch of inputs, rows per timestep)."""
-    timesteps = calib.timesteps()
-    picked = [torch.nonzero(calib.timestep == t).flatten()[:rows_per_timestep] for t in timesteps]
-    return [float(t) for t in timesteps], calib._rows(torch.cat(picked)), [int(p.numel()) for p in picked]
-
-
 def _output_tensor(out: Any) -> torch.Tensor:
     while not isinstance(out, torch.Tensor):
         if isinstance(out, dict):
@@ -177,13 +171,6 @@ def _output_tensor(out: Any) -> torch.Tensor:
         else:
             raise TypeError(f"cannot find the output tensor in a {type(out).__name__}")
     return out
-
-
-def _per_timestep_error(out: torch.Tensor, ref: torch.Tensor, counts: list[int]) -> tuple[float, ...]:
-    errors = []
-    for o, r in zip(out.split(counts), ref.split(counts), strict=True):
-        errors.append(float((o - r).double().norm() / r.double().norm().clamp_min(1e-12)))
-    return tuple(errors)
 
 
 def _switch_all(sim: Simulation, on: bool) -> None:
@@ -209,8 +196,9 @@ def sensitivity(
 
     Args:
         prepared: the calibrated (possibly reconstructed) output of ``qdiff_ao.prepare``; not modified.
-        calib: the calibration set (its first ``rows_per_timestep`` rows of every timestep are used).
-        rows_per_timestep: rows per timestep (>= 1).
+        calib: the calibration set (its first ``rows_per_timestep`` rows -- guidance pairs, if it records them --
+            of every timestep are used).
+        rows_per_timestep: rows (or guidance pairs) per timestep (>= 1).
         kinds: ``"activation"`` and/or ``"weight"``.
         batch_size: rows per forward.
         progress: show a tqdm bar.
@@ -231,7 +219,8 @@ def sensitivity(
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     sim = build_simulation(prepared)
     sim.gm.eval()
-    timesteps, inputs, counts = _select_rows(calib, rows_per_timestep)
+    timesteps, groups, index = probe_rows(calib, rows_per_timestep)
+    inputs = calib._rows(index)
     names = [str(n.target) for n in sim.gm.graph.nodes if n.op == "placeholder"]
 
     def run() -> torch.Tensor:
@@ -244,7 +233,7 @@ def sensitivity(
 
     with sim.full_precision():
         reference = run()
-    all_on = _per_timestep_error(run(), reference, counts)
+    all_on = per_timestep_error(run(), reference, groups)
     nodes = {str(n.target): n for n in prepared.graph.nodes if n.op == "call_module"}
     todo: list[tuple[str, str]] = []
     if "activation" in kinds:
@@ -258,7 +247,7 @@ def sensitivity(
             switch = sim.acts[name] if kind == "activation" else sim.layers[name]
             switch.enabled = True
             try:
-                errors = _per_timestep_error(run(), reference, counts)
+                errors = per_timestep_error(run(), reference, groups)
             finally:
                 switch.enabled = False
             node = nodes[name]

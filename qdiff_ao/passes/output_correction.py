@@ -8,11 +8,12 @@ last steps near ``t = 0``. Here the timesteps of the calibration set are cut int
 
     b_{g,c} = mean over rows n in g and positions (h, w) of  [ y_q(n, c, h, w) - y_fp(n, c, h, w) ]
 
-with ``y_q`` the fake-quant simulation's output and ``y_fp`` the float model's. Rows of every timestep are
-split by trajectory into a fitting half and a held-back half: ``b_g`` is fitted on the first and kept only
-if it lowers the mean squared error ``|y_q - b_g - y_fp|^2`` on the second (otherwise ``b_g = 0``); kept
-offsets are then re-estimated on all rows of the group. So the correction never makes a group worse on data
-it was not fitted on.
+with ``y_q`` the fake-quant simulation's output and ``y_fp`` the float model's, both as the sampler uses them
+(with classifier-free guidance, the guided combination of each trajectory's two rows: subtracting ``b`` from
+both rows shifts the guided output by exactly ``b``). Rows of every timestep are split by trajectory into a
+fitting half and a held-back half: ``b_g`` is fitted on the first and kept only if it lowers the mean squared
+error ``|y_q - b_g - y_fp|^2`` on the second (otherwise ``b_g = 0``); kept offsets are then re-estimated on all
+rows of the group. So the correction never makes a group worse on data it was not fitted on.
 
 Lowering: a :class:`TimestepOutputCorrection` node after the graph's output computes
 ``y - b[g(t)]`` with ``g(t)`` = the group whose timestep interval holds ``t`` (boundaries half-way between
@@ -29,6 +30,7 @@ import torch
 from torch import fx, nn
 
 from qdiff_ao.calibration.calibration_set import CalibrationSet
+from qdiff_ao.calibration.sampler_view import RowGroup, timestep_rows
 from qdiff_ao.calibration.sensitivity import _output_tensor
 from qdiff_ao.capture.graph_state import update_graph_info
 from qdiff_ao.capture.input_guards import is_input_guard
@@ -159,9 +161,8 @@ def correct_output(
         raise TypeError(f"model must be the float diffusers UNet (an nn.Module), got {type(model).__name__}")
     if num_groups < 1 or batch_size < 1:
         raise ValueError(f"need num_groups >= 1 and batch_size >= 1, got {num_groups}, {batch_size}")
-    histogram = calib.timestep_histogram()
-    if min(histogram.values()) < 2:
-        raise ValueError("correct_output needs >= 2 rows per timestep (half to fit, half to check); collect "
+    if min(min(len(part) for part in timestep_rows(calib, t).split()) for t in calib.timesteps()) == 0:
+        raise ValueError("correct_output needs >= 2 trajectories per timestep (half to fit, half to check); collect "
                          "the calibration set with samples_per_timestep >= 2")
     sim = build_simulation(prepared)
     sim.gm.eval()
@@ -174,23 +175,30 @@ def correct_output(
     all_count = [0] * len(groups)
     held: list[list[torch.Tensor]] = [[] for _ in groups]
     group_of_t = {t: gi for gi, ts in enumerate(groups) for t in ts}
+
+    def outputs(group: RowGroup) -> tuple[torch.Tensor, torch.Tensor]:
+        y_q, y_fp = [], []
+        for start in range(0, len(group), batch_size):
+            inputs = calib._rows(group.index[start:start + batch_size])
+            y_q.append(_output_tensor(sim.gm(**{k: inputs[k] for k in names if k in inputs})))
+            y_fp.append(_output_tensor(model(**inputs)))
+        return torch.cat(y_q), torch.cat(y_fp)
+
     for t in calib.timesteps():
-        rows = torch.nonzero(calib.timestep == t).flatten()
-        half = rows.numel() // 2
         gi = group_of_t[float(t)]
-        for part, index in (("fit", rows[:half]), ("held", rows[half:])):
-            for start in range(0, index.numel(), batch_size):
-                inputs = calib._rows(index[start:start + batch_size])
-                y_q = _output_tensor(sim.gm(**{k: inputs[k] for k in names if k in inputs}))
-                diff = y_q - _output_tensor(model(**inputs))
-                s, c = _channel_stats(diff)
-                all_sum[gi] = s if all_sum[gi] is None else all_sum[gi] + s
-                all_count[gi] += c
-                if part == "fit":
-                    fit_sum[gi] = s if fit_sum[gi] is None else fit_sum[gi] + s
-                    fit_count[gi] += c
-                else:
-                    held[gi].append(diff.double())
+        for part, rows in zip(("fit", "held"), timestep_rows(calib, t).split(), strict=True):
+            if len(rows) == 0:
+                continue
+            y_q, y_fp = outputs(rows)
+            diff = rows.sampler_output(y_q) - rows.sampler_output(y_fp)
+            s, c = _channel_stats(diff)
+            all_sum[gi] = s if all_sum[gi] is None else all_sum[gi] + s
+            all_count[gi] += c
+            if part == "fit":
+                fit_sum[gi] = s if fit_sum[gi] is None else fit_sum[gi] + s
+                fit_count[gi] += c
+            else:
+                held[gi].append(diff.double())
     channels = int(all_sum[0].numel())
     bias = torch.zeros(len(groups), channels, dtype=torch.float64)
     report_groups = []

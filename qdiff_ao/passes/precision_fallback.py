@@ -34,13 +34,8 @@ import torch
 from torch import fx, nn
 
 from qdiff_ao.calibration.calibration_set import CalibrationSet
-from qdiff_ao.calibration.sensitivity import (
-    _layers_of,
-    _observed_value,
-    _output_tensor,
-    _per_timestep_error,
-    _select_rows,
-)
+from qdiff_ao.calibration.sampler_view import per_timestep_error, probe_rows
+from qdiff_ao.calibration.sensitivity import _layers_of, _observed_value, _output_tensor
 from qdiff_ao.quantizers.simulation import Simulation, build_simulation
 
 __all__ = ["FallbackDecision", "choose_float_layers"]
@@ -115,14 +110,15 @@ def choose_float_layers(
 
     Args:
         prepared: a calibrated output of ``qdiff_ao.prepare``.
-        calib: its calibration set (``rows_per_timestep`` rows of every timestep are used).
+        calib: its calibration set (``rows_per_timestep`` rows of every timestep are used; guidance pairs when the
+            set records them, so errors are measured on the guided output the sampler uses).
         share: error-energy share above which one quantizer is harmful, in ``(0, 1]``.
         min_error: a quantizer causing a relative eps error below this at every step is never harmful (0.01:
             on the bundled and zoo models 0.02 missed the W8A8 output layer, whose 7-bit weights and 8-bit output
             carried ~0.012 + 0.010 of a 0.021 error at every step; 0.01 keeps it float for +0.1-0.4% of the MACs
             and changes no W4A8 decision).
         max_macs_fraction: budget: largest share of quantized multiply-accumulates moved to float, ``[0, 1]``.
-        rows_per_timestep: calibration rows per timestep in each measurement.
+        rows_per_timestep: calibration rows (or guidance pairs) per timestep in each measurement.
         groups: size of the first partition of the candidate quantizers.
 
     Raises:
@@ -137,7 +133,8 @@ def choose_float_layers(
                          f"{rows_per_timestep}")
     sim = build_simulation(prepared)
     sim.gm.eval()
-    timesteps, inputs, counts = _select_rows(calib, rows_per_timestep)
+    timesteps, row_groups, index = probe_rows(calib, rows_per_timestep)
+    inputs = calib._rows(index)
     names = [str(n.target) for n in sim.gm.graph.nodes if n.op == "placeholder"]
     forwards = 0
 
@@ -148,7 +145,7 @@ def choose_float_layers(
 
     with sim.full_precision():
         reference = run()
-    all_on = _per_timestep_error(run(), reference, counts)
+    all_on = per_timestep_error(run(), reference, row_groups)
     threshold = [max(math.sqrt(share) * e, min_error) for e in all_on]
     macs = _layer_macs(sim, run)
     nodes = {str(n.target): n for n in prepared.graph.nodes if n.op == "call_module"}
@@ -167,7 +164,7 @@ def choose_float_layers(
         for name, _, _ in members:
             switches[name].enabled = True
         try:
-            return _per_timestep_error(run(), reference, counts)
+            return per_timestep_error(run(), reference, row_groups)
         finally:
             for name, _, _ in members:
                 switches[name].enabled = False

@@ -1,0 +1,130 @@
+"""The UNet output as the sampler uses it: raw, or combined by classifier-free guidance.
+
+A quantization error matters through what the sampler steps with. Without guidance that is the UNet output
+``y``; with classifier-free guidance (scale ``s``) each step uses, from the two rows ``u`` (unconditional) and
+``c`` (conditional) of one trajectory,
+
+    f = y_u + s (y_c - y_u)                          so   f_q - f_fp = (1 - s) d_u + s d_c,   d = y_q - y_fp
+
+With ``s = 3`` a quantizer's errors on the two halves reach the sample as ``-2 d_u + 3 d_c``: measured on the
+raw rows, errors that guidance amplifies look 3-4x smaller than they are, and a quantizer that only hurts
+the conditional half (e.g. the cross-attention of the class or text tokens) is missed if the measured rows
+happen to be unconditional. The collector records the pairing (``CalibrationSet.guidance_pair``: ``-k`` on the
+unconditional and ``+k`` on the conditional row of pair ``k``; the scale in ``metadata["guidance_scale"]``).
+Measurements (sensitivity, precision fallback, output correction) take rows through :func:`timestep_rows` and
+compare outputs through :meth:`RowGroup.sampler_output`, so they see the guided error.
+
+    >>> import torch
+    >>> from qdiff_ao.calibration.calibration_set import CalibrationSet
+    >>> calib = CalibrationSet(torch.zeros(4, 1, 2, 2), torch.full((4,), 7), guidance_pair=torch.tensor([-1, -2, 1, 2]),
+    ...                        metadata={"guidance_scale": "3.0"})
+    >>> group = timestep_rows(calib, 7)
+    >>> group.index.tolist(), group.pairs
+    ([0, 1, 2, 3], 2)
+    >>> group.sampler_output(torch.tensor([0.0, 1.0, 1.0, 1.0])).tolist()   # u + 3 (c - u)
+    [3.0, 1.0]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qdiff_ao.calibration.calibration_set import CalibrationSet
+
+__all__ = ["RowGroup", "guidance_scale", "per_timestep_error", "probe_rows", "timestep_rows"]
+
+
+def guidance_scale(calib: CalibrationSet) -> float | None:
+    """The set's classifier-free guidance scale, or ``None`` if its rows are not recorded as guidance pairs."""
+    if calib.guidance_pair is None:
+        return None
+    return float(calib.metadata["guidance_scale"])
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """Rows of one timestep to run together, and how their outputs combine into what the sampler uses.
+
+    Attributes:
+        index: rows of the calibration set; with guidance ``[u_1 .. u_P, c_1 .. c_P]`` (pair ``i`` = ``u_i, c_i``).
+        pairs: ``P`` with guidance, else ``None``.
+        scale: the guidance scale ``s`` (``None`` without guidance).
+    """
+
+    index: torch.Tensor
+    pairs: int | None = None
+    scale: float | None = None
+
+    def __len__(self) -> int:
+        return int(self.index.numel())
+
+    def sampler_output(self, y: torch.Tensor) -> torch.Tensor:
+        """``y`` (outputs of :attr:`index`, in order) as the sampler uses it: ``y_u + s (y_c - y_u)`` per pair."""
+        if self.pairs is None or self.scale is None:
+            return y
+        uncond, cond = y[: self.pairs], y[self.pairs : 2 * self.pairs]
+        return uncond + self.scale * (cond - uncond)
+
+    def split(self) -> tuple[RowGroup, RowGroup]:
+        """Two halves by trajectory (pairs stay whole): the first ``floor(P/2)`` pairs or rows, and the rest."""
+        if self.pairs is None:
+            half = len(self) // 2
+            return RowGroup(self.index[:half]), RowGroup(self.index[half:])
+        p, half = self.pairs, self.pairs // 2
+        uncond, cond = self.index[:p], self.index[p:]
+        first = RowGroup(torch.cat([uncond[:half], cond[:half]]), half, self.scale)
+        second = RowGroup(torch.cat([uncond[half:], cond[half:]]), p - half, self.scale)
+        return first, second
+
+
+def timestep_rows(calib: CalibrationSet, timestep: int | float | torch.Tensor, limit: int | None = None) -> RowGroup:
+    """The rows of ``timestep`` in stored order, as guidance pairs when the set records them.
+
+    Args:
+        calib: the calibration set.
+        timestep: one of ``calib.timesteps()``.
+        limit: at most this many rows (without guidance) or pairs (with guidance); ``None``: all.
+
+    Raises:
+        ValueError: if the set records guidance pairs but a row of ``timestep`` has no partner there (a set
+            cut through pairs: select rows by trajectory, keeping both halves).
+    """
+    rows = torch.nonzero(calib.timestep == timestep).flatten()
+    scale = guidance_scale(calib)
+    if scale is None or calib.guidance_pair is None:
+        return RowGroup(rows[:limit] if limit is not None else rows)
+    ids = calib.guidance_pair[rows]
+    uncond = rows[ids < 0]
+    cond_by_id = {int(i): int(r) for i, r in zip(ids[ids > 0].tolist(), rows[ids > 0].tolist(), strict=True)}
+    partners = [cond_by_id.get(-int(i)) for i in calib.guidance_pair[uncond].tolist()]
+    if None in partners or len(partners) != len(cond_by_id):
+        raise ValueError(f"timestep {timestep}: the set records classifier-free guidance pairs (guidance_pair) but "
+                         f"{len(uncond)} unconditional and {len(cond_by_id)} conditional rows do not pair up; keep "
+                         "both rows of every pair when cutting a calibration set")
+    n = len(partners) if limit is None else min(limit, len(partners))
+    cond = torch.tensor(partners[:n], dtype=torch.long)
+    return RowGroup(torch.cat([uncond[:n], cond]), n, scale)
+
+
+def per_timestep_error(out: torch.Tensor, ref: torch.Tensor, groups: list[RowGroup]) -> tuple[float, ...]:
+    """``||f(out) - f(ref)||_F / ||f(ref)||_F`` per group, ``f`` = :meth:`RowGroup.sampler_output`.
+
+    ``out`` and ``ref`` hold the outputs of the groups' rows concatenated in group order.
+    """
+    errors = []
+    counts = [len(g) for g in groups]
+    for o, r, g in zip(out.split(counts), ref.split(counts), groups, strict=True):
+        o, r = g.sampler_output(o), g.sampler_output(r)
+        errors.append(float((o - r).double().norm() / r.double().norm().clamp_min(1e-12)))
+    return tuple(errors)
+
+
+
+def probe_rows(calib: CalibrationSet, limit: int) -> tuple[list[float], list[RowGroup], torch.Tensor]:
+    """(timesteps ascending, their :func:`timestep_rows` groups of at most ``limit`` rows/pairs, all groups' rows
+    concatenated): the rows a per-timestep error measurement runs in one pass."""
+    timesteps = calib.timesteps()
+    groups = [timestep_rows(calib, t, limit) for t in timesteps]
+    return [float(t) for t in timesteps], groups, torch.cat([g.index for g in groups])
