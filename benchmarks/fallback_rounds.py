@@ -4,7 +4,8 @@
 
 For every model and for W8A8 and W4A8: calibrate (100-step DDIM trajectory, 20 timesteps x 16 samples, the
 class-conditional model with its guidance batch), then repeat: measure the fully quantized model's relative error
-of the raw UNet output per calibration timestep (4 rows each; printed as t = 0 and the mean over the other
+of the UNet output as the sampler uses it (guided with classifier-free guidance) per calibration timestep (4 rows or
+guidance pairs each; printed as t = 0 and the mean over the other
 steps), run ``qdiff_ao.passes.choose_float_layers`` with what is left of the 5% MAC budget, keep its new layers in
 float, prepare and calibrate again; stop when a round adds nothing. This is the measurement behind the default
 ``quantize(fallback_rounds=3)`` and the floor ``min_error=0.01``.
@@ -22,22 +23,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import qdiff_ao  # noqa: E402
 from benchmarks.quality import MODELS, load_subject  # noqa: E402
+from qdiff_ao.calibration.sampler_view import per_timestep_error, probe_rows  # noqa: E402
+from qdiff_ao.calibration.sensitivity import _output_tensor  # noqa: E402
 from qdiff_ao.quantizers.simulation import build_simulation  # noqa: E402
 
 
 def output_errors(prepared: torch.fx.GraphModule, calib: qdiff_ao.CalibrationSet) -> tuple[float, float]:
-    """(relative output error at the lowest timestep, mean over the others), 4 rows per timestep."""
-    timesteps = sorted(calib.timesteps())
+    """(relative output error at the lowest timestep, mean over the others), 4 rows (or guidance pairs, measured on
+    the guided output) per timestep."""
     sim = build_simulation(prepared)
-    errors = []
-    for t in timesteps:
-        inputs = next(batch for step, batch in calib.subset([t]).batches(4) if step == t)
-        with torch.no_grad():
-            with sim.full_precision():
-                ref = sim.gm(**inputs)
-            out = sim.gm(**inputs)
-        ref, out = (x if isinstance(x, torch.Tensor) else x[0] for x in (ref, out))
-        errors.append(float((out - ref).norm() / ref.norm()))
+    sim.gm.eval()
+    _, groups, index = probe_rows(calib, 4)
+    inputs = calib._rows(index)
+    with torch.no_grad():
+        with sim.full_precision():
+            ref = _output_tensor(sim.gm(**inputs))
+        out = _output_tensor(sim.gm(**inputs))
+    errors = per_timestep_error(out, ref, groups)
     return errors[0], sum(errors[1:]) / max(len(errors) - 1, 1)
 
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from qdiff_ao.observers.histogram import bin_centers, update_histogram
+from qdiff_ao.observers.histogram import bin_centers, rebin_histogram, update_histogram
 from qdiff_ao.observers.minmax import RangeMinMaxObserver
 from qdiff_ao.primitives import choose_qparams, fake_quant
 
@@ -107,6 +108,25 @@ class _LpSearchObserver(RangeMinMaxObserver):
         super().reset_min_max_vals()
         self.hist = torch.zeros(1, self.bins, dtype=torch.float64)
         self.bound = torch.zeros(1, dtype=torch.float64)
+
+    def all_reduce_statistics(self, group: Any = None) -> None:
+        """Merge over the ranks of ``group``: min/max, then the histograms exactly. The grids agree first (MAX of
+        the power-of-two bounds; each rank re-bins by exact bin-pair merging, :func:`rebin_histogram`), then the
+        counts are summed: integers held in float64 (exact below 2**53), so the sum is the same in any order and
+        equals the histogram one process would hold after seeing every rank's rows."""
+        super().all_reduce_statistics(group)
+        shapes: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(shapes, tuple(self.hist.shape), group=group)
+        rows = max(shape[0] for shape in shapes)
+        if tuple(self.hist.shape) != (rows, self.bins):  # a rank that saw no data still has the 1-row placeholder
+            self.hist = torch.zeros(rows, self.bins, dtype=torch.float64)
+            self.bound = torch.zeros(rows, dtype=torch.float64)
+        bound = self.bound.clone()
+        dist.all_reduce(bound, op=dist.ReduceOp.MAX, group=group)
+        self.hist = rebin_histogram(self.hist, self.bound, torch.where(self.bound > 0, bound, self.bound))
+        dist.all_reduce(self.hist, op=dist.ReduceOp.SUM, group=group)
+        self.bound = bound
+        self._cached = None
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         self._cached = None

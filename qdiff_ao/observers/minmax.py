@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from qdiff_ao.observers.base import QuantRangeObserver
 
@@ -69,6 +70,11 @@ class RangeMinMaxObserver(QuantRangeObserver):
         self.min_val = torch.tensor(float("inf"))
         self.max_val = torch.tensor(float("-inf"))
 
+    def all_reduce_statistics(self, group: Any = None) -> None:
+        """Merge min/max over the ranks of ``group`` (``all_reduce`` MIN / MAX: exact in any order)."""
+        dist.all_reduce(self.min_val, op=dist.ReduceOp.MIN, group=group)
+        dist.all_reduce(self.max_val, op=dist.ReduceOp.MAX, group=group)
+
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # Per-channel buffers are sized by the first batch; adopt the saved size before loading.
         for name in ("min_val", "max_val"):
@@ -101,6 +107,12 @@ class EMAMinMaxObserver(RangeMinMaxObserver):
         m = self.momentum
         self.min_val = m * self.min_val + (1 - m) * lo
         self.max_val = m * self.max_val + (1 - m) * hi
+
+    def all_reduce_statistics(self, group: Any = None) -> None:
+        """Refused: the running average depends on the order of batches, so ranks cannot merge it exactly."""
+        raise TypeError("EMAMinMaxObserver keeps a running average whose value depends on the order of batches, so "
+                        "ranks cannot merge it exactly; calibrate with RangeMinMaxObserver or LpObserver under "
+                        "torch.distributed, or in one process")
 
     def extra_repr(self) -> str:
         return f"momentum={self.momentum}, " + super().extra_repr()

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import torch
+import torch.distributed as dist
 
 from qdiff_ao._compat import ObserverBase
 from qdiff_ao.observers.lp_norm import LpObserver
@@ -103,6 +104,24 @@ class TimestepAwareObserver(ObserverBase):
         self.timesteps = torch.zeros(0, dtype=torch.float64)
         self.step_min = torch.zeros(0)
         self.step_max = torch.zeros(0)
+
+    def all_reduce_statistics(self, group: Any = None) -> None:
+        """Merge the per-step ranges over the ranks of ``group``: gathered, combined per timestep with min / max,
+        stored in increasing timestep order (one process stores them in the order it met them; only
+        :meth:`per_step_ranges`, which sorts, reads them). The base observer is a submodule:
+        :func:`~qdiff_ao.observers.merging.all_reduce_observers` merges it on its own."""
+        records: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(records, (self.timesteps.tolist(), self.step_min.tolist(), self.step_max.tolist()),
+                               group=group)
+        merged: dict[float, tuple[float, float]] = {}
+        for timesteps, mins, maxs in records:
+            for t, lo, hi in zip(timesteps, mins, maxs, strict=True):
+                old = merged.get(t)
+                merged[t] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+        order = sorted(merged)
+        self.timesteps = torch.tensor(order, dtype=torch.float64)
+        self.step_min = torch.tensor([merged[t][0] for t in order], dtype=self.step_min.dtype)
+        self.step_max = torch.tensor([merged[t][1] for t in order], dtype=self.step_max.dtype)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         for name in ("timesteps", "step_min", "step_max"):
