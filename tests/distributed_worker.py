@@ -1,6 +1,6 @@
 """The body of one rank in tests/test_distributed.py (spawned by torch.multiprocessing; gloo over a file store).
 
-Each rank quantizes the tiny attention UNet with the default recipe minus reconstruction and output correction,
+Each rank quantizes the tiny attention UNet with the default recipe minus reconstruction (then with it),
 collects the calibration set gathered and as shards, and writes what the test compares into ``out``:
 rank 0 the checkpoint (``ckpt/``), every rank its tensors (``rank{r}.pt``).
 """
@@ -30,7 +30,7 @@ def quantize_tiny(reconstruct: bool = False, recon_seed: int = 0) -> Any:
 
     cfg = qdiff_ao.QuantConfig(reconstruction=qdiff_ao.ReconstructionConfig(seed=recon_seed, **RECON))
     return qdiff_ao.quantize(build_unet("attn"), DDPMScheduler(num_train_timesteps=1000), cfg,
-                             reconstruct=reconstruct, bias_correction=False, **COLLECT)
+                             reconstruct=reconstruct, **COLLECT)
 
 
 def eps_error(qunet: Any) -> tuple[float, torch.Tensor]:
@@ -82,6 +82,8 @@ def run_rank(rank: int, out: str) -> None:
         torch.save({"gathered": dict(gathered._tensors()), "shard": dict(shard._tensors()),
                     "shard_meta": shard.metadata, "ema_error": ema_error,
                     "keep_float": qunet.quantization_info["config"]["keep_float"], "recon_error": recon_error,
+                    "correction": qunet.quantization_info["bias_correction"],
+                    "fallback": qunet.quantization_info["precision_fallback"],
                     "recon_out": recon_out, "recon_report": reconstructed.quantization_info["reconstruction"]},
                    Path(out) / f"rank{rank}.pt")
     finally:

@@ -10,7 +10,9 @@ rank that dies makes the others fail instead of waiting forever), and
   depend on how many ranks produced it. Each chunk's rows are then broadcast from their rank, an exact copy:
   every rank ends with the single-process set, row for row;
 * calibration batches are dealt round-robin (batch ``b`` on rank ``b mod N``) and the observers' statistics are
-  merged exactly afterwards (:func:`qdiff_ao.observers.merging.all_reduce_observers`).
+  merged exactly afterwards (:func:`qdiff_ao.observers.merging.all_reduce_observers`);
+* per-timestep measurements (sensitivity, precision fallback, output correction) deal calibration timesteps
+  round-robin (:func:`deal`) and add their results up with :func:`sum_over_ranks`.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-__all__ = ["DEFAULT_TIMEOUT_S", "chunk_seed", "init_from_environment", "is_main_process", "rank_and_world",
-           "run_on_main_process"]
+__all__ = ["DEFAULT_TIMEOUT_S", "chunk_seed", "deal", "init_from_environment", "is_main_process", "rank_and_world",
+           "run_on_main_process", "sum_over_ranks", "sum_tensor_over_ranks"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,31 @@ def rank_and_world() -> tuple[int, int]:
 def is_main_process() -> bool:
     """True on rank 0 (and without a process group): the rank that writes files and shows progress."""
     return rank_and_world()[0] == 0
+
+
+def deal(count: int) -> list[int]:
+    """This rank's share of ``count`` items dealt round-robin: item ``i`` on rank ``i mod N`` (possibly none)."""
+    rank, world = rank_and_world()
+    return list(range(rank, count, world))
+
+
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise sums of ``values`` over the ranks, in float64 (identity in one process). Entries only one rank
+    fills (the others add 0.0) come back exactly."""
+    if rank_and_world()[1] == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def sum_tensor_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks (a new tensor; ``t`` itself in one process)."""
+    if rank_and_world()[1] == 1:
+        return t
+    out = t.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
 
 
 def init_from_environment() -> bool:

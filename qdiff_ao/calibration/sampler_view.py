@@ -16,6 +16,7 @@ compare outputs through :meth:`RowGroup.sampler_output`, so they see the guided 
 
     >>> import torch
     >>> from qdiff_ao.calibration.calibration_set import CalibrationSet
+from qdiff_ao.calibration.distributed import deal, sum_over_ranks
     >>> calib = CalibrationSet(torch.zeros(4, 1, 2, 2), torch.full((4,), 7), guidance_pair=torch.tensor([-1, -2, 1, 2]),
     ...                        metadata={"guidance_scale": "3.0"})
     >>> group = timestep_rows(calib, 7)
@@ -32,8 +33,9 @@ from dataclasses import dataclass
 import torch
 
 from qdiff_ao.calibration.calibration_set import CalibrationSet
+from qdiff_ao.calibration.distributed import deal, sum_over_ranks
 
-__all__ = ["RowGroup", "guidance_scale", "per_timestep_error", "probe_rows", "timestep_rows"]
+__all__ = ["ErrorProbe", "RowGroup", "guidance_scale", "per_timestep_error", "probe_rows", "timestep_rows"]
 
 
 def guidance_scale(calib: CalibrationSet) -> float | None:
@@ -120,6 +122,36 @@ def per_timestep_error(out: torch.Tensor, ref: torch.Tensor, groups: list[RowGro
         errors.append(float((o - r).double().norm() / r.double().norm().clamp_min(1e-12)))
     return tuple(errors)
 
+
+
+class ErrorProbe:
+    """Per-timestep output error on at most ``limit`` rows (or guidance pairs) of every calibration timestep.
+
+    On a process group the timesteps are dealt round-robin (:func:`~qdiff_ao.calibration.distributed.deal`):
+    each rank runs only its timesteps' rows (:attr:`inputs`; ``None`` if it has none) and :meth:`errors` adds the
+    ranks' per-timestep errors up -- each entry comes from one rank, the others add 0.0, so the result is exact
+    and the same on every rank.
+
+    Attributes:
+        timesteps: all calibration timesteps, ascending.
+        inputs: UNet keyword inputs of this rank's rows (groups concatenated in timestep order), or ``None``.
+    """
+
+    def __init__(self, calib: CalibrationSet, limit: int) -> None:
+        timesteps, groups, _ = probe_rows(calib, limit)
+        self.timesteps = timesteps
+        self._mine = deal(len(groups))
+        self._groups = [groups[i] for i in self._mine]
+        self.inputs = calib._rows(torch.cat([g.index for g in self._groups])) if self._groups else None
+
+    def errors(self, out: torch.Tensor | None, ref: torch.Tensor | None) -> tuple[float, ...]:
+        """:func:`per_timestep_error` of this rank's outputs, completed over the ranks (one entry per timestep)."""
+        full = [0.0] * len(self.timesteps)
+        if self._groups:
+            assert out is not None and ref is not None
+            for i, e in zip(self._mine, per_timestep_error(out, ref, self._groups), strict=True):
+                full[i] = e
+        return tuple(sum_over_ranks(full))
 
 
 def probe_rows(calib: CalibrationSet, limit: int) -> tuple[list[float], list[RowGroup], torch.Tensor]:

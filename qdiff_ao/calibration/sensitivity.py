@@ -33,7 +33,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from qdiff_ao.calibration.calibration_set import CalibrationSet
-from qdiff_ao.calibration.sampler_view import per_timestep_error, probe_rows
+from qdiff_ao.calibration.sampler_view import ErrorProbe
 from qdiff_ao.capture.input_guards import is_input_guard
 from qdiff_ao.quantizers.qparams import is_quantized_layer
 from qdiff_ao.quantizers.simulation import Simulation, build_simulation
@@ -192,7 +192,8 @@ def sensitivity(
 ) -> SensitivityReport:
     """Measure ``e_q(t)`` for every activation and/or weight quantizer of a calibrated prepared graph.
 
-    Costs one forward of ``rows_per_timestep x (number of timesteps)`` rows per quantizer.
+    Costs one forward of ``rows_per_timestep x (number of timesteps)`` rows per quantizer; on a process group
+    each rank runs the rows of its share of the timesteps and every rank returns the same report.
 
     Args:
         prepared: the calibrated (possibly reconstructed) output of ``qdiff_ao.prepare``; not modified.
@@ -219,11 +220,13 @@ def sensitivity(
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     sim = build_simulation(prepared)
     sim.gm.eval()
-    timesteps, groups, index = probe_rows(calib, rows_per_timestep)
-    inputs = calib._rows(index)
+    probe = ErrorProbe(calib, rows_per_timestep)
+    inputs = probe.inputs
     names = [str(n.target) for n in sim.gm.graph.nodes if n.op == "placeholder"]
 
-    def run() -> torch.Tensor:
+    def run() -> torch.Tensor | None:
+        if inputs is None:  # this rank has no timesteps to measure (more ranks than timesteps)
+            return None
         n = inputs["sample"].shape[0]
         outs = []
         for start in range(0, n, batch_size):
@@ -233,7 +236,7 @@ def sensitivity(
 
     with sim.full_precision():
         reference = run()
-    all_on = per_timestep_error(run(), reference, groups)
+    all_on = probe.errors(run(), reference)
     nodes = {str(n.target): n for n in prepared.graph.nodes if n.op == "call_module"}
     todo: list[tuple[str, str]] = []
     if "activation" in kinds:
@@ -247,7 +250,7 @@ def sensitivity(
             switch = sim.acts[name] if kind == "activation" else sim.layers[name]
             switch.enabled = True
             try:
-                errors = per_timestep_error(run(), reference, groups)
+                errors = probe.errors(run(), reference)
             finally:
                 switch.enabled = False
             node = nodes[name]
@@ -256,7 +259,7 @@ def sensitivity(
             rows.append(QuantizerSensitivity(name, kind, observed, layers, errors))
     finally:
         _switch_all(sim, True)
-    report = SensitivityReport(tuple(timesteps), tuple(rows), all_on, rows_per_timestep)
-    logger.info("sensitivity of %d quantizers over %d timesteps; worst: %s", len(rows), len(timesteps),
+    report = SensitivityReport(tuple(probe.timesteps), tuple(rows), all_on, rows_per_timestep)
+    logger.info("sensitivity of %d quantizers over %d timesteps; worst: %s", len(rows), len(probe.timesteps),
                 [(r.value, round(r.worst, 4)) for r in report.ranked()[:3]])
     return report

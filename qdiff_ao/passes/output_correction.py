@@ -30,6 +30,7 @@ import torch
 from torch import fx, nn
 
 from qdiff_ao.calibration.calibration_set import CalibrationSet
+from qdiff_ao.calibration.distributed import deal, sum_over_ranks, sum_tensor_over_ranks
 from qdiff_ao.calibration.sampler_view import RowGroup, timestep_rows
 from qdiff_ao.calibration.sensitivity import _output_tensor
 from qdiff_ao.capture.graph_state import update_graph_info
@@ -169,11 +170,6 @@ def correct_output(
     names = [str(n.target) for n in sim.gm.graph.nodes if n.op == "placeholder"]
     timesteps = [float(t) for t in calib.timesteps()]
     groups = _groups(timesteps, num_groups)
-    fit_sum: list[Any] = [None] * len(groups)
-    all_sum: list[Any] = [None] * len(groups)
-    fit_count = [0] * len(groups)
-    all_count = [0] * len(groups)
-    held: list[list[torch.Tensor]] = [[] for _ in groups]
     group_of_t = {t: gi for gi, ts in enumerate(groups) for t in ts}
 
     def outputs(group: RowGroup) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,33 +180,52 @@ def correct_output(
             y_fp.append(_output_tensor(model(**inputs)))
         return torch.cat(y_q), torch.cat(y_fp)
 
-    for t in calib.timesteps():
+    # Per group: channel sums of the fitting half and of all rows, value counts, held-back differences. On a
+    # process group each rank runs its share of the timesteps and the sums are added up over the ranks.
+    sums: dict[tuple[str, int], torch.Tensor] = {}
+    counts = torch.zeros(2, len(groups), dtype=torch.float64)  # [fit, all] values per channel
+    held: list[list[torch.Tensor]] = [[] for _ in groups]
+    all_t = calib.timesteps()
+    for ti in deal(len(all_t)):
+        t = all_t[ti]
         gi = group_of_t[float(t)]
         for part, rows in zip(("fit", "held"), timestep_rows(calib, t).split(), strict=True):
-            if len(rows) == 0:
-                continue
             y_q, y_fp = outputs(rows)
             diff = rows.sampler_output(y_q) - rows.sampler_output(y_fp)
             s, c = _channel_stats(diff)
-            all_sum[gi] = s if all_sum[gi] is None else all_sum[gi] + s
-            all_count[gi] += c
+            for key in (("all", gi),) + ((("fit", gi),) if part == "fit" else ()):
+                sums[key] = s if key not in sums else sums[key] + s
+            counts[1, gi] += c
             if part == "fit":
-                fit_sum[gi] = s if fit_sum[gi] is None else fit_sum[gi] + s
-                fit_count[gi] += c
+                counts[0, gi] += c
             else:
                 held[gi].append(diff.double())
-    channels = int(all_sum[0].numel())
+    # every rank with rows has the output's channel count C; ranks without rows learn it here
+    have, total = sum_over_ranks([float(bool(sums)), float(next((v.numel() for v in sums.values()), 0))])
+    channels = round(total / have)
+    fit_sum = sum_tensor_over_ranks(torch.stack([sums.get(("fit", g), torch.zeros(channels, dtype=torch.float64))
+                                                 for g in range(len(groups))]))
+    all_sum = sum_tensor_over_ranks(torch.stack([sums.get(("all", g), torch.zeros(channels, dtype=torch.float64))
+                                                 for g in range(len(groups))]))
+    counts = sum_tensor_over_ranks(counts)
+    b_fit = fit_sum / counts[0].unsqueeze(1)
+    # held-back squared error without and with the fitted offset: sums over this rank's rows, then over ranks
+    held_sq = torch.zeros(3, len(groups), dtype=torch.float64)  # [before, after, values]
+    for gi in range(len(groups)):
+        for diffs in held[gi]:
+            shape = (1, channels, *([1] * (diffs.dim() - 2)))
+            held_sq[0, gi] += diffs.pow(2).sum()
+            held_sq[1, gi] += (diffs - b_fit[gi].view(shape)).pow(2).sum()
+            held_sq[2, gi] += diffs.numel()
+    held_sq = sum_tensor_over_ranks(held_sq)
     bias = torch.zeros(len(groups), channels, dtype=torch.float64)
     report_groups = []
     for gi, ts in enumerate(groups):
-        b_fit = fit_sum[gi] / fit_count[gi]
-        diffs = torch.cat(held[gi])
-        shape = (1, channels, *([1] * (diffs.dim() - 2)))
-        before = float(diffs.pow(2).mean())
-        after = float((diffs - b_fit.view(shape)).pow(2).mean())
+        before = float(held_sq[0, gi] / held_sq[2, gi])
+        after = float(held_sq[1, gi] / held_sq[2, gi])
         kept = after < before
         if kept:
-            bias[gi] = all_sum[gi] / all_count[gi]
+            bias[gi] = all_sum[gi] / counts[1, gi]
         report_groups.append({"timesteps": ts, "kept": kept, "mse_before": before, "mse_after": after,
                               "mean_abs_offset": float(bias[gi].abs().mean())})
     boundaries = [(groups[i][-1] + groups[i + 1][0]) / 2 for i in range(len(groups) - 1)]

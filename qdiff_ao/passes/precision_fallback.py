@@ -34,7 +34,8 @@ import torch
 from torch import fx, nn
 
 from qdiff_ao.calibration.calibration_set import CalibrationSet
-from qdiff_ao.calibration.sampler_view import per_timestep_error, probe_rows
+from qdiff_ao.calibration.distributed import sum_over_ranks
+from qdiff_ao.calibration.sampler_view import ErrorProbe
 from qdiff_ao.calibration.sensitivity import _layers_of, _observed_value, _output_tensor
 from qdiff_ao.quantizers.simulation import Simulation, build_simulation
 
@@ -70,8 +71,9 @@ class FallbackDecision:
                 "timesteps": list(self.timesteps), "forwards": self.forwards}
 
 
-def _layer_macs(sim: Simulation, run: Callable[[], torch.Tensor]) -> dict[str, int]:
-    """Multiply-accumulates per quantized layer for the measured batch (from its output shape)."""
+def _layer_macs(sim: Simulation, run: Callable[[], object]) -> dict[str, int]:
+    """Multiply-accumulates per quantized layer for the measured batch (from its output shape), summed over the
+    ranks' batches (integers, exact)."""
     macs: dict[str, int] = {}
     handles = []
     for name, sim_layer in sim.layers.items():
@@ -92,7 +94,9 @@ def _layer_macs(sim: Simulation, run: Callable[[], torch.Tensor]) -> dict[str, i
     finally:
         for h in handles:
             h.remove()
-    return macs
+    names = list(sim.layers)
+    return {name: int(total) for name, total in zip(names, sum_over_ranks([float(macs.get(n, 0)) for n in names]),
+                                                    strict=True)}
 
 
 @torch.no_grad()
@@ -133,19 +137,21 @@ def choose_float_layers(
                          f"{rows_per_timestep}")
     sim = build_simulation(prepared)
     sim.gm.eval()
-    timesteps, row_groups, index = probe_rows(calib, rows_per_timestep)
-    inputs = calib._rows(index)
+    probe = ErrorProbe(calib, rows_per_timestep)
+    inputs = probe.inputs
     names = [str(n.target) for n in sim.gm.graph.nodes if n.op == "placeholder"]
     forwards = 0
 
-    def run() -> torch.Tensor:
+    def run() -> torch.Tensor | None:
         nonlocal forwards
         forwards += 1
+        if inputs is None:  # this rank has no timesteps to measure (more ranks than timesteps)
+            return None
         return _output_tensor(sim.gm(**{k: inputs[k] for k in names if k in inputs}))
 
     with sim.full_precision():
         reference = run()
-    all_on = per_timestep_error(run(), reference, row_groups)
+    all_on = probe.errors(run(), reference)
     threshold = [max(math.sqrt(share) * e, min_error) for e in all_on]
     macs = _layer_macs(sim, run)
     nodes = {str(n.target): n for n in prepared.graph.nodes if n.op == "call_module"}
@@ -164,7 +170,7 @@ def choose_float_layers(
         for name, _, _ in members:
             switches[name].enabled = True
         try:
-            return per_timestep_error(run(), reference, row_groups)
+            return probe.errors(run(), reference)
         finally:
             for name, _, _ in members:
                 switches[name].enabled = False
@@ -202,10 +208,10 @@ def choose_float_layers(
             chosen += extra
         harmful.append({"quantizer": name, "kind": kind,
                         "value": _observed_value(nodes[name]) if kind == "activation" else name,
-                        "layers": list(layers), "worst_error": errors[k], "at_timestep": float(timesteps[k]),
+                        "layers": list(layers), "worst_error": errors[k], "at_timestep": float(probe.timesteps[k]),
                         "share": (errors[k] / all_on[k]) ** 2 if all_on[k] > 0 else float("inf"), "kept": fits})
     decision = FallbackDecision(tuple(chosen), tuple(harmful), sum(macs.get(n, 0) for n in chosen) / total_macs,
-                                all_on, tuple(float(t) for t in timesteps), forwards)
+                                all_on, tuple(probe.timesteps), forwards)
     logger.info("precision fallback: %d harmful quantizers, keep %s in float (%.2f%% of MACs), %d forwards",
                 len(harmful), list(chosen), 100 * decision.macs_fraction, forwards)
     return decision

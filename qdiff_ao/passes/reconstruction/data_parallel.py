@@ -20,7 +20,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from qdiff_ao.calibration.distributed import rank_and_world
+from qdiff_ao.calibration.distributed import rank_and_world, sum_over_ranks
 
 __all__ = ["average_gradients", "ranks_batch_size", "rows_to_cache", "sum_over_ranks"]
 
@@ -64,12 +64,3 @@ def average_gradients(params: list[torch.Tensor]) -> None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
         p.grad.div_(world)
-
-
-def sum_over_ranks(values: list[float]) -> list[float]:
-    """Element-wise sums of ``values`` over the ranks, in float64 (no-op in one process)."""
-    if rank_and_world()[1] == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
