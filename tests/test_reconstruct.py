@@ -17,7 +17,7 @@ from qdiff_ao.observers.frozen import FrozenObserver
 
 # The module itself (qdiff_ao.passes.reconstruct is the function of the same name).
 from qdiff_ao.passes.reconstruction import runner as recon_module  # noqa: E402
-from qdiff_ao.passes.reconstruction.runner import module_types_of, reconstruct
+from qdiff_ao.passes.reconstruction.runner import cache_bytes_per_row, module_types_of, reconstruct
 from qdiff_ao.quantizers.adaround import AdaRoundWeight, LearnedStepQuant, beta_schedule, rectified_sigmoid
 
 
@@ -250,8 +250,9 @@ def test_deterministic_with_a_seed_and_bounded_cache(monkeypatch: pytest.MonkeyP
         assert rep_a["blocks"][name]["lp_after"] == rep_b["blocks"][name]["lp_after"]
     for name in sim_a.layers:
         assert torch.equal(sim_a.layers[name].quant.hard_codes(), sim_b.layers[name].quant.hard_codes())
-    # the cache bound picked a subset of the 16 rows
-    assert 1 <= rep_a["num_samples"] < len(calib)
+    # the cache bound picked a subset of the 16 rows: as many as cache_bytes_per_row says fit
+    per_row = cache_bytes_per_row(twin, calib, model=unet)
+    assert rep_a["num_samples"] == 200_000 // per_row and 1 <= rep_a["num_samples"] < len(calib)
     assert rep_a["cache_bytes"] <= 200_000
 
 

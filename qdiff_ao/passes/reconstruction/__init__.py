@@ -9,6 +9,6 @@
 
 from __future__ import annotations
 
-from qdiff_ao.passes.reconstruction.runner import module_types_of, reconstruct
+from qdiff_ao.passes.reconstruction.runner import cache_bytes_per_row, module_types_of, reconstruct
 
-__all__ = ["module_types_of", "reconstruct"]
+__all__ = ["cache_bytes_per_row", "module_types_of", "reconstruct"]

@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import fx
 
-from qdiff_ao.passes.reconstruction.blocks import BlockSpec, Partition
-from qdiff_ao.quantizers.simulation import SimState
+from qdiff_ao.passes.reconstruction.blocks import BlockSpec, Partition, partition_graph
+from qdiff_ao.quantizers.simulation import SimState, Simulation
 
-__all__ = ["Frontier", "Step", "peak_bytes_per_sample", "plan_steps"]
+__all__ = ["Frontier", "Step", "peak_bytes_per_sample", "plan_cache", "plan_steps"]
 
 
 @dataclass
@@ -90,6 +90,37 @@ def peak_bytes_per_sample(steps: list[Step], placeholders: list[str], nbytes: Ma
         peak = max(peak, live)
         live -= sum(nbytes.get(f, 0) for f in step.free_after)
     return peak
+
+
+class _ShapeProbe(fx.Interpreter):
+    """Records, per node, whether it produced a (floating) tensor and its bytes."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.is_tensor: dict[str, bool] = {}
+        self.is_float: dict[str, bool] = {}
+        self.nbytes: dict[str, int] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        tensor = isinstance(out, torch.Tensor)
+        self.is_tensor[n.name] = tensor
+        self.is_float[n.name] = tensor and out.is_floating_point()
+        self.nbytes[n.name] = out.numel() * out.element_size() if tensor else 0
+        return out
+
+
+def plan_cache(sim: Simulation, one_row: list[torch.Tensor], types: Mapping[str, Any]
+               ) -> tuple[Partition, list[Step], int]:
+    """Run one row (the graph's inputs in placeholder order) through the float simulation, partition the graph
+    into blocks and plan the walk: (partition, steps, bytes per cached row in both frontiers = ``2 * peak``)."""
+    probe = _ShapeProbe(sim.gm)
+    with sim.full_precision(), torch.no_grad():
+        probe.run(*one_row)
+    part = partition_graph(sim.gm.graph, sim.layers, sim.acts, types, probe.is_tensor, probe.is_float)
+    placeholders = [n.name for n in sim.gm.graph.nodes if n.op == "placeholder"]
+    steps = plan_steps(part, placeholders)
+    return part, steps, 2 * peak_bytes_per_sample(steps, placeholders, probe.nbytes)
 
 
 class Frontier:

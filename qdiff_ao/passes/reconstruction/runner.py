@@ -59,8 +59,8 @@ from qdiff_ao.calibration.distributed import rank_and_world
 from qdiff_ao.capture.graph_state import graph_info, has_graph_info, update_graph_info
 from qdiff_ao.config import QuantConfig, ReconstructionConfig
 from qdiff_ao.observers.frozen import FrozenObserver
-from qdiff_ao.passes.reconstruction.blocks import BlockSpec, Partition, compile_block, partition_graph
-from qdiff_ao.passes.reconstruction.cache import Frontier, peak_bytes_per_sample, plan_steps
+from qdiff_ao.passes.reconstruction.blocks import BlockSpec, Partition, compile_block
+from qdiff_ao.passes.reconstruction.cache import Frontier, Step, plan_cache
 from qdiff_ao.passes.reconstruction.data_parallel import rows_to_cache
 from qdiff_ao.passes.reconstruction.resume_state import ReconstructionState
 from qdiff_ao.passes.reconstruction.training import BlockErrors, BlockTrainer, evaluate_block
@@ -126,24 +126,6 @@ def _graph_inputs(sim: Simulation, calib: CalibrationSet, rows: torch.Tensor) ->
     return inputs
 
 
-class _Probe(fx.Interpreter):
-    """Records, per node, whether it produced a (floating) tensor and its bytes."""
-
-    def __init__(self, gm: fx.GraphModule) -> None:
-        super().__init__(gm)
-        self.is_tensor: dict[str, bool] = {}
-        self.is_float: dict[str, bool] = {}
-        self.nbytes: dict[str, int] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        tensor = isinstance(out, torch.Tensor)
-        self.is_tensor[n.name] = tensor
-        self.is_float[n.name] = tensor and out.is_floating_point()
-        self.nbytes[n.name] = out.numel() * out.element_size() if tensor else 0
-        return out
-
-
 @contextlib.contextmanager
 def _frozen_parameters(module: nn.Module) -> Iterator[None]:
     """Keep autograd off the prepared model's own parameters while rounding variables are trained."""
@@ -181,13 +163,18 @@ def _bake(prepared: fx.GraphModule, sim: Simulation, learned_acts: list[str]) ->
         setattr(prepared.get_submodule(parent) if parent else prepared, leaf, frozen)
 
 
-def _plan(sim: Simulation, calib: CalibrationSet, types: Mapping[str, Any]) -> tuple[Partition, dict[str, int]]:
-    probe = _Probe(sim.gm)
+def _plan(sim: Simulation, calib: CalibrationSet, types: Mapping[str, Any]) -> tuple[Partition, list[Step], int]:
     one = _graph_inputs(sim, calib, torch.arange(1))
-    with sim.full_precision(), torch.no_grad():
-        probe.run(*[one[str(n.target)] for n in sim.gm.graph.nodes if n.op == "placeholder"])
-    part = partition_graph(sim.gm.graph, sim.layers, sim.acts, types, probe.is_tensor, probe.is_float)
-    return part, probe.nbytes
+    return plan_cache(sim, [one[str(n.target)] for n in sim.gm.graph.nodes if n.op == "placeholder"], types)
+
+
+def cache_bytes_per_row(prepared: fx.GraphModule, calib: CalibrationSet, *, model: nn.Module | None = None) -> int:
+    """Bytes of cached block inputs/outputs one calibration row costs :func:`reconstruct` (both frontiers, at the
+    peak of the block walk): rows cached per rank = ``min(rows, floor(max_cache_bytes / this))``. Runs one row
+    through the calibrated ``prepared`` graph; nothing is cached or changed."""
+    sim = build_simulation(prepared)
+    sim.gm.eval()
+    return _plan(sim, calib, _resolve_module_types(prepared, model, None))[2]
 
 
 def _reconstruct_block(
@@ -297,7 +284,7 @@ def reconstruct(
     ending with the same parameters (:mod:`qdiff_ao.passes.reconstruction.data_parallel`).
 
     Memory: the cached block inputs/outputs of both frontiers take at most ``rcfg.max_cache_bytes`` (per rank);
-    the pass caches ``N = min(len(calib), floor(max_cache_bytes / (2 * peak_bytes_per_sample)))`` seeded rows of
+    the pass caches ``N = min(len(calib), floor(max_cache_bytes / cache_bytes_per_row))`` seeded rows of
     ``calib``. On top come one block's forward/backward on ``batch_size`` rows and its rounding variables.
 
     Args:
@@ -342,10 +329,7 @@ def reconstruct(
     if not sim.layers:
         raise ValueError("the prepared graph has no quantized Conv2d/Linear: nothing to reconstruct")
     sim.gm.eval()
-    part, nbytes = _plan(sim, calib, types)
-    placeholders = [n.name for n in sim.gm.graph.nodes if n.op == "placeholder"]
-    steps = plan_steps(part, placeholders)
-    per_sample = 2 * peak_bytes_per_sample(steps, placeholders, nbytes)
+    part, steps, per_sample = _plan(sim, calib, types)
     n = min(len(calib), rcfg.max_cache_bytes // max(per_sample, 1))
     if n < 1:
         raise ValueError(
