@@ -14,7 +14,8 @@ precision fallback are listed.
 
 Rows: FP32; ours with the defaults at W8A8, W4A8 and weights-only W4; ablations of W4A8 that remove one default
 step each (the precision fallback, the output correction -- or replace it by the single static bias of
-``passes.correct_output_bias`` --, split shortcuts, reconstruction). The output-correction variants share one
+``passes.correct_output_bias`` --, split shortcuts, reconstruction; with classifier-free guidance also the guided
+reconstruction loss, at W4A8 and W8A8). The output-correction variants share one
 reconstruction (the prepared graph is copied before the correction), so they differ in that step alone.
 """
 
@@ -81,6 +82,10 @@ def rows() -> list[dict[str, Any]]:
         dict(label="ours W4A8, no precision fallback", cfg=w4a8, kwargs=dict(precision_fallback=False)),
         dict(label="ours W4A8, no split", cfg=w4a8, kwargs=dict(split=False)),
         dict(label="ours W4A8, no reconstruction", cfg=w4a8, kwargs=dict(reconstruct=False)),
+        dict(label="ours W4A8, reconstruction without the guided loss", cfg=w4a8, guided_only=True,
+             kwargs=dict(guided_reconstruction=False)),
+        dict(label="ours W8A8, reconstruction without the guided loss", cfg=qdiff_ao.QuantConfig(weight_bits=8),
+             guided_only=True, kwargs=dict(guided_reconstruction=False)),
     ]
 
 
@@ -170,7 +175,7 @@ def main() -> None:
     for row in rows():
         variants = row.get("variants", {})
         wanted = [label for label in (row["label"], *variants) if not args.only or any(o in label for o in args.only)]
-        if not wanted:
+        if not wanted or (row.get("guided_only") and calib.guidance_pair is None):  # same as defaults without CFG
             continue
         captured: dict[str, Any] = {}
 

@@ -144,6 +144,7 @@ def quantize(
     calibration_strategy: str = "uniform",
     split: bool = True,
     reconstruct: bool = True,
+    guided_reconstruction: bool = True,
     bias_correction: bool = True,
     precision_fallback: bool = True,
     fallback_rounds: int = 3,
@@ -169,6 +170,8 @@ def quantize(
             (see :func:`qdiff_ao.collect_calibration_data`); ignored when ``calib`` is given.
         split: split shortcut quantization.
         reconstruct: BRECQ/AdaRound block reconstruction (``qdiff_ao.passes.reconstruct``).
+        guided_reconstruction: with classifier-free guidance, reconstruction also minimises the error of the
+            guided combination ``u + s (c - u)`` of each trajectory's two rows (``reconstruct(guided=...)``).
         bias_correction: subtract the mean quantization error of the model output per group of timesteps,
             kept only for groups where it lowers the error on held-back calibration rows
             (``qdiff_ao.passes.correct_output``); skipped with a warning when a timestep has < 2 rows.
@@ -248,7 +251,8 @@ def quantize(
     recon_report = None
     if reconstruct:
         t0 = time.perf_counter()
-        run_reconstruction(prepared, calib, cfg.reconstruction, model=unet, progress=progress)
+        run_reconstruction(prepared, calib, cfg.reconstruction, model=unet, progress=progress,
+                           guided=guided_reconstruction)
         recon_report = graph_info(prepared).reconstruction
         timings["reconstruct_s"] = time.perf_counter() - t0
     bias_report = None

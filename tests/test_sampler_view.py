@@ -14,6 +14,9 @@ import qdiff_ao
 from qdiff_ao.calibration.sampler_view import guidance_scale, per_timestep_error, timestep_rows
 from qdiff_ao.calibration.sensitivity import _output_tensor, sensitivity
 from qdiff_ao.passes.output_correction import OUTPUT_CORRECTION, correct_output
+from qdiff_ao.passes.reconstruction.data_parallel import rows_to_cache
+from qdiff_ao.passes.reconstruction.training import BlockTrainer, block_loss, guided
+from qdiff_ao.quantizers.adaround import lp_loss
 from qdiff_ao.quantizers.simulation import build_simulation
 from tests.calibration_helpers import collect, tiny_cond_unet
 
@@ -121,3 +124,47 @@ def test_sensitivity_and_correction_measure_the_guided_output() -> None:
         diffs.append(group.sampler_output(_output_tensor(sim.gm(**inputs))) - group.sampler_output(fp))
     mean = torch.cat(diffs).double().mean(dim=(0, 2, 3))
     assert torch.allclose(getattr(prepared, OUTPUT_CORRECTION).bias[0].double(), mean, atol=1e-6)
+
+
+# --- guided reconstruction --------------------------------------------------------------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 30), st.integers(0, 40), st.integers(0, 5))
+def test_cached_units_are_whole_pairs_and_single_rows_stay_sorted(pairs: int, n: int, seed: int) -> None:
+    units = torch.randperm(2 * pairs, generator=torch.Generator().manual_seed(seed)).view(pairs, 2)
+    rows, total = rows_to_cache(2 * pairs, n, seed, sharded=False, units=units)
+    assert total == 2 * min(pairs, n // 2) == len(rows)
+    chosen = rows.view(-1, 2)  # interleaved [u, c] of whole pairs, in the units' order
+    assert all(any(torch.equal(c, u) for u in units) for c in chosen)
+    plain, plain_total = rows_to_cache(2 * pairs, n, seed, sharded=False)  # single rows: distinct, sorted
+    assert plain_total == min(2 * pairs, n) == len(plain) and bool((plain[1:] > plain[:-1]).all())
+
+
+def test_block_loss_adds_the_guided_error_and_draws_take_pairs() -> None:
+    out, target = torch.randn(6, 3, 2, 2), torch.randn(6, 3, 2, 2)
+    expected = lp_loss(out, target, 2.4) + lp_loss(guided(out, 3.0), guided(target, 3.0), 2.4)
+    assert torch.allclose(block_loss(out, target, 2.4, 3.0), expected)
+    assert torch.allclose(guided(out, 3.0), out[0::2] + 3.0 * (out[1::2] - out[0::2]))
+    assert torch.equal(block_loss(out, target, 2.4, None), lp_loss(out, target, 2.4))
+    trainer = BlockTrainer(torch.nn.Identity(), [out], [target], [0], qdiff_ao.ReconstructionConfig(batch_size=4),
+                           torch.Generator().manual_seed(0), guidance=3.0)
+    for _ in range(10):
+        idx = trainer._draw()
+        assert len(idx) == 4 and bool((idx[0::2] % 2 == 0).all()) and torch.equal(idx[1::2], idx[0::2] + 1)
+
+
+def test_reconstruction_of_a_guided_set_caches_pairs_and_reports_the_scale() -> None:
+    calib = _guided_calib()
+    unet = tiny_cond_unet()
+    reports = {}
+    for guided_loss in (True, False):
+        prepared = qdiff_ao.prepare(unet, qdiff_ao.QuantConfig(weight_bits=4), calib.example_inputs(2))
+        qdiff_ao.calibrate(prepared, calib, progress=False)
+        rcfg = qdiff_ao.ReconstructionConfig(weight_iters=4, act_iters=2, batch_size=4)
+        qdiff_ao.passes.reconstruct(prepared, calib, rcfg, model=unet, progress=False, guided=guided_loss)
+        reports[guided_loss] = qdiff_ao.graph_info(prepared).reconstruction
+    assert reports[True]["guidance"] == 4.0 and reports[False]["guidance"] is None
+    assert reports[True]["num_samples"] % 2 == 0
+    # the guided loss is larger than the raw one on the same block (the raw term plus the guided term)
+    block = next(iter(reports[True]["blocks"]))
+    assert reports[True]["blocks"][block]["lp_before"] > reports[False]["blocks"][block]["lp_before"]

@@ -35,7 +35,8 @@ import torch
 from qdiff_ao.calibration.calibration_set import CalibrationSet
 from qdiff_ao.calibration.distributed import deal, sum_over_ranks
 
-__all__ = ["ErrorProbe", "RowGroup", "guidance_scale", "per_timestep_error", "probe_rows", "timestep_rows"]
+__all__ = ["ErrorProbe", "RowGroup", "guidance_pairs", "guidance_scale", "per_timestep_error", "probe_rows",
+           "timestep_rows"]
 
 
 def guidance_scale(calib: CalibrationSet) -> float | None:
@@ -122,6 +123,14 @@ def per_timestep_error(out: torch.Tensor, ref: torch.Tensor, groups: list[RowGro
         errors.append(float((o - r).double().norm() / r.double().norm().clamp_min(1e-12)))
     return tuple(errors)
 
+
+
+def guidance_pairs(calib: CalibrationSet) -> torch.Tensor | None:
+    """``[P, 2]`` row indices ``(u, c)`` of every guidance pair (timesteps ascending, stored order), or ``None``."""
+    if guidance_scale(calib) is None:
+        return None
+    groups = [timestep_rows(calib, t) for t in calib.timesteps()]
+    return torch.cat([torch.stack([g.index[: g.pairs], g.index[g.pairs :]], dim=1) for g in groups])
 
 
 class ErrorProbe:

@@ -33,12 +33,22 @@ def _select_rows(n_total: int, n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_total, generator=g)[:n].sort().values
 
 
-def rows_to_cache(n_total: int, n_per_rank: int, seed: int, sharded: bool) -> tuple[torch.Tensor, int]:
+def rows_to_cache(n_total: int, n_per_rank: int, seed: int, sharded: bool,
+                  units: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """(this rank's calibration rows to cache, rows cached over all ranks).
 
     One process: ``n_per_rank`` seeded rows. N ranks sharing a gathered set: ``min(n_total, N * n_per_rank)``
     seeded rows, dealt out (rank ``r`` keeps ``r, r + N, ...``). A shard: this rank's own seeded selection.
+    ``units`` (``[U, k]``): rows that stay together, in this order -- classifier-free guidance pairs ``[u, c]``;
+    selection and dealing are then over units (``n_per_rank // k`` per rank) and their rows come out interleaved.
     """
+    units = torch.arange(n_total).unsqueeze(1) if units is None else units
+    k = units.shape[1]
+    picked, total = _units_to_cache(units.shape[0], n_per_rank // k, seed, sharded)
+    return units[picked].flatten(), total * k
+
+
+def _units_to_cache(n_total: int, n_per_rank: int, seed: int, sharded: bool) -> tuple[torch.Tensor, int]:
     rank, world = rank_and_world()
     if world == 1:
         return _select_rows(n_total, n_per_rank, seed), min(n_total, n_per_rank)

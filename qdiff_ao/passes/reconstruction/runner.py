@@ -56,6 +56,7 @@ from tqdm import tqdm
 from qdiff_ao._compat import ObserverBase, QConfig
 from qdiff_ao.calibration.calibration_set import CalibrationSet
 from qdiff_ao.calibration.distributed import rank_and_world
+from qdiff_ao.calibration.sampler_view import guidance_pairs, guidance_scale
 from qdiff_ao.capture.graph_state import graph_info, has_graph_info, update_graph_info
 from qdiff_ao.config import QuantConfig, ReconstructionConfig
 from qdiff_ao.observers.frozen import FrozenObserver
@@ -179,7 +180,7 @@ def cache_bytes_per_row(prepared: fx.GraphModule, calib: CalibrationSet, *, mode
 
 def _reconstruct_block(
     i: int, total: int, spec: BlockSpec, sim: Simulation, part: Partition, fp: Frontier, quant: Frontier,
-    rcfg: ReconstructionConfig, chunk: int, progress: bool, learned_acts: list[str],
+    rcfg: ReconstructionConfig, chunk: int, progress: bool, learned_acts: list[str], guidance: float | None,
 ) -> dict[str, Any]:
     """Cache, optimise and evaluate one block; store its quantized outputs in ``quant``."""
     t0 = time.perf_counter()
@@ -192,15 +193,17 @@ def _reconstruct_block(
     learnable = sim.learnable_acts(spec.acts)
     act_iters = rcfg.act_iters if learnable and spec.loss_outputs else 0
     x_q = quant.inputs(spec)  # the rest of the block runs in the simulation's default, quantized mode
-    before, _ = evaluate_block(module, x_q, targets, spec.loss_outputs, rcfg.p, chunk)
+    before, _ = evaluate_block(module, x_q, targets, spec.loss_outputs, rcfg.p, chunk, guidance=guidance)
     entry: dict[str, Any] = {"kind": spec.kind, "num_layers": len(layers), "layers": list(spec.layers),
                              "num_act_quantizers": len(learnable), "lp_before": before.lp, "mse_before": before.mse}
     rank, world = rank_and_world()
     seed = rcfg.seed * 1_000_003 + i if world == 1 else (rcfg.seed * 1_000_003 + i) * 4096 + rank
-    trainer = BlockTrainer(module, x_q, targets, spec.loss_outputs, rcfg, torch.Generator().manual_seed(seed))
+    trainer = BlockTrainer(module, x_q, targets, spec.loss_outputs, rcfg, torch.Generator().manual_seed(seed),
+                           guidance)
 
     def errors(keep: bool = False) -> tuple[BlockErrors, list[torch.Tensor] | None]:
-        return evaluate_block(module, x_q, targets, spec.loss_outputs, rcfg.p, chunk, keep_outputs=keep)
+        return evaluate_block(module, x_q, targets, spec.loss_outputs, rcfg.p, chunk, keep_outputs=keep,
+                              guidance=guidance)
 
     with tqdm(total=rcfg.weight_iters + act_iters, desc=f"[{i + 1}/{total}] {spec.name}", disable=not progress,
               leave=False, unit="it") as bar:
@@ -237,10 +240,14 @@ def _reconstruct_block(
     return entry
 
 
-def _fingerprint(rcfg: ReconstructionConfig, part: Partition, calib: CalibrationSet, rows: int) -> str:
+def _fingerprint(rcfg: ReconstructionConfig, part: Partition, calib: CalibrationSet, rows: int,
+                 guidance: float | None) -> str:
     """Identifies a run for resuming: settings, rows, calibration data and the blocks with their layers."""
-    data = {"config": asdict(rcfg), "rows": rows, "calib": [len(calib), float(calib.sample.double().sum())],
-            "blocks": [[b.name, b.layers] for b in part.blocks]}
+    data: dict[str, Any] = {"config": asdict(rcfg), "rows": rows,
+                            "calib": [len(calib), float(calib.sample.double().sum())],
+                            "blocks": [[b.name, b.layers] for b in part.blocks]}
+    if guidance is not None:  # (absent otherwise: state files of runs without guidance stay valid)
+        data["guidance"] = guidance
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -273,6 +280,7 @@ def reconstruct(
     module_types: Mapping[str, Any] | None = None,
     progress: bool = True,
     state_path: str | os.PathLike[str] | None = None,
+    guided: bool = True,
 ) -> fx.GraphModule:
     """Reconstruct every block of a calibrated prepared UNet, then bake the result for ``convert``.
 
@@ -295,6 +303,8 @@ def reconstruct(
             the graph info records the module types, as ``qdiff_ao.trace`` does).
         module_types: {qualified module name: class} instead of ``model``.
         progress: show one tqdm bar per block with the current loss.
+        guided: with a calibration set that records classifier-free guidance pairs, cache whole pairs and add
+            the error of the guided combination to the loss (:mod:`~qdiff_ao.passes.reconstruction.training`).
         state_path: make the run resumable: the learned state is saved to this safetensors file after every
             block, and a rerun with the same arguments restores the finished blocks instead of optimising
             them again (their report entries get ``"resumed": True``).
@@ -342,7 +352,9 @@ def reconstruct(
     if world > 1 and state_path is not None:
         raise ValueError("state_path (resumable reconstruction) is for one process; under torch.distributed run "
                          "without it")
-    rows, n = rows_to_cache(len(calib), n, rcfg.seed, sharded="shard" in calib.metadata)
+    guidance = guidance_scale(calib) if guided and n >= 2 else None
+    units = guidance_pairs(calib) if guidance is not None else None
+    rows, n = rows_to_cache(len(calib), n, rcfg.seed, sharded="shard" in calib.metadata, units=units)
     inputs = _graph_inputs(sim, calib, rows)
     chunk = max(4 * rcfg.batch_size, 1)
     fp = Frontier(sim.gm, part, inputs, True, sim.state, chunk)
@@ -351,7 +363,7 @@ def reconstruct(
     learned_acts: list[str] = []
     state = None
     if state_path is not None:
-        state = ReconstructionState(state_path, _fingerprint(rcfg, part, calib, n))
+        state = ReconstructionState(state_path, _fingerprint(rcfg, part, calib, n, guidance))
     with _frozen_parameters(prepared):
         for i, step in enumerate(steps):
             spec = step.block
@@ -361,7 +373,7 @@ def reconstruct(
                 blocks[spec.name] = _restore_block(spec, sim, part, fp, quant, state, learned_acts)
             else:
                 blocks[spec.name] = _reconstruct_block(i, len(steps), spec, sim, part, fp, quant, rcfg, chunk,
-                                                       progress, learned_acts)
+                                                       progress, learned_acts, guidance)
                 if state is not None:
                     codes = {name: sim.layers[name].quant.hard_codes() for name in spec.layers}
                     acts: dict[str, torch.Tensor] = {
@@ -372,7 +384,7 @@ def reconstruct(
             fp.free(step.free_after)
             quant.free(step.free_after)
     _bake(prepared, sim, learned_acts)
-    report = {"blocks": blocks, "num_samples": n, "cache_bytes": n * per_sample,
+    report = {"blocks": blocks, "num_samples": n, "cache_bytes": n * per_sample, "guidance": guidance,
               "seconds": time.perf_counter() - start, "config": asdict(rcfg)}
     update_graph_info(prepared, reconstruction=report)
     return prepared

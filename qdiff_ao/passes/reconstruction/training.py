@@ -9,6 +9,14 @@ Given the block's cached inputs ``X_q`` (from the model quantized so far) and fu
     activations  min_u  E|f_block(X_q; W_hard, s = s0 * exp(u)) - Y|^p
                  Adam(lr=act_lr) with cosine decay to 0 over act_iters, on the block's learnable quantizers.
 
+With classifier-free guidance the cached rows are interleaved pairs ``[u_1, c_1, u_2, c_2, ...]`` of one
+trajectory at one step and the loss adds the error of what the sampler uses, ``g(y) = y_u + s (y_c - y_u)``:
+
+    loss = E|f - Y|^p + E|g(f) - g(Y)|^p
+
+(guidance amplifies the difference of the two halves' errors s-fold; the raw term keeps each half close, since
+later blocks see the halves, not their combination). Draws and evaluation chunks then take whole pairs.
+
 Each step draws ``batch_size`` distinct cached rows with a seeded generator, so runs are deterministic. On a
 process group of N ranks each rank draws ``ceil(batch_size / N)`` of its own rows and gradients are averaged
 (:mod:`qdiff_ao.passes.reconstruction.data_parallel`).
@@ -30,7 +38,21 @@ from qdiff_ao.passes.reconstruction.data_parallel import average_gradients, rank
 from qdiff_ao.quantizers.adaround import LearnedStepQuant, beta_schedule, lp_loss
 from qdiff_ao.quantizers.simulation import SimActQuant, SimLayer
 
-__all__ = ["BlockErrors", "BlockTrainer", "evaluate_block"]
+__all__ = ["BlockErrors", "BlockTrainer", "block_loss", "evaluate_block", "guided"]
+
+
+def guided(y: torch.Tensor, scale: float) -> torch.Tensor:
+    """Rows interleaved as guidance pairs ``[u_1, c_1, u_2, c_2, ...]`` -> ``u_i + s (c_i - u_i)`` per pair."""
+    uncond, cond = y[0::2], y[1::2]
+    return uncond + scale * (cond - uncond)
+
+
+def block_loss(out: torch.Tensor, target: torch.Tensor, p: float, guidance: float | None) -> torch.Tensor:
+    """``lp_loss(out, target)``, plus ``lp_loss`` of the guided combinations when ``guidance`` is a scale."""
+    loss = lp_loss(out, target, p)
+    if guidance is not None:
+        loss = loss + lp_loss(guided(out, guidance), guided(target, guidance), p)
+    return loss
 
 
 @dataclass
@@ -49,8 +71,10 @@ def evaluate_block(
     p: float,
     chunk: int,
     keep_outputs: bool = False,
+    guidance: float | None = None,
 ) -> tuple[BlockErrors, list[torch.Tensor] | None]:
-    """Errors of ``module`` on all rows (of every rank); optionally also its outputs on this rank's rows."""
+    """Errors of ``module`` on all rows (of every rank); optionally also its outputs on this rank's rows.
+    ``lp`` is the training loss (:func:`block_loss`); with ``guidance``, ``chunk`` must be even (whole pairs)."""
     rows = inputs[0].shape[0] if inputs else targets[0].shape[0]
     lp = sq = 0.0
     count = 0
@@ -61,7 +85,7 @@ def evaluate_block(
             n = min(chunk, rows - start)
             for j, k in enumerate(loss_outputs):
                 tgt = targets[j][start : start + chunk]
-                lp += float(lp_loss(outs[k], tgt, p)) * n
+                lp += float(block_loss(outs[k], tgt, p, guidance)) * n
                 sq += float((outs[k] - tgt).double().pow(2).sum())
                 count += tgt.numel()
             if keep_outputs:
@@ -83,6 +107,7 @@ class BlockTrainer:
         loss_outputs: indices of the loss outputs among the module's outputs.
         rcfg: the reconstruction settings.
         generator: seeded generator of the mini-batch draws.
+        guidance: the guidance scale when the rows are interleaved pairs (see the module docstring), else None.
     """
 
     def __init__(
@@ -93,17 +118,26 @@ class BlockTrainer:
         loss_outputs: list[int],
         rcfg: ReconstructionConfig,
         generator: torch.Generator,
+        guidance: float | None = None,
     ) -> None:
         self.module, self.inputs, self.targets = module, inputs, targets
         self.loss_outputs, self.rcfg, self.generator = loss_outputs, rcfg, generator
+        self.guidance = guidance
         self.rows = targets[0].shape[0]
         self.batch = min(ranks_batch_size(rcfg.batch_size), self.rows)
 
+    def _draw(self) -> torch.Tensor:
+        if self.guidance is None:
+            return torch.randperm(self.rows, generator=self.generator)[: self.batch]
+        pairs = torch.randperm(self.rows // 2, generator=self.generator)[: max(1, self.batch // 2)]
+        return torch.stack([2 * pairs, 2 * pairs + 1], dim=1).flatten()
+
     def _rec_loss(self) -> torch.Tensor:
-        idx = torch.randperm(self.rows, generator=self.generator)[: self.batch]
+        idx = self._draw()
         outs = self.module(*[x[idx] for x in self.inputs])
         return sum(  # type: ignore[return-value]
-            (lp_loss(outs[k], self.targets[j][idx], self.rcfg.p) for j, k in enumerate(self.loss_outputs)),
+            (block_loss(outs[k], self.targets[j][idx], self.rcfg.p, self.guidance)
+             for j, k in enumerate(self.loss_outputs)),
             torch.zeros(()),
         )
 
