@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from diffusers import UNet2DModel
+from diffusers import UNet2DConditionModel, UNet2DModel
 
 _CIFAR10_LAYOUT: dict[str, Any] = dict(
     sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
@@ -36,6 +36,25 @@ def cifar10_ddpm_unet(seed: int = 0, *, heads32: bool = False) -> UNet2DModel:
     return UNet2DModel(**(CIFAR10_32_HEADS if heads32 else CIFAR10_DDPM)).eval()
 
 
+SD_SHAPED: dict[str, Any] = dict(
+    sample_size=32, in_channels=4, out_channels=4, block_out_channels=(128, 256, 256), layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=8, cross_attention_dim=768,
+)
+"""Stable Diffusion's block layout scaled to this machine: 32x32x4 latents, 8 heads (diffusers'
+``attention_head_dim`` of UNet2DConditionModel is the head count, as in SD's own config), self-attention over
+1,024 tokens at the top level and cross-attention to 77 text tokens of width 768."""
+
+TEXT_TOKENS = 77
+
+
+def sd_shaped_unet(seed: int = 0) -> UNet2DConditionModel:
+    """:data:`SD_SHAPED` with random weights."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**SD_SHAPED).eval()
+
+
 def bundled_unet() -> UNet2DModel | None:
     """The project's trained digits DDPM, if its weights are in the package."""
     from qdiff_ao.app.bundled import DIGITS_DDPM_DIR
@@ -47,10 +66,14 @@ def bundled_unet() -> UNet2DModel | None:
 
 
 def unet_inputs(unet: torch.nn.Module, batch: int, t: int, seed: int) -> dict[str, torch.Tensor]:
-    """Seeded UNet2DModel inputs: ``sample`` [batch, C, S, S] ~ N(0, I) and ``timestep`` = t for every row."""
+    """Seeded UNet inputs: ``sample`` [batch, C, S, S] ~ N(0, I), ``timestep`` = t for every row and, for a
+    UNet2DConditionModel, ``encoder_hidden_states`` [batch, 77, D] ~ N(0, I)."""
     g = torch.Generator().manual_seed(seed)
     c, s = unet.config.in_channels, unet.config.sample_size
-    return {"sample": torch.randn(batch, c, s, s, generator=g), "timestep": torch.full((batch,), t)}
+    inputs = {"sample": torch.randn(batch, c, s, s, generator=g), "timestep": torch.full((batch,), t)}
+    if isinstance(unet, UNet2DConditionModel):
+        inputs["encoder_hidden_states"] = torch.randn(batch, TEXT_TOKENS, unet.config.cross_attention_dim, generator=g)
+    return inputs
 
 
 def time_once(fn: Callable[[], object], iters: int) -> float:

@@ -1,6 +1,7 @@
 """Speed of lowered UNets vs FP32 eager, measured in one process with interleaved rounds.
 
-    python benchmarks/speed.py [--rounds 7] [--batches 1 8] [--model cifar10|bundled|both]
+    python benchmarks/speed.py [--rounds 7] [--batches 1 8] [--model cifar10|cifar10-32heads|bundled|both]
+    python benchmarks/speed.py --model sd-shaped --batches 1 2
 
 For each batch size, every round times each variant (median of --iters forward passes) back to back, and the
 table reports the median over rounds of the per-round ratio FP32_time / variant_time (this machine is noisy;
@@ -32,6 +33,7 @@ from benchmarks.common import (  # noqa: E402
     cifar10_ddpm_unet,
     interleaved_ratios,
     quantize_plain,
+    sd_shaped_unet,
     unet_inputs,
 )
 from qdiff_ao._compat import convert_fx, get_default_qconfig_mapping, prepare_fx  # noqa: E402
@@ -120,8 +122,11 @@ class _SampleOnly(torch.nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep).sample
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
+                encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        if encoder_hidden_states is None:
+            return self.unet(sample, timestep).sample
+        return self.unet(sample, timestep, encoder_hidden_states).sample
 
 
 def main() -> None:
@@ -129,9 +134,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--iters", type=int, default=3, help="forwards per timing (median)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--model", choices=["cifar10", "cifar10-32heads", "bundled", "both"], default="cifar10",
+    parser.add_argument("--model", choices=["cifar10", "cifar10-32heads", "sd-shaped", "bundled", "both"],
+                        default="cifar10",
                         help="cifar10: google/ddpm-cifar10-32's real config (single-head attention); "
-                        "cifar10-32heads: the same layout with 32 heads of dim 8 (attention stress case)")
+                        "cifar10-32heads: the same layout with 32 heads of dim 8 (attention stress case); "
+                        "sd-shaped: Stable Diffusion's layout at 32x32 latents (benchmarks.common.SD_SHAPED; "
+                        "measure it at --batches 1 2, i.e. with and without the guidance batch)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -139,6 +147,9 @@ def main() -> None:
     if args.model in ("cifar10", "both"):
         bench("google/ddpm-cifar10-32 configuration (random weights)", cifar10_ddpm_unet(), args.batches,
               args.rounds, args.iters)
+    if args.model == "sd-shaped":
+        bench("SD-shaped UNet2DConditionModel (32x32x4 latents, 8 heads, 77 text tokens; random weights)",
+              sd_shaped_unet(), args.batches, args.rounds, args.iters)
     if args.model == "cifar10-32heads":
         bench("CIFAR-10 layout with 32 attention heads of dim 8 (stress case, random weights)",
               cifar10_ddpm_unet(heads32=True), args.batches, args.rounds, args.iters)
