@@ -16,7 +16,6 @@ compare outputs through :meth:`RowGroup.sampler_output`, so they see the guided 
 
     >>> import torch
     >>> from qdiff_ao.calibration.calibration_set import CalibrationSet
-from qdiff_ao.calibration.distributed import deal, sum_over_ranks
     >>> calib = CalibrationSet(torch.zeros(4, 1, 2, 2), torch.full((4,), 7), guidance_pair=torch.tensor([-1, -2, 1, 2]),
     ...                        metadata={"guidance_scale": "3.0"})
     >>> group = timestep_rows(calib, 7)
