@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import qdiff_ao  # noqa: E402
 from benchmarks.quality import MODELS, load_subject  # noqa: E402
-from qdiff_ao.calibration.sampler_view import per_timestep_error, probe_rows  # noqa: E402
+from qdiff_ao.calibration.sampler_view import ErrorProbe  # noqa: E402
 from qdiff_ao.calibration.sensitivity import _output_tensor  # noqa: E402
 from qdiff_ao.quantizers.simulation import build_simulation  # noqa: E402
 
@@ -33,13 +33,11 @@ def output_errors(prepared: torch.fx.GraphModule, calib: qdiff_ao.CalibrationSet
     the guided output) per timestep."""
     sim = build_simulation(prepared)
     sim.gm.eval()
-    _, groups, index = probe_rows(calib, 4)
-    inputs = calib._rows(index)
+    probe = ErrorProbe(calib, 4)
     with torch.no_grad():
         with sim.full_precision():
-            ref = _output_tensor(sim.gm(**inputs))
-        out = _output_tensor(sim.gm(**inputs))
-    errors = per_timestep_error(out, ref, groups)
+            ref = probe.outputs(lambda batch: _output_tensor(sim.gm(**batch)))
+        errors = probe.errors(probe.outputs(lambda batch: _output_tensor(sim.gm(**batch))), ref)
     return errors[0], sum(errors[1:]) / max(len(errors) - 1, 1)
 
 

@@ -27,6 +27,7 @@ compare outputs through :meth:`RowGroup.sampler_output`, so they see the guided 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,8 +35,7 @@ import torch
 from qdiff_ao.calibration.calibration_set import CalibrationSet
 from qdiff_ao.calibration.distributed import deal, sum_over_ranks
 
-__all__ = ["ErrorProbe", "RowGroup", "guidance_pairs", "guidance_scale", "per_timestep_error", "probe_rows",
-           "timestep_rows"]
+__all__ = ["ErrorProbe", "RowGroup", "guidance_pairs", "guidance_scale", "per_timestep_error", "timestep_rows"]
 
 
 def guidance_scale(calib: CalibrationSet) -> float | None:
@@ -123,7 +123,6 @@ def per_timestep_error(out: torch.Tensor, ref: torch.Tensor, groups: list[RowGro
     return tuple(errors)
 
 
-
 def guidance_pairs(calib: CalibrationSet) -> torch.Tensor | None:
     """``[P, 2]`` row indices ``(u, c)`` of every guidance pair (timesteps ascending, stored order), or ``None``."""
     if guidance_scale(calib) is None:
@@ -146,11 +145,22 @@ class ErrorProbe:
     """
 
     def __init__(self, calib: CalibrationSet, limit: int) -> None:
-        timesteps, groups, _ = probe_rows(calib, limit)
-        self.timesteps = timesteps
-        self._mine = deal(len(groups))
-        self._groups = [groups[i] for i in self._mine]
+        all_t = calib.timesteps()
+        self.timesteps = [float(t) for t in all_t]
+        self._mine = deal(len(all_t))
+        self._groups = [timestep_rows(calib, all_t[i], limit) for i in self._mine]
         self.inputs = calib._rows(torch.cat([g.index for g in self._groups])) if self._groups else None
+
+    def outputs(self, forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+                batch_size: int | None = None) -> torch.Tensor | None:
+        """``forward`` on this rank's rows (:attr:`inputs`, ``batch_size`` rows at a time; all at once if
+        ``None``), concatenated; ``None`` when this rank has no timesteps (more ranks than timesteps)."""
+        if self.inputs is None:
+            return None
+        n = self.inputs["sample"].shape[0]
+        step = batch_size or n
+        return torch.cat([forward({k: v[start:start + step] for k, v in self.inputs.items()})
+                          for start in range(0, n, step)])
 
     def errors(self, out: torch.Tensor | None, ref: torch.Tensor | None) -> tuple[float, ...]:
         """:func:`per_timestep_error` of this rank's outputs, completed over the ranks (one entry per timestep)."""
@@ -160,11 +170,3 @@ class ErrorProbe:
             for i, e in zip(self._mine, per_timestep_error(out, ref, self._groups), strict=True):
                 full[i] = e
         return tuple(sum_over_ranks(full))
-
-
-def probe_rows(calib: CalibrationSet, limit: int) -> tuple[list[float], list[RowGroup], torch.Tensor]:
-    """(timesteps ascending, their :func:`timestep_rows` groups of at most ``limit`` rows/pairs, all groups' rows
-    concatenated): the rows a per-timestep error measurement runs in one pass."""
-    timesteps = calib.timesteps()
-    groups = [timestep_rows(calib, t, limit) for t in timesteps]
-    return [float(t) for t in timesteps], groups, torch.cat([g.index for g in groups])

@@ -221,18 +221,11 @@ def sensitivity(
     sim = build_simulation(prepared)
     sim.gm.eval()
     probe = ErrorProbe(calib, rows_per_timestep)
-    inputs = probe.inputs
     names = [str(n.target) for n in sim.gm.graph.nodes if n.op == "placeholder"]
 
     def run() -> torch.Tensor | None:
-        if inputs is None:  # this rank has no timesteps to measure (more ranks than timesteps)
-            return None
-        n = inputs["sample"].shape[0]
-        outs = []
-        for start in range(0, n, batch_size):
-            batch = {k: v[start:start + batch_size] for k, v in inputs.items()}
-            outs.append(_output_tensor(sim.gm(**{k: batch[k] for k in names if k in batch})))
-        return torch.cat(outs)
+        return probe.outputs(lambda batch: _output_tensor(sim.gm(**{k: batch[k] for k in names if k in batch})),
+                             batch_size)
 
     with sim.full_precision():
         reference = run()

@@ -182,7 +182,8 @@ def correct_output(
 
     # Per group: channel sums of the fitting half and of all rows, value counts, held-back differences. On a
     # process group each rank runs its share of the timesteps and the sums are added up over the ranks.
-    sums: dict[tuple[str, int], torch.Tensor] = {}
+    fit_sum: dict[int, torch.Tensor] = {}
+    all_sum: dict[int, torch.Tensor] = {}
     counts = torch.zeros(2, len(groups), dtype=torch.float64)  # [fit, all] values per channel
     held: list[list[torch.Tensor]] = [[] for _ in groups]
     all_t = calib.timesteps()
@@ -193,22 +194,24 @@ def correct_output(
             y_q, y_fp = outputs(rows)
             diff = rows.sampler_output(y_q) - rows.sampler_output(y_fp)
             s, c = _channel_stats(diff)
-            for key in (("all", gi),) + ((("fit", gi),) if part == "fit" else ()):
-                sums[key] = s if key not in sums else sums[key] + s
+            all_sum[gi] = all_sum[gi] + s if gi in all_sum else s
             counts[1, gi] += c
             if part == "fit":
+                fit_sum[gi] = fit_sum[gi] + s if gi in fit_sum else s
                 counts[0, gi] += c
             else:
                 held[gi].append(diff.double())
-    # every rank with rows has the output's channel count C; ranks without rows learn it here
-    have, total = sum_over_ranks([float(bool(sums)), float(next((v.numel() for v in sums.values()), 0))])
+    # every rank with rows knows the output's channel count C; a rank without rows learns it here
+    have, total = sum_over_ranks([float(bool(all_sum)), float(next((v.numel() for v in all_sum.values()), 0))])
     channels = round(total / have)
-    fit_sum = sum_tensor_over_ranks(torch.stack([sums.get(("fit", g), torch.zeros(channels, dtype=torch.float64))
-                                                 for g in range(len(groups))]))
-    all_sum = sum_tensor_over_ranks(torch.stack([sums.get(("all", g), torch.zeros(channels, dtype=torch.float64))
-                                                 for g in range(len(groups))]))
+
+    def over_ranks(sums: dict[int, torch.Tensor]) -> torch.Tensor:
+        zero = torch.zeros(channels, dtype=torch.float64)
+        return sum_tensor_over_ranks(torch.stack([sums.get(g, zero) for g in range(len(groups))]))
+
+    fit_total, all_total = over_ranks(fit_sum), over_ranks(all_sum)
     counts = sum_tensor_over_ranks(counts)
-    b_fit = fit_sum / counts[0].unsqueeze(1)
+    b_fit = fit_total / counts[0].unsqueeze(1)
     # held-back squared error without and with the fitted offset: sums over this rank's rows, then over ranks
     held_sq = torch.zeros(3, len(groups), dtype=torch.float64)  # [before, after, values]
     for gi in range(len(groups)):
@@ -225,7 +228,7 @@ def correct_output(
         after = float(held_sq[1, gi] / held_sq[2, gi])
         kept = after < before
         if kept:
-            bias[gi] = all_sum[gi] / counts[1, gi]
+            bias[gi] = all_total[gi] / counts[1, gi]
         report_groups.append({"timesteps": ts, "kept": kept, "mse_before": before, "mse_after": after,
                               "mean_abs_offset": float(bias[gi].abs().mean())})
     boundaries = [(groups[i][-1] + groups[i + 1][0]) / 2 for i in range(len(groups) - 1)]
