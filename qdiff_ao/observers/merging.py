@@ -31,10 +31,19 @@ from torch import nn
 from qdiff_ao._compat import MinMaxObserver, ObserverBase, PerChannelMinMaxObserver, PlaceholderObserver
 from qdiff_ao.observers.frozen import FrozenObserver
 
-__all__ = ["all_reduce_observers"]
+__all__ = ["all_reduce_min_max", "all_reduce_observers"]
 
 # torch.ao's exact-range observers; exact types: their moving-average subclasses depend on batch order
 _EXACT_MIN_MAX_TYPES = (MinMaxObserver, PerChannelMinMaxObserver)
+
+
+def all_reduce_min_max(obs: Any, group: Any = None) -> None:
+    """Merge an observer's ``min_val`` / ``max_val`` over the ranks of ``group`` in place.
+
+    ``min_val = min over ranks``, ``max_val = max over ranks`` (``all_reduce`` MIN / MAX): exact in any order.
+    """
+    dist.all_reduce(obs.min_val, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(obs.max_val, op=dist.ReduceOp.MAX, group=group)
 
 
 def _merge_one(obs: Any, group: Any) -> None:
@@ -42,8 +51,7 @@ def _merge_one(obs: Any, group: Any) -> None:
     if callable(hook):
         hook(group)
     elif type(obs) in _EXACT_MIN_MAX_TYPES:
-        dist.all_reduce(obs.min_val, op=dist.ReduceOp.MIN, group=group)
-        dist.all_reduce(obs.max_val, op=dist.ReduceOp.MAX, group=group)
+        all_reduce_min_max(obs, group)
     elif not isinstance(obs, (FrozenObserver, PlaceholderObserver)):
         raise TypeError(f"{type(obs).__name__} has no exact merge across ranks; give it a method "
                         "all_reduce_statistics(group) or calibrate in one process")

@@ -16,9 +16,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from qdiff_ao.observers.base import QuantRangeObserver
+from qdiff_ao.observers.merging import all_reduce_min_max
 
 __all__ = ["RangeMinMaxObserver", "EMAMinMaxObserver"]
 
@@ -72,8 +72,7 @@ class RangeMinMaxObserver(QuantRangeObserver):
 
     def all_reduce_statistics(self, group: Any = None) -> None:
         """Merge min/max over the ranks of ``group`` (``all_reduce`` MIN / MAX: exact in any order)."""
-        dist.all_reduce(self.min_val, op=dist.ReduceOp.MIN, group=group)
-        dist.all_reduce(self.max_val, op=dist.ReduceOp.MAX, group=group)
+        all_reduce_min_max(self, group)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # Per-channel buffers are sized by the first batch; adopt the saved size before loading.

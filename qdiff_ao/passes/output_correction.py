@@ -162,7 +162,9 @@ def correct_output(
         raise TypeError(f"model must be the float diffusers UNet (an nn.Module), got {type(model).__name__}")
     if num_groups < 1 or batch_size < 1:
         raise ValueError(f"need num_groups >= 1 and batch_size >= 1, got {num_groups}, {batch_size}")
-    if min(min(len(part) for part in timestep_rows(calib, t).split()) for t in calib.timesteps()) == 0:
+    all_t = calib.timesteps()
+    halves = {float(t): timestep_rows(calib, t).split() for t in all_t}  # (fit, held) rows per timestep
+    if min(len(part) for parts in halves.values() for part in parts) == 0:
         raise ValueError("correct_output needs >= 2 trajectories per timestep (half to fit, half to check); collect "
                          "the calibration set with samples_per_timestep >= 2")
     sim = build_simulation(prepared)
@@ -186,11 +188,10 @@ def correct_output(
     all_sum: dict[int, torch.Tensor] = {}
     counts = torch.zeros(2, len(groups), dtype=torch.float64)  # [fit, all] values per channel
     held: list[list[torch.Tensor]] = [[] for _ in groups]
-    all_t = calib.timesteps()
     for ti in deal(len(all_t)):
         t = all_t[ti]
         gi = group_of_t[float(t)]
-        for part, rows in zip(("fit", "held"), timestep_rows(calib, t).split(), strict=True):
+        for part, rows in zip(("fit", "held"), halves[float(t)], strict=True):
             y_q, y_fp = outputs(rows)
             diff = rows.sampler_output(y_q) - rows.sampler_output(y_fp)
             s, c = _channel_stats(diff)
