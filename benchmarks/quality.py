@@ -8,21 +8,27 @@ Every row samples with the same sampler (DDIM, --steps steps, eta 0) from the sa
 class-conditional models sample with classifier-free guidance (class j mod K for sample j). Columns: FD in the
 model's own classifier features (digits: ``qdiff_ao.app.metrics.DigitsFD``; zoo: ``qdiff_ao.app.zoo.yardstick``),
 as mean ± std over seeds, and **x FP**: each seed's FD divided by the FP32 FD of the same seed, mean ± std;
-mean relative noise-prediction error along the FP DDIM trajectory, and the same over its last 5 steps;
-checkpoint size; latency vs FP32 (batch 8, median of interleaved rounds). Layers kept in float by the
-precision fallback are listed.
+mean relative noise-prediction error along the FP DDIM trajectory, and the same over its last 5 steps; how far
+the model's own trajectories end from the FP samples of the same noise (image relative L2, and contrast: pixel
+standard deviation over the FP one); checkpoint size; latency vs FP32 (batch 8, median of interleaved rounds).
+Layers kept in float by the precision fallback are listed.
 
 Rows: FP32; ours with the defaults at W8A8, W4A8 and weights-only W4; ablations of W4A8 that remove one default
-step each (the precision fallback, the output correction -- or replace it by the single static bias of
-``passes.correct_output_bias`` --, split shortcuts, reconstruction; with classifier-free guidance also the guided
-reconstruction loss, at W4A8 and W8A8). The output-correction variants share one
+step each (the precision fallback, the output correction -- or add gains to it, or replace it by the single static bias
+of ``passes.correct_output_bias`` --, split shortcuts, reconstruction or its step-size phase; with classifier-free
+guidance also the guided reconstruction loss, at W4A8 and W8A8). The output-correction variants share one
 reconstruction (the prepared graph is copied before the correction), so they differ in that step alone.
+
+``--recon-seeds 0 1 2`` repeats every quantized row with each reconstruction seed (``ReconstructionConfig.seed``:
+the rows cached and the mini-batch draws), labelled ``[recon seed k]``, and adds a summary of each row's x FP
+over those seeds: the spread of the quantization run itself, which the noise seeds alone do not show.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import sys
@@ -42,7 +48,6 @@ from qdiff_ao.app.main_job import speed_ratio  # noqa: E402
 from qdiff_ao.app.metrics import DigitsFD, noise_prediction_error  # noqa: E402
 from qdiff_ao.app.model_source import load_model_folder  # noqa: E402
 from qdiff_ao.app.sampling import ddim_sample, initial_noise  # noqa: E402
-from qdiff_ao.passes.output_correction import OUTPUT_CORRECTION  # noqa: E402
 
 MODELS = ("digits", "shapes32", "shapes16-cond")
 
@@ -76,12 +81,16 @@ def rows() -> list[dict[str, Any]]:
     return [
         dict(label="ours W8A8", cfg=qdiff_ao.QuantConfig(weight_bits=8, act_bits=8)),
         dict(label="ours W4A8 (defaults)", cfg=w4a8, variants={
+            "ours W4A8 (defaults)": "offsets",
+            "ours W4A8, output correction with PTQD gains as well as offsets": "gains",
             "ours W4A8, static output bias instead of grouped correction": "static",
             "ours W4A8, no output correction": "none"}),
         dict(label="ours W4A32 (weights only)", cfg=qdiff_ao.QuantConfig(act_bits=None)),
         dict(label="ours W4A8, no precision fallback", cfg=w4a8, kwargs=dict(precision_fallback=False)),
         dict(label="ours W4A8, no split", cfg=w4a8, kwargs=dict(split=False)),
         dict(label="ours W4A8, no reconstruction", cfg=w4a8, kwargs=dict(reconstruct=False)),
+        dict(label="ours W4A8, no activation step-size learning", cfg=dataclasses.replace(
+            w4a8, reconstruction=dataclasses.replace(w4a8.reconstruction, act_iters=0))),
         dict(label="ours W4A8, reconstruction without the guided loss", cfg=w4a8, guided_only=True,
              kwargs=dict(guided_reconstruction=False)),
         dict(label="ours W8A8, reconstruction without the guided loss", cfg=qdiff_ao.QuantConfig(weight_bits=8),
@@ -94,12 +103,22 @@ def _dir_bytes(path: Path) -> int:
 
 
 def evaluate(label: str, model: Any, subject: Subject, args: argparse.Namespace, noises: list[torch.Tensor],
-             fp_fds: list[float] | None) -> dict[str, Any]:
-    fds = []
+             fp_fds: list[float] | None, fp_images: list[torch.Tensor] | None = None,
+             keep_images: list[torch.Tensor] | None = None) -> dict[str, Any]:
+    """FD per noise seed, x FP, the eps error along the FP trajectory and, given the FP images of the same noise,
+    how far this model's own trajectories end from them: ``image_rel_l2 = |x_q - x_fp| / |x_fp|`` over all
+    samples and ``contrast = std(x_q) / std(x_fp)`` (pixel standard deviation), means over seeds."""
+    fds, rel_l2, contrast = [], [], []
     for i, noise in enumerate(noises):
         images = ddim_sample(subject.denoiser(model), subject.scheduler.config, noise, num_inference_steps=args.steps,
                              batch_size=100, progress=False)
         fds.append(subject.fd(images))
+        if keep_images is not None:
+            keep_images.append(images)
+        if fp_images is not None:
+            ref = fp_images[i]
+            rel_l2.append(float((images - ref).norm() / ref.norm()))
+            contrast.append(float(images.std() / ref.std()))
         if i == 0 and args.grids:
             from torchvision.utils import save_image
 
@@ -109,9 +128,12 @@ def evaluate(label: str, model: Any, subject: Subject, args: argparse.Namespace,
                                  num_samples=32, num_inference_steps=args.steps,
                                  sample_shape=tuple(noises[0].shape[1:]), seed=0)
     ratios = [q / f for q, f in zip(fds, fp_fds or fds, strict=True)]
-    return {"fd_mean": statistics.mean(fds), "fd_std": statistics.pstdev(fds), "fds": fds,
-            "ratio_mean": statistics.mean(ratios), "ratio_std": statistics.pstdev(ratios),
-            "eps_error": float(err.mean()), "eps_error_last5": float(err[-5:].mean())}
+    out = {"fd_mean": statistics.mean(fds), "fd_std": statistics.pstdev(fds), "fds": fds,
+           "ratio_mean": statistics.mean(ratios), "ratio_std": statistics.pstdev(ratios),
+           "eps_error": float(err.mean()), "eps_error_last5": float(err[-5:].mean())}
+    if fp_images is not None:
+        out |= {"image_rel_l2": statistics.mean(rel_l2), "contrast": statistics.mean(contrast)}
+    return out
 
 
 def main() -> None:
@@ -127,6 +149,8 @@ def main() -> None:
     parser.add_argument("--out", default="docs/quality")
     parser.add_argument("--grids", action="store_true", help="write a sample grid per row")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--recon-seeds", type=int, nargs="+", default=[0],
+                        help="reconstruction seeds; more than one repeats every quantized row with each")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -140,17 +164,21 @@ def main() -> None:
     # The FP32 row is deterministic (fixed weights, noise and sampler): cached per model and sampling settings,
     # so a rerun of a few rows does not sample the float model again.
     fp_cache = Path(args.out) / f"fp_{args.model}_{args.seeds}x{args.num_samples}_ddim{args.steps}.json"
-    if fp_cache.is_file():
+    images_cache = fp_cache.with_suffix(".images.pt")  # the FP samples, for the image distance columns
+    if fp_cache.is_file() and images_cache.is_file():
         fp = json.loads(fp_cache.read_text())
+        fp_images = torch.load(images_cache)
         print(f"[{args.model}] FP32 row read from {fp_cache}", flush=True)
     else:
-        fp = evaluate("FP32", unet, subject, args, noises, None)
+        fp_images = []
+        fp = evaluate("FP32", unet, subject, args, noises, None, keep_images=fp_images)
         fp_cache.write_text(json.dumps(fp, indent=2))
+        torch.save(fp_images, images_cache)
     with tempfile.TemporaryDirectory() as tmp:
         unet.save_pretrained(tmp, safe_serialization=True)
         fp_bytes = _dir_bytes(Path(tmp))
     results = [{"label": "FP32", **fp, "size_bytes": fp_bytes, "latency_ratio": 1.0, "seconds": 0.0,
-                "keep_float": []}]
+                "keep_float": [], "image_rel_l2": 0.0, "contrast": 1.0}]
     print(f"[{args.model}] FP32: FD {fp['fd_mean']:.3f} ± {fp['fd_std']:.3f}", flush=True)
     c, s = unet.config.in_channels, unet.config.sample_size
     x8 = torch.randn(8, c, s, s)
@@ -163,60 +191,85 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             qunet.save_pretrained(Path(tmp) / "ckpt")
             size = _dir_bytes(Path(tmp) / "ckpt")
-        res = {"label": label, **evaluate(label, qunet, subject, args, noises, fp["fds"]), "size_bytes": size,
-               "latency_ratio": speed_ratio(unet, qunet, {"sample": x8, **speed_kwargs}), "seconds": seconds,
+        res = {"label": label, **evaluate(label, qunet, subject, args, noises, fp["fds"], fp_images),
+               "size_bytes": size, "latency_ratio": speed_ratio(unet, qunet, {"sample": x8, **speed_kwargs}),
+               "seconds": seconds,
                "keep_float": list(qunet.quantization_info["config"]["keep_float"])}
         results.append(res)
         write_tables(args, results)
         print(f"[{args.model}] {label}: FD {res['fd_mean']:.3f} ± {res['fd_std']:.3f} = {res['ratio_mean']:.3f}x FP "
-              f"(eps err {res['eps_error']:.4f}, last 5 {res['eps_error_last5']:.4f}; {seconds:.0f} s; float "
+              f"(eps err {res['eps_error']:.4f}, last 5 {res['eps_error_last5']:.4f}; image rel. L2 "
+              f"{res['image_rel_l2']:.4f}, contrast {res['contrast']:.4f}; {seconds:.0f} s; float "
               f"{res['keep_float']})", flush=True)
 
-    for row in rows():
-        variants = row.get("variants", {})
-        wanted = [label for label in (row["label"], *variants) if not args.only or any(o in label for o in args.only)]
-        if not wanted or (row.get("guided_only") and calib.guidance_pair is None):  # same as defaults without CFG
-            continue
-        captured: dict[str, Any] = {}
-
-        def capture(prepared: Any, _calib: Any, captured: dict[str, Any] = captured) -> None:
-            captured["prepared"] = copy.deepcopy(prepared)
-
-        t0 = time.perf_counter()
-        kwargs = dict(row.get("kwargs", {}))
-        qunet = qdiff_ao.quantize(unet, scheduler, row["cfg"], calib=calib, progress=False,
-                                  on_prepared=capture if variants else None, **kwargs)
-        seconds = time.perf_counter() - t0
-        if row["label"] in wanted:
-            finish(row["label"], qunet, seconds)
-        for label, variant in variants.items():
-            if label not in wanted:
+    for recon_seed in args.recon_seeds:
+        tag = f" [recon seed {recon_seed}]" if len(args.recon_seeds) > 1 else ""
+        for row in rows():
+            variants = row.get("variants", {})
+            wanted = [label for label in (row["label"], *variants)
+                      if not args.only or any(o in label for o in args.only)]
+            if not wanted or (row.get("guided_only") and calib.guidance_pair is None):  # same as defaults w/o CFG
                 continue
-            prepared = copy.deepcopy(captured["prepared"])
-            module = getattr(prepared, OUTPUT_CORRECTION, None)
-            if module is not None:
-                module.bias.zero_()  # undo the grouped correction: the graph as reconstructed
-            if variant == "static":
+            cfg = dataclasses.replace(row["cfg"], reconstruction=dataclasses.replace(
+                row["cfg"].reconstruction, seed=recon_seed))
+            captured: dict[str, Any] = {}
+
+            def capture(prepared: Any, _calib: Any, captured: dict[str, Any] = captured) -> None:
+                captured["prepared"] = copy.deepcopy(prepared)
+
+            t0 = time.perf_counter()
+            kwargs = dict(row.get("kwargs", {}))
+            if variants:  # every correction variant, the defaults included, starts from the uncorrected graph
+                kwargs["bias_correction"] = False
+            qunet = qdiff_ao.quantize(unet, scheduler, cfg, calib=calib, progress=False,
+                                      on_prepared=capture if variants else None, **kwargs)
+            seconds = time.perf_counter() - t0
+            if not variants:
+                finish(row["label"] + tag, qunet, seconds)
+            for label, variant in variants.items():
+                if label not in wanted:
+                    continue
+                prepared = copy.deepcopy(captured["prepared"])
                 try:
-                    qdiff_ao.passes.correct_output_bias(prepared, calib, unet)
+                    if variant in ("offsets", "gains"):
+                        qdiff_ao.passes.correct_output(prepared, calib, unet, gain=variant == "gains")
+                    elif variant == "static":
+                        qdiff_ao.passes.correct_output_bias(prepared, calib, unet)
                 except ValueError as err:  # e.g. the output layer was kept in float: no bias to fold into
                     print(f"[{args.model}] {label}: skipped ({err})", flush=True)
                     continue
-            variant_qunet = qdiff_ao.QuantizedUNet(qdiff_ao.convert(prepared), like=unet)
-            variant_qunet.quantization_info = qunet.quantization_info
-            finish(label, variant_qunet, seconds)
+                variant_qunet = qdiff_ao.QuantizedUNet(qdiff_ao.convert(prepared), like=unet)
+                variant_qunet.quantization_info = qunet.quantization_info
+                finish(label + tag, variant_qunet, seconds)
     write_tables(args, results)
+
+
+def _recon_seed_spread(results: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """{row label without its " [recon seed k]" tag: [x FP of each reconstruction seed]} for rows run with several."""
+    out: dict[str, list[float]] = {}
+    for r in results:
+        label, sep, _ = r["label"].partition(" [recon seed ")
+        if sep:
+            out.setdefault(label, []).append(r["ratio_mean"])
+    return {k: v for k, v in out.items() if len(v) > 1}
 
 
 def write_tables(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     """quality_<model>.md / .json in --out (rewritten after every row, so a stopped run keeps what it measured)."""
     fd_head = f"FD ↓ (mean ± std, {args.seeds} seeds × {args.num_samples} samples)"
-    table = [f"| {args.model} | {fd_head} | x FP (per seed) | eps error | eps error, last 5 steps | size (KiB) | "
-             "latency vs FP32 (batch 8) | layers kept in float |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    table = [f"| {args.model} | {fd_head} | x FP (per seed) | eps error | eps error, last 5 steps | image rel. L2 vs "
+             "FP | contrast vs FP | size (KiB) | latency vs FP32 (batch 8) | layers kept in float |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         table.append(f"| {r['label']} | {r['fd_mean']:.2f} ± {r['fd_std']:.2f} | {r['ratio_mean']:.3f} ± "
                      f"{r['ratio_std']:.3f} | {r['eps_error']:.4f} | {r['eps_error_last5']:.4f} | "
+                     f"{r.get('image_rel_l2', float('nan')):.4f} | {r.get('contrast', float('nan')):.4f} | "
                      f"{r['size_bytes'] / 1024:.0f} | {r['latency_ratio']:.2f}x | {', '.join(r['keep_float'])} |")
+    spread = _recon_seed_spread(results)
+    if spread:
+        table += ["", "| row | x FP over reconstruction seeds (mean ± std) | per seed |", "|---|---:|---|"]
+        table += [f"| {label} | {statistics.mean(v):.3f} ± {statistics.pstdev(v):.3f} | "
+                  f"{', '.join(f'{x:.3f}' for x in v)} |" for label, v in spread.items()]
     text = "\n".join(table)
     print("\n" + text)
     meta = {"model": args.model, "sampler": f"DDIM {args.steps} steps, eta 0", "args": vars(args),

@@ -149,6 +149,7 @@ def quantize(
     precision_fallback: bool = True,
     fallback_rounds: int = 3,
     correction_groups: int = 8,
+    correction_gain: bool = False,
     calib: CalibrationSet | None = None,
     batch_size: int = 32,
     seed: int = 0,
@@ -176,6 +177,9 @@ def quantize(
             kept only for groups where it lowers the error on held-back calibration rows
             (``qdiff_ao.passes.correct_output``); skipped with a warning when a timestep has < 2 rows.
         correction_groups: number of timestep groups of the output correction.
+        correction_gain: let a group of the output correction take a per-channel gain as well as an offset
+            (PTQD's ``eps_q ~ (1 + k_t) eps + b_t``), where that fits the held-back rows best (off by default:
+            no FD gain measured, see docs/DESIGN.md).
         precision_fallback: measure which quantizers the model cannot afford (one quantizer alone causing most
             of the output error at some step, e.g. the input quantizer near ``t = 0`` under linear betas) and keep
             the layers reading them in float, within 5% of the quantized multiply-accumulates
@@ -261,7 +265,8 @@ def quantize(
         if min(calib.timestep_histogram().values()) < 2:
             logger.warning("output correction skipped: it needs >= 2 calibration rows per timestep")
         else:
-            correct_output(prepared, calib, unet, num_groups=correction_groups, batch_size=batch_size)
+            correct_output(prepared, calib, unet, num_groups=correction_groups, gain=correction_gain,
+                           batch_size=batch_size)
             bias_report = graph_info(prepared).bias_correction
             timings["bias_correction_s"] = time.perf_counter() - t0
     if on_prepared is not None:

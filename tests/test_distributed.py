@@ -94,8 +94,8 @@ def test_two_ranks_write_the_single_process_checkpoint(two_ranks: Path, tmp_path
     assert ranks[0]["keep_float"] == ranks[1]["keep_float"] == single.quantization_info["config"]["keep_float"]
     # measurements dealt over the ranks (timesteps round-robin) reach the one-process decisions
     assert ranks[0]["correction"] == ranks[1]["correction"]
-    assert [g["kept"] for g in ranks[0]["correction"]["groups"]] == [
-        g["kept"] for g in single.quantization_info["bias_correction"]["groups"]]
+    assert [g["kind"] for g in ranks[0]["correction"]["groups"]] == [
+        g["kind"] for g in single.quantization_info["bias_correction"]["groups"]]  # none / offset / gain
     assert ranks[0]["fallback"] == ranks[1]["fallback"]
     config = json.loads((two_ranks / "ckpt" / "config.json").read_text())
     assert config == json.loads((tmp_path / "ckpt" / "config.json").read_text())

@@ -3,6 +3,7 @@ per-timestep-group output correction."""
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -192,14 +193,57 @@ def test_correction_group_is_the_interval_holding_t(bounds: list[float], ts: lis
 def test_output_correction_is_kept_only_where_it_helps_held_back_rows() -> None:
     calib = _calibration_over_steps()
     unet, prepared = _prepared(calib, qdiff_ao.QuantConfig())
-    correct_output(prepared, calib, unet, num_groups=3)
+    correct_output(prepared, calib, unet, num_groups=3, gain=True)
     report = qdiff_ao.graph_info(prepared).bias_correction
     assert report["method"] == "timestep_groups" and len(report["groups"]) == 3
     module = getattr(prepared, OUTPUT_CORRECTION)
+    assert module.gain is not None
     for g, row in enumerate(report["groups"]):
-        assert row["kept"] == (row["mse_after"] < row["mse_before"])
+        # the held-back winner among none / offset / gain; "none" wins ties
+        assert row["mse_after"] == min(row["mse_before"], row["mse_offset"], row["mse_gain"])
+        assert row["kept"] == (row["mse_after"] < row["mse_before"]) == (row["kind"] != "none")
         assert bool(module.bias[g].abs().sum() > 0) == row["kept"]
+        assert bool((module.gain[g] != 1).any()) == (row["kind"] == "gain")
     assert report["boundaries"] == sorted(report["boundaries"])
+
+
+def test_offsets_only_correction_has_no_gain_buffer_and_ignores_the_gain_candidate() -> None:
+    calib = _calibration_over_steps()
+    unet, prepared = _prepared(calib, qdiff_ao.QuantConfig())
+    correct_output(prepared, calib, unet, num_groups=3)  # the default: offsets only
+    module = getattr(prepared, OUTPUT_CORRECTION)
+    assert module.gain is None and "gain" not in dict(module.named_buffers())
+    for row in qdiff_ao.graph_info(prepared).bias_correction["groups"]:
+        assert row["kind"] in ("none", "offset") and row["mse_gain"] is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.floats(0.5, 1.5), st.floats(-1, 1), st.integers(0, 2**16))
+def test_fit_recovers_a_planted_gain_and_offset(gain: float, offset: float, seed: int) -> None:
+    """y_q = (y_fp - d) / a  =>  the fit returns a and b = -d, so a * y_q - b = y_fp exactly."""
+    from qdiff_ao.passes.output_correction import _channel_moments, _fit
+
+    g = torch.Generator().manual_seed(seed)
+    y_fp = torch.randn(6, 2, 4, 4, generator=g, dtype=torch.float64)
+    y_q = (y_fp - offset) / gain
+    b_offset, a, b = _fit(_channel_moments(y_q, y_fp))
+    assert torch.allclose(a, torch.full((2,), gain, dtype=torch.float64), rtol=1e-6)
+    assert torch.allclose(b, torch.full((2,), -offset, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(b_offset, (y_q - y_fp).mean(dim=(0, 2, 3)), atol=1e-9)
+    constant = _fit(_channel_moments(torch.ones_like(y_fp), y_fp))[1]  # q without variance: gain 1, not inf
+    assert torch.equal(constant, torch.ones(2, dtype=torch.float64))
+
+
+def test_gain_correction_commutes_with_the_guided_combination() -> None:
+    """a y - b on both rows of a pair = a (u + s (c - u)) - b on the guided output: fitting on guided outputs and
+    applying to raw rows is exact."""
+    module = TimestepOutputCorrection(1, 2, gain=True)
+    module.gain.copy_(torch.tensor([[0.9, 1.2]]))
+    module.bias.copy_(torch.tensor([[0.3, -0.5]]))
+    u, c, s, t = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4), 7.5, torch.full((3,), 500.0)
+    guided = module(u, t) + s * (module(c, t) - module(u, t))
+    expected = module(u + s * (c - u), t)
+    assert torch.allclose(guided, expected, atol=1e-4)
 
 
 def _calibration_over_steps() -> qdiff_ao.CalibrationSet:
@@ -211,18 +255,39 @@ def _calibration_over_steps() -> qdiff_ao.CalibrationSet:
 def test_corrected_model_converts_saves_and_reloads_bit_identical(tmp_path: Path) -> None:
     calib = _calibration_over_steps()
     unet, prepared = _prepared(calib, qdiff_ao.QuantConfig())
-    correct_output(prepared, calib, unet, num_groups=3)
+    correct_output(prepared, calib, unet, num_groups=3, gain=True)
     module = getattr(prepared, OUTPUT_CORRECTION)
     module.bias.copy_(torch.tensor([[0.0], [1.0], [2.0]]).expand_as(module.bias))  # distinct, visible offsets
+    module.gain.copy_(torch.tensor([[0.5], [1.0], [1.0]]).expand_as(module.gain))  # and a visible gain at t = 10
+    without_gain = copy.deepcopy(prepared)  # convert works in place
+    getattr(without_gain, OUTPUT_CORRECTION).gain.fill_(1.0)
     qunet = qdiff_ao.QuantizedUNet(qdiff_ao.convert(prepared), like=unet)
     x = unet_inputs(2, t=10)
     x_late = {**x, "timestep": torch.full((2,), 950)}
     gap = (qunet(**x_late).sample - qunet(**x).sample).mean()
     assert gap < -1.0  # the late group's larger offset is subtracted
     qunet.save_pretrained(tmp_path / "ckpt")
+    assert '"gain": true' in (tmp_path / "ckpt" / "config.json").read_text()
     loaded = qdiff_ao.QuantizedUNet.from_pretrained(tmp_path / "ckpt")
     for inputs in (x, x_late):
         assert torch.equal(loaded(**inputs).sample, qunet(**inputs).sample)
+    plain = qdiff_ao.QuantizedUNet(qdiff_ao.convert(without_gain), like=unet)
+    # the gain is applied: y halved at t = 10 (group 0, no offset)
+    assert torch.allclose(qunet(**x).sample, 0.5 * plain(**x).sample, atol=1e-6)
+
+
+@torch.no_grad()
+def test_offsets_only_checkpoint_keeps_the_layout_without_gains(tmp_path: Path) -> None:
+    """Checkpoints written before gains existed have no gain tensor and no "gain" record; that layout stays."""
+    calib = _calibration_over_steps()
+    unet, prepared = _prepared(calib, qdiff_ao.QuantConfig())
+    correct_output(prepared, calib, unet, num_groups=3, gain=False)
+    qunet = qdiff_ao.QuantizedUNet(qdiff_ao.convert(prepared), like=unet)
+    qunet.save_pretrained(tmp_path / "ckpt")
+    assert '"gain"' not in (tmp_path / "ckpt" / "config.json").read_text()
+    loaded = qdiff_ao.QuantizedUNet.from_pretrained(tmp_path / "ckpt")
+    x = unet_inputs(2, t=10)
+    assert torch.equal(loaded(**x).sample, qunet(**x).sample)
 
 
 def test_output_correction_needs_two_rows_per_timestep() -> None:

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-split", action="store_true", help="disable split shortcut quantization")
     q.add_argument("--no-bias-correction", action="store_true",
                    help="keep the mean quantization error of the noise prediction (see passes.correct_output)")
+    q.add_argument("--correction-gain", action="store_true",
+                   help="let the output correction take PTQD gains as well as offsets (see passes.correct_output)")
     q.add_argument("--no-precision-fallback", action="store_true",
                    help="quantize every layer, even those whose quantizers the sensitivity measurement finds "
                    "harmful (see passes.choose_float_layers)")

@@ -4,21 +4,28 @@ The quantization error of a UNet's noise prediction has a systematic part that c
 (PTQD, He et al. 2023: ``eps_q ~ (1 + k_t) eps + b_t``). A single static bias (``correct_output_bias``) removes
 its trajectory average and can over-correct the steps where the offset has another sign -- typically the
 last steps near ``t = 0``. Here the timesteps of the calibration set are cut into ``G`` contiguous groups
-(equal numbers of calibration timesteps) and each group ``g`` gets its own per-channel offset
+(equal numbers of calibration timesteps) and each group ``g`` gets, per output channel ``c``, one of
 
-    b_{g,c} = mean over rows n in g and positions (h, w) of  [ y_q(n, c, h, w) - y_fp(n, c, h, w) ]
+* nothing: ``y' = y``;
+* an offset: ``y' = y - b_{g,c}`` with ``b_{g,c} = mean(y_q - y_fp)`` over the group's rows and positions;
+* a gain and an offset (PTQD's view, inverted): the least-squares line ``y_fp ~ a_{g,c} y_q + d_{g,c}``,
+
+      a = cov(y_q, y_fp) / var(y_q),   d = mean(y_fp) - a mean(y_q),   y' = a y - b  with  b = -d
+
+  (so ``1 + k = 1 / a``: the gain undoes the scaled-down or scaled-up copy of ``eps`` in ``eps_q``),
 
 with ``y_q`` the fake-quant simulation's output and ``y_fp`` the float model's, both as the sampler uses them
-(with classifier-free guidance, the guided combination of each trajectory's two rows: subtracting ``b`` from
-both rows shifts the guided output by exactly ``b``). Rows of every timestep are split by trajectory into a
-fitting half and a held-back half: ``b_g`` is fitted on the first and kept only if it lowers the mean squared
-error ``|y_q - b_g - y_fp|^2`` on the second (otherwise ``b_g = 0``); kept offsets are then re-estimated on all
-rows of the group. So the correction never makes a group worse on data it was not fitted on.
+(with classifier-free guidance, the guided combination ``u + s (c - u)`` of each trajectory's two rows: the
+weights ``1 - s`` and ``s`` add up to 1, so applying ``a y - b`` to both rows applies it to the guided output).
+Rows of every timestep are split by trajectory into a fitting half and a held-back half: each candidate is
+fitted on the first and the one with the lowest mean squared error ``|y' - y_fp|^2`` on the second is chosen
+(nothing wins ties); chosen corrections are then re-estimated on all rows of the group. So the correction never
+makes a group worse on data it was not fitted on.
 
-Lowering: a :class:`TimestepOutputCorrection` node after the graph's output computes
-``y - b[g(t)]`` with ``g(t)`` = the group whose timestep interval holds ``t`` (boundaries half-way between
-adjacent groups); it runs in float after the last dequantize, a ``(B, C)`` gather and one subtraction, and is
-saved in checkpoints like any float tensor.
+Lowering: a :class:`TimestepOutputCorrection` node after the graph's output computes ``a[g(t)] y - b[g(t)]``
+(without gains, ``y - b[g(t)]``) with ``g(t)`` = the group whose timestep interval holds ``t`` (boundaries
+half-way between adjacent groups); it runs in float after the last dequantize, a ``(B, C)`` gather, one multiply
+and one subtraction, and is saved in checkpoints like any float tensor.
 """
 
 from __future__ import annotations
@@ -46,28 +53,35 @@ OUTPUT_CORRECTION = "qdiff_output_correction"
 
 
 class TimestepOutputCorrection(nn.Module):
-    """``y - bias[g(t)]`` with ``g(t) = #{boundaries <= t}`` (``torch.bucketize(t, boundaries, right=True)``).
+    """``gain[g(t)] * y - bias[g(t)]`` with ``g(t) = #{boundaries <= t}`` (``torch.bucketize(t, boundaries,
+    right=True)``); without gains (``gain=False``, the layout of checkpoints before gains existed) ``y - bias[g(t)]``.
 
-    Buffers: ``boundaries`` ``(G - 1,)`` ascending timesteps, ``bias`` ``(G, C)``.
+    Buffers: ``boundaries`` ``(G - 1,)`` ascending timesteps, ``bias`` ``(G, C)``, ``gain`` ``(G, C)`` (ones
+    where a group keeps no gain) when ``gain=True``.
     """
 
     boundaries: torch.Tensor
     bias: torch.Tensor
+    gain: torch.Tensor | None
 
-    def __init__(self, num_groups: int, channels: int) -> None:
+    def __init__(self, num_groups: int, channels: int, gain: bool = False) -> None:
         super().__init__()
         if num_groups < 1 or channels < 1:
             raise ValueError(f"need num_groups >= 1 and channels >= 1, got {num_groups}, {channels}")
         self.register_buffer("boundaries", torch.zeros(num_groups - 1))
         self.register_buffer("bias", torch.zeros(num_groups, channels))
+        self.register_buffer("gain", torch.ones(num_groups, channels) if gain else None)
 
     def group_of(self, timestep: torch.Tensor) -> torch.Tensor:
         """Group index of each timestep."""
         return torch.bucketize(timestep.reshape(-1).to(self.boundaries.dtype), self.boundaries, right=True)
 
     def forward(self, y: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        b = self.bias[self.group_of(timestep)]
-        return y - b.view(b.shape[0], b.shape[1], *([1] * (y.dim() - 2)))
+        g = self.group_of(timestep)
+        shape = (g.shape[0], self.bias.shape[1], *([1] * (y.dim() - 2)))
+        if self.gain is not None:
+            y = y * self.gain[g].view(shape)
+        return y - self.bias[g].view(shape)
 
 
 def _output_value(out_node: fx.Node) -> tuple[fx.Node, Any]:
@@ -90,15 +104,17 @@ def _timestep_node(gm: fx.GraphModule) -> fx.Node:
     raise ValueError("the graph has no 'timestep' input; the output correction needs the UNet's timestep")
 
 
-def add_output_correction(gm: fx.GraphModule, num_groups: int, channels: int) -> TimestepOutputCorrection:
-    """Insert a zero :class:`TimestepOutputCorrection` before the graph output (once); returns it."""
+def add_output_correction(gm: fx.GraphModule, num_groups: int, channels: int,
+                          gain: bool = False) -> TimestepOutputCorrection:
+    """Insert an identity :class:`TimestepOutputCorrection` before the graph output (once); returns it."""
     if hasattr(gm, OUTPUT_CORRECTION):
         module = cast(TimestepOutputCorrection, getattr(gm, OUTPUT_CORRECTION))
-        if tuple(module.bias.shape) != (num_groups, channels):
-            raise ValueError(f"the graph already has an output correction of shape {tuple(module.bias.shape)}")
+        if tuple(module.bias.shape) != (num_groups, channels) or (module.gain is not None) != gain:
+            raise ValueError(f"the graph already has an output correction of shape {tuple(module.bias.shape)} "
+                             f"({'with' if module.gain is not None else 'without'} gains)")
         return module
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    module = TimestepOutputCorrection(num_groups, channels).to(device)
+    module = TimestepOutputCorrection(num_groups, channels, gain=gain).to(device)
     gm.add_submodule(OUTPUT_CORRECTION, module)
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     value, rebuild = _output_value(out_node)
@@ -121,9 +137,33 @@ def _groups(timesteps: list[float], num_groups: int) -> list[list[float]]:
     return out
 
 
-def _channel_stats(diff: torch.Tensor) -> tuple[torch.Tensor, int]:
-    dims = [d for d in range(diff.dim()) if d != 1]
-    return diff.double().sum(dim=dims), diff.numel() // diff.shape[1]
+_MOMENTS = 5  # per channel: count, sum q, sum f, sum q^2, sum q*f
+
+
+def _channel_moments(y_q: torch.Tensor, y_fp: torch.Tensor) -> torch.Tensor:
+    """``(5, C)`` float64: value count, ``sum q``, ``sum f``, ``sum q^2``, ``sum q f`` per channel (dim 1)."""
+    q, f = y_q.double(), y_fp.double()
+    dims = [d for d in range(q.dim()) if d != 1]
+    count = torch.full((q.shape[1],), float(q.numel() // q.shape[1]), dtype=torch.float64)
+    return torch.stack([count, q.sum(dims), f.sum(dims), (q * q).sum(dims), (q * f).sum(dims)])
+
+
+def _fit(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From ``(5, C)`` moments: the offset ``b = mean(q - f)``, and the line ``f ~ a q + d`` as ``(a, -d)``.
+
+    ``a = (sum qf / n - mean q mean f) / (sum q^2 / n - mean q^2)``; a channel whose ``q`` does not vary
+    (variance <= 1e-12 of its second moment) gets ``a = 1``.
+    """
+    n, sq, sf, sqq, sqf = moments
+    mq, mf = sq / n, sf / n
+    var = sqq / n - mq * mq
+    gain = torch.where(var > 1e-12 * (sqq / n).clamp_min(1e-30), (sqf / n - mq * mf) / var.clamp_min(1e-30),
+                       torch.ones_like(var))
+    return mq - mf, gain, gain * mq - mf
+
+
+def _view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(1, -1, *([1] * (like.dim() - 2)))
 
 
 @torch.no_grad()
@@ -133,6 +173,7 @@ def correct_output(
     model: nn.Module,
     *,
     num_groups: int = 8,
+    gain: bool = False,
     batch_size: int = 32,
 ) -> fx.GraphModule:
     """Fit and insert the per-timestep-group output correction (see the module docstring); in place.
@@ -144,11 +185,15 @@ def correct_output(
         calib: calibration set with at least 2 rows per timestep (one to fit, one to check).
         model: the float diffusers UNet the graph was traced from.
         num_groups: ``G``, at most the number of calibration timesteps.
+        gain: also offer each group the gain-and-offset correction (default ``False``: offsets only; the gains
+            lowered the held-back error by a few percent but did not move the sample FD, see docs/DESIGN.md).
         batch_size: rows per forward.
 
     Returns:
-        ``prepared``, with the report ``{"groups": [{"timesteps", "kept", "mse_before", "mse_after",
-        "mean_abs_offset"}], "boundaries", "num_groups_kept"}`` in ``graph_info(prepared).bias_correction``.
+        ``prepared``, with the report ``{"groups": [{"timesteps", "kept", "kind", "mse_before", "mse_after",
+        "mse_offset", "mse_gain", "mean_abs_offset", "mean_gain"}], "boundaries", "num_groups_kept"}`` in
+        ``graph_info(prepared).bias_correction`` (``kind``: ``"none"``, ``"offset"`` or ``"gain"``; ``mse_*`` on
+        the held-back rows, ``mse_gain`` ``None`` without gains).
 
     Raises:
         TypeError / ValueError: wrong argument types, ``num_groups < 1``, a set with fewer than 2 rows at some
@@ -180,62 +225,66 @@ def correct_output(
             inputs = calib._rows(group.index[start:start + batch_size])
             y_q.append(_output_tensor(sim.gm(**{k: inputs[k] for k in names if k in inputs})))
             y_fp.append(_output_tensor(model(**inputs)))
-        return torch.cat(y_q), torch.cat(y_fp)
+        return group.sampler_output(torch.cat(y_q)), group.sampler_output(torch.cat(y_fp))
 
-    # Per group: channel sums of the fitting half and of all rows, value counts, held-back differences. On a
-    # process group each rank runs its share of the timesteps and the sums are added up over the ranks.
-    fit_sum: dict[int, torch.Tensor] = {}
-    all_sum: dict[int, torch.Tensor] = {}
-    counts = torch.zeros(2, len(groups), dtype=torch.float64)  # [fit, all] values per channel
-    held: list[list[torch.Tensor]] = [[] for _ in groups]
+    # Per group: channel moments of the fitting half and of all rows, and the held-back outputs. On a process
+    # group each rank runs its share of the timesteps and the moments are added up over the ranks.
+    fit_mom: dict[int, torch.Tensor] = {}
+    all_mom: dict[int, torch.Tensor] = {}
+    held: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in groups]
     for ti in deal(len(all_t)):
         t = all_t[ti]
         gi = group_of_t[float(t)]
         for part, rows in zip(("fit", "held"), halves[float(t)], strict=True):
             y_q, y_fp = outputs(rows)
-            diff = rows.sampler_output(y_q) - rows.sampler_output(y_fp)
-            s, c = _channel_stats(diff)
-            all_sum[gi] = all_sum[gi] + s if gi in all_sum else s
-            counts[1, gi] += c
+            m = _channel_moments(y_q, y_fp)
+            all_mom[gi] = all_mom[gi] + m if gi in all_mom else m
             if part == "fit":
-                fit_sum[gi] = fit_sum[gi] + s if gi in fit_sum else s
-                counts[0, gi] += c
+                fit_mom[gi] = fit_mom[gi] + m if gi in fit_mom else m
             else:
-                held[gi].append(diff.double())
+                held[gi].append((y_q, y_fp))
     # every rank with rows knows the output's channel count C; a rank without rows learns it here
-    have, total = sum_over_ranks([float(bool(all_sum)), float(next((v.numel() for v in all_sum.values()), 0))])
+    have, total = sum_over_ranks([float(bool(all_mom)), float(next((v.shape[1] for v in all_mom.values()), 0))])
     channels = round(total / have)
 
-    def over_ranks(sums: dict[int, torch.Tensor]) -> torch.Tensor:
-        zero = torch.zeros(channels, dtype=torch.float64)
-        return sum_tensor_over_ranks(torch.stack([sums.get(g, zero) for g in range(len(groups))]))
+    def over_ranks(moments: dict[int, torch.Tensor]) -> torch.Tensor:
+        zero = torch.zeros(_MOMENTS, channels, dtype=torch.float64)
+        return sum_tensor_over_ranks(torch.stack([moments.get(g, zero) for g in range(len(groups))]))
 
-    fit_total, all_total = over_ranks(fit_sum), over_ranks(all_sum)
-    counts = sum_tensor_over_ranks(counts)
-    b_fit = fit_total / counts[0].unsqueeze(1)
-    # held-back squared error without and with the fitted offset: sums over this rank's rows, then over ranks
-    held_sq = torch.zeros(3, len(groups), dtype=torch.float64)  # [before, after, values]
+    fit_total, all_total = over_ranks(fit_mom), over_ranks(all_mom)
+    # held-back squared error of each candidate: sums over this rank's rows, then over ranks
+    held_sq = torch.zeros(4, len(groups), dtype=torch.float64)  # [none, offset, gain, values]
     for gi in range(len(groups)):
-        for diffs in held[gi]:
-            shape = (1, channels, *([1] * (diffs.dim() - 2)))
-            held_sq[0, gi] += diffs.pow(2).sum()
-            held_sq[1, gi] += (diffs - b_fit[gi].view(shape)).pow(2).sum()
-            held_sq[2, gi] += diffs.numel()
+        b_fit, a_fit, ab_fit = _fit(fit_total[gi])
+        for q, f in held[gi]:
+            y_q, y_fp = q.double(), f.double()
+            held_sq[0, gi] += (y_q - y_fp).pow(2).sum()
+            held_sq[1, gi] += (y_q - _view(b_fit, y_q) - y_fp).pow(2).sum()
+            held_sq[2, gi] += (_view(a_fit, y_q) * y_q - _view(ab_fit, y_q) - y_fp).pow(2).sum()
+            held_sq[3, gi] += y_q.numel()
     held_sq = sum_tensor_over_ranks(held_sq)
     bias = torch.zeros(len(groups), channels, dtype=torch.float64)
+    gains = torch.ones(len(groups), channels, dtype=torch.float64)
     report_groups = []
     for gi, ts in enumerate(groups):
-        before = float(held_sq[0, gi] / held_sq[2, gi])
-        after = float(held_sq[1, gi] / held_sq[2, gi])
-        kept = after < before
-        if kept:
-            bias[gi] = all_total[gi] / counts[1, gi]
-        report_groups.append({"timesteps": ts, "kept": kept, "mse_before": before, "mse_after": after,
-                              "mean_abs_offset": float(bias[gi].abs().mean())})
+        mse = {kind: float(held_sq[i, gi] / held_sq[3, gi]) for i, kind in enumerate(("none", "offset", "gain"))}
+        candidates = ("none", "offset", "gain") if gain else ("none", "offset")
+        kind = min(candidates, key=lambda k: mse[k])  # min keeps the first of equals: "none" wins ties
+        b_all, a_all, ab_all = _fit(all_total[gi])
+        if kind == "offset":
+            bias[gi] = b_all
+        elif kind == "gain":
+            gains[gi], bias[gi] = a_all, ab_all
+        report_groups.append({"timesteps": ts, "kept": kind != "none", "kind": kind, "mse_before": mse["none"],
+                              "mse_after": mse[kind], "mse_offset": mse["offset"],
+                              "mse_gain": mse["gain"] if gain else None,
+                              "mean_abs_offset": float(bias[gi].abs().mean()), "mean_gain": float(gains[gi].mean())})
     boundaries = [(groups[i][-1] + groups[i + 1][0]) / 2 for i in range(len(groups) - 1)]
-    module = add_output_correction(prepared, len(groups), channels)
+    module = add_output_correction(prepared, len(groups), channels, gain=gain)
     module.boundaries.copy_(torch.tensor(boundaries, dtype=module.boundaries.dtype))
     module.bias.copy_(bias.to(module.bias.dtype))
+    if module.gain is not None:
+        module.gain.copy_(gains.to(module.gain.dtype))
     report = {"method": "timestep_groups", "boundaries": boundaries, "groups": report_groups,
               "num_groups_kept": sum(1 for g in report_groups if g["kept"]), "num_samples": len(calib)}
     update_graph_info(prepared, bias_correction=report)

@@ -158,6 +158,8 @@ def save_graph(
     if correction is not None:  # absent from checkpoints without one, which therefore read as before
         body["output_correction"] = {"num_groups": int(correction.bias.shape[0]),
                                      "channels": int(correction.bias.shape[1])}
+        if correction.gain is not None:  # recorded only with gains: checkpoints without them read as before
+            body["output_correction"]["gain"] = True
     return write_checkpoint(path, body, tensors, overwrite=overwrite)
 
 
@@ -242,7 +244,11 @@ def _rebuild(
                 ):
                     raise CheckpointError(f"{where}: field 'output_correction' must hold positive integers "
                                           f"num_groups and channels, got {correction!r}")
-                add_output_correction(prepared, correction["num_groups"], correction["channels"])
+                if not isinstance(correction.get("gain", False), bool):
+                    raise CheckpointError(f"{where}: field 'output_correction.gain' must be true or false, got "
+                                          f"{correction['gain']!r}")
+                add_output_correction(prepared, correction["num_groups"], correction["channels"],
+                                      gain=correction.get("gain", False))
             with torch.no_grad():
                 prepared(**inputs)
             quantized = _BACKEND.convert(prepared)
