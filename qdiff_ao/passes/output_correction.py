@@ -260,7 +260,8 @@ def correct_output(
             y_q, y_fp = q.double(), f.double()
             held_sq[0, gi] += (y_q - y_fp).pow(2).sum()
             held_sq[1, gi] += (y_q - _view(b_fit, y_q) - y_fp).pow(2).sum()
-            held_sq[2, gi] += (_view(a_fit, y_q) * y_q - _view(ab_fit, y_q) - y_fp).pow(2).sum()
+            if gain:  # the gain candidate is only scored when it is offered
+                held_sq[2, gi] += (_view(a_fit, y_q) * y_q - _view(ab_fit, y_q) - y_fp).pow(2).sum()
             held_sq[3, gi] += y_q.numel()
     held_sq = sum_tensor_over_ranks(held_sq)
     bias = torch.zeros(len(groups), channels, dtype=torch.float64)
