@@ -14,10 +14,10 @@ standard deviation over the FP one); checkpoint size; latency vs FP32 (batch 8, 
 Layers kept in float by the precision fallback are listed.
 
 Rows: FP32; ours with the defaults at W8A8, W4A8 and weights-only W4; ablations of W4A8 that remove one default
-step each (the precision fallback, the output correction -- or add gains to it, or replace it by the single static bias
-of ``passes.correct_output_bias`` --, split shortcuts, reconstruction or its step-size phase; with classifier-free
-guidance also the guided reconstruction loss, at W4A8 and W8A8). The output-correction variants share one
-reconstruction (the prepared graph is copied before the correction), so they differ in that step alone.
+step each (the precision fallback, the timestep groups, the output correction -- or add gains to it, or replace it
+by the single static bias of ``passes.correct_output_bias`` --, split shortcuts, reconstruction or its step-size phase;
+with classifier-free guidance also the guided reconstruction loss, at W4A8 and W8A8). The output-correction variants
+share one reconstruction (the prepared graph is copied before the correction), so they differ in that step alone.
 
 ``--recon-seeds 0 1 2`` repeats every quantized row with each reconstruction seed (``ReconstructionConfig.seed``:
 the rows cached and the mini-batch draws), labelled ``[recon seed k]``, and adds a summary of each row's x FP
@@ -89,6 +89,7 @@ def rows() -> list[dict[str, Any]]:
         dict(label="ours W4A8, no precision fallback", cfg=w4a8, kwargs=dict(precision_fallback=False)),
         dict(label="ours W4A8, no split", cfg=w4a8, kwargs=dict(split=False)),
         dict(label="ours W4A8, no reconstruction", cfg=w4a8, kwargs=dict(reconstruct=False)),
+        dict(label="ours W4A8, no timestep groups (one activation grid)", cfg=w4a8, kwargs=dict(timestep_groups=1)),
         dict(label="ours W4A8, no activation step-size learning", cfg=dataclasses.replace(
             w4a8, reconstruction=dataclasses.replace(w4a8.reconstruction, act_iters=0))),
         dict(label="ours W4A8, reconstruction without the guided loss", cfg=w4a8, guided_only=True,

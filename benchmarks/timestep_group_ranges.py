@@ -15,7 +15,8 @@ sampler uses it) when every activation quantizer gets its grid per group of time
 
 That is the clipping the recipe chose, carried over to each group's range; nothing is re-optimised per group, so
 the figures are a lower bound on what per-group qparams give. Weights are untouched (they stay shared).
-Nothing here is lowered: the probe sizes the real build (one converted graph per group sharing packed weights).
+Nothing here is lowered and nothing is chosen on held-back rows: the probe sized the real build,
+``qdiff_ao.passes.choose_timestep_groups`` (``qdiff_ao.quantize(..., timestep_groups=G)``).
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ from benchmarks.distributed_scaling import cpu_flags  # noqa: E402
 from benchmarks.quality import MODELS, load_subject  # noqa: E402
 from qdiff_ao.calibration.sampler_view import ErrorProbe  # noqa: E402
 from qdiff_ao.calibration.sensitivity import _output_tensor  # noqa: E402
-from qdiff_ao.passes.output_correction import _groups  # noqa: E402
 from qdiff_ao.quantizers.adaround import LearnedStepQuant  # noqa: E402
 from qdiff_ao.quantizers.simulation import Simulation, build_simulation  # noqa: E402
+from qdiff_ao.quantizers.timestep_grids import contiguous_groups, mapped_grid  # noqa: E402
 
 
 def _split_by_timestep(batch: dict[str, torch.Tensor]) -> list[tuple[float, torch.Tensor, dict[str, torch.Tensor]]]:
@@ -94,13 +95,10 @@ class GroupGrids:
                     q.zero_point.copy_(z0)
                     continue
                 r = self.ranges[name]
-                m, big_m = min(v[0] for v in r.values()), max(v[1] for v in r.values())
-                mg, big_mg = min(r[t][0] for t in members), max(r[t][1] for t in members)
-                lo, hi = float(s0 * (q.quant_min - z0)), float(s0 * (q.quant_max - z0))
-                k = (big_mg - mg) / max(big_m - m, 1e-12)
-                lo_g, hi_g = (0.0 if m >= 0 else mg + (lo - m) * k), mg + (hi - m) * k
-                s_g = max((hi_g - lo_g) / (q.quant_max - q.quant_min), 1e-8)
-                z_g = min(max(round(q.quant_min - lo_g / s_g), q.quant_min), q.quant_max)
+                full = (min(v[0] for v in r.values()), max(v[1] for v in r.values()))
+                group = (min(r[t][0] for t in members), max(r[t][1] for t in members))
+                grid = (float(s0 * (q.quant_min - z0)), float(s0 * (q.quant_max - z0)))
+                s_g, z_g = mapped_grid(grid, full, group, q.quant_min, q.quant_max)
                 scale.copy_(torch.full_like(s0, s_g))
                 q.zero_point.fill_(z_g)
 
@@ -130,7 +128,7 @@ def probe_groups(prepared: Any, calib: qdiff_ao.CalibrationSet, group_counts: li
             ref = probe.outputs(lambda b: _output_tensor(sim.gm(**{k: b[k] for k in names if k in b})), 64)
         rows = []
         for g in group_counts:
-            groups = _groups(timesteps, g)
+            groups = contiguous_groups(timesteps, g)
             group_of = None if g == 1 else {t: members for members in groups for t in members}
             errors = probe.errors(probe.outputs(lambda b, go=group_of: forward(b, go), 64), ref)
             rows.append({"groups": g, "errors": list(errors)})

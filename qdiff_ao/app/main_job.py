@@ -193,6 +193,7 @@ def _quantize(args: argparse.Namespace, source: ModelSource, cfg: QuantConfig, t
             samples_per_timestep=args.samples_per_timestep, calibration_strategy=args.calibration_strategy,
             split=not args.no_split, reconstruct=args.recon_iters != 0, bias_correction=not args.no_bias_correction,
             correction_gain=args.correction_gain,
+            timestep_groups=args.timestep_groups,
             precision_fallback=not args.no_precision_fallback, seed=args.seed, progress=not args.quiet,
             on_prepared=on_prepared, **(text.collect_kwargs() if text is not None else {}),
         )
@@ -277,6 +278,7 @@ def _quantize_and_report(args: argparse.Namespace, source: ModelSource, cfg: Qua
         "figures": figures, "most_drifting": qunet.quantization_info["most_drifting"],
         "precision_fallback": qunet.quantization_info["precision_fallback"],
         "output_correction": qunet.quantization_info["bias_correction"],
+        "timestep_groups": qunet.quantization_info.get("timestep_groups"),
         "noise_prediction_error_mean": float(noise_err.mean()), **extra,
     }
     if is_digits:
@@ -332,6 +334,12 @@ def _markdown(r: dict[str, Any]) -> str:
         lines += [f"Output correction: {correction['num_groups_kept']} of {len(correction['groups'])} timestep "
                   f"groups kept, {gains} of them with a gain (each only where it lowers the error on held-back "
                   "calibration rows).", ""]
+    groups = r.get("timestep_groups")
+    if groups is not None:
+        kept_t = [f"{int(g['timesteps'][0])}-{int(g['timesteps'][-1])}" for g in groups["groups"] if g["kept"]]
+        lines += [f"Timestep groups: {groups['num_groups_kept']} of {len(groups['groups'])} groups kept their own "
+                  f"activation grids (timesteps {', '.join(kept_t) or 'none'}; each only where it lowers the error "
+                  "on held-back calibration rows).", ""]
     if "sensitivity_table" in r:
         lines += ["Sensitivity (relative eps error caused by each quantizer alone; heat map: sensitivity.png):", "",
                   "```", r["sensitivity_table"], "```", ""]

@@ -102,6 +102,9 @@ class QDiffGraphInfo:
         reconstruction: the report of ``passes.reconstruct``.
         bias_correction: the report of ``passes.correct_output_bias``.
         cudnn_decisions: per-layer cuDNN lowering decisions (``LayerDecision``) of the cuDNN backend.
+        timestep_groups: per-timestep-group activation grids
+            (``qdiff_ao.quantizers.timestep_grids.TimestepGroupGrids``) of ``passes.choose_timestep_groups``; after
+            ``qdiff_ao.convert`` also their lowered qparam entries.
     """
 
     trace: TraceInfo | None
@@ -113,6 +116,7 @@ class QDiffGraphInfo:
     reconstruction: Mapping[str, Any] | None = None
     bias_correction: Mapping[str, Any] | None = None
     cudnn_decisions: tuple[Any, ...] | None = None
+    timestep_groups: Any = None
 
 
 def has_graph_info(gm: fx.GraphModule) -> bool:

@@ -7,10 +7,15 @@ The wrapper normalises what diffusers pipelines pass (timestep as int, float, 0-
 into what the traced graph takes (a 1-d timestep of the traced dtype, one entry per sample) and wraps the output
 in ``UNet2DOutput`` / ``UNet2DConditionOutput``. :meth:`QuantizedUNet.optimize_for_inference` swaps the
 GraphModule's Python execution for a frozen TorchScript module running the same kernels (bit-identical output).
+
+With timestep groups (``passes.choose_timestep_groups``) the wrapper holds one graph per kept group, sharing the
+packed weights (``deploy.timestep_dispatch``), and runs each batch on the graph of its timestep's group; a batch
+whose rows fall into different groups is split by group and put back in order (UNet rows are independent).
 """
 
 from __future__ import annotations
 
+import bisect
 import os
 from pathlib import Path
 from typing import Any
@@ -23,6 +28,7 @@ from qdiff_ao.calibration.distributed import run_on_main_process
 from qdiff_ao.capture.input_guards import check_graph_inputs, traced_input_guards
 from qdiff_ao.deploy.checkpoint.archive import load_graph, save_graph
 from qdiff_ao.deploy.freezing import freeze_graph
+from qdiff_ao.deploy.timestep_dispatch import group_graph, lowered_groups_of
 
 __all__ = ["QuantizedUNet", "check_loader_options", "graph_input_spec", "load", "save"]
 
@@ -115,6 +121,24 @@ class QuantizedUNet(ModelMixin):
         self.conditional = conditional
         self._frozen: list[torch.jit.ScriptModule] = []  # a list keeps it out of the module tree and state_dict
         self._guards: dict[str, tuple[int, torch.dtype, tuple[int, ...]]] = {}
+        # Timestep groups: graph k of self._graphs runs group g when self._graph_of_group[g] == k (0: the
+        # single-grid graph, for groups that kept it). Plain lists stay out of the module tree and state_dict.
+        self._groups = lowered_groups_of(graph_module)
+        self._graphs: list[fx.GraphModule] = [graph_module]
+        self._graph_of_group = torch.zeros(1, dtype=torch.long)
+        if self._groups is not None and self._groups.lowered is not None:
+            index = []
+            for entries in self._groups.lowered:
+                if entries:
+                    self._graphs.append(group_graph(graph_module, entries))
+                index.append(len(self._graphs) - 1 if entries else 0)
+            self._graph_of_group = torch.tensor(index, dtype=torch.long)
+        self._graph_index: list[int] = self._graph_of_group.tolist()
+
+    @property
+    def timestep_group_boundaries(self) -> tuple[float, ...]:
+        """Boundaries of the timestep groups with their own activation qparams (``()``: one group)."""
+        return tuple(self._groups.boundaries) if self._groups is not None else ()
 
     @property
     def config(self) -> Any:
@@ -190,7 +214,7 @@ class QuantizedUNet(ModelMixin):
                     example_inputs[name] = torch.randn(shape, generator=g).to(dtype)
                 else:
                     example_inputs[name] = torch.full(shape, 500 if name == "timestep" else 0, dtype=dtype)
-        self._frozen = [freeze_graph(self.graph_module, example_inputs)]
+        self._frozen = [freeze_graph(gm, example_inputs) for gm in self._graphs]
         self._guards = guards
         return self
 
@@ -288,9 +312,7 @@ class QuantizedUNet(ModelMixin):
         if self._frozen:
             # The frozen module ran the graph's input guards once, at trace time: check every call here.
             check_graph_inputs(self._guards, graph_inputs)
-            out = self._frozen[0](**graph_inputs)
-        else:
-            out = self.graph_module(**graph_inputs)
+        out = self._run(graph_inputs)
         if not return_dict:
             return (out,)
         if self.conditional:
@@ -300,6 +322,28 @@ class QuantizedUNet(ModelMixin):
         from diffusers.models.unets.unet_2d import UNet2DOutput
 
         return UNet2DOutput(sample=out)
+
+    def _run(self, graph_inputs: dict[str, Any]) -> Any:
+        """The graph (frozen or not) of each row's timestep group on its rows."""
+        runners: list[Any] = self._frozen or self._graphs
+        if self._groups is None:
+            return runners[0](**graph_inputs)
+        t = graph_inputs["timestep"]
+        first = t.reshape(-1)[0]
+        if t.numel() == 1 or bool((t == first).all()):  # one timestep (every sampler step): no tensor dispatch
+            group = bisect.bisect_right(self._groups.boundaries, float(first))
+            return runners[self._graph_index[group]](**graph_inputs)
+        which = self._graph_of_group[self._groups.group_of(t)]
+        n, parts = t.shape[0], []
+        for k in which.unique().tolist():
+            idx = (which == k).nonzero().flatten()
+            sub = {name: v[idx] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
+                   for name, v in graph_inputs.items()}
+            parts.append((idx, runners[k](**sub)))
+        out = parts[0][1].new_empty((n, *parts[0][1].shape[1:]))
+        for idx, y in parts:
+            out[idx] = y
+        return out
 
 
 def save(

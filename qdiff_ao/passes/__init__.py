@@ -6,6 +6,7 @@ bias_correction).
 - :func:`observe_softmax` / :func:`freeze_wide_softmax_observers`: attention probabilities at 8/16 bits.
 - :func:`reconstruct`: BRECQ block reconstruction with AdaRound weights and learned activation step sizes.
 - :func:`choose_float_layers`: find, by measurement, the few layers whose quantizers the model cannot afford.
+- :func:`choose_timestep_groups`: activation grids per group of timesteps, where held-back rows say they help.
 - :func:`correct_output`: subtract the output's mean quantization error per timestep group, where it helps.
 - :func:`correct_output_bias`: fold the mean quantization error of the model output into the output layer's bias.
 """
@@ -18,6 +19,7 @@ from qdiff_ao.passes.precision_fallback import FallbackDecision, choose_float_la
 from qdiff_ao.passes.reconstruction import module_types_of, reconstruct
 from qdiff_ao.passes.shortcut_split import SplitConv2d, SplitRecord, SplitShortcutPass, split_shortcut
 from qdiff_ao.passes.softmax_observation import freeze_wide_softmax_observers, is_softmax_observer, observe_softmax
+from qdiff_ao.passes.timestep_groups import choose_timestep_groups
 from qdiff_ao.quantizers.fixed import FixedFakeQuantize
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "TimestepOutputCorrection",
     "add_output_correction",
     "choose_float_layers",
+    "choose_timestep_groups",
     "correct_output",
     "correct_output_bias",
     "find_output_layer",

@@ -39,10 +39,10 @@ from torch import fx, nn
 from qdiff_ao.calibration.calibration_set import CalibrationSet
 from qdiff_ao.calibration.distributed import deal, sum_over_ranks, sum_tensor_over_ranks
 from qdiff_ao.calibration.sampler_view import RowGroup, timestep_rows
-from qdiff_ao.calibration.sensitivity import _output_tensor
 from qdiff_ao.capture.graph_state import update_graph_info
 from qdiff_ao.capture.input_guards import is_input_guard
-from qdiff_ao.quantizers.simulation import build_simulation
+from qdiff_ao.quantizers.simulation import build_simulation, output_tensor
+from qdiff_ao.quantizers.timestep_grids import contiguous_groups, group_boundaries
 
 __all__ = ["OUTPUT_CORRECTION", "TimestepOutputCorrection", "add_output_correction", "correct_output"]
 
@@ -126,17 +126,6 @@ def add_output_correction(gm: fx.GraphModule, num_groups: int, channels: int,
     return module
 
 
-def _groups(timesteps: list[float], num_groups: int) -> list[list[float]]:
-    g = max(1, min(num_groups, len(timesteps)))
-    size, extra = divmod(len(timesteps), g)
-    out, start = [], 0
-    for i in range(g):
-        stop = start + size + (1 if i < extra else 0)
-        out.append(timesteps[start:stop])
-        start = stop
-    return out
-
-
 _MOMENTS = 5  # per channel: count, sum q, sum f, sum q^2, sum q*f
 
 
@@ -214,17 +203,16 @@ def correct_output(
                          "the calibration set with samples_per_timestep >= 2")
     sim = build_simulation(prepared)
     sim.gm.eval()
-    names = [str(n.target) for n in sim.gm.graph.nodes if n.op == "placeholder"]
     timesteps = [float(t) for t in calib.timesteps()]
-    groups = _groups(timesteps, num_groups)
+    groups = contiguous_groups(timesteps, num_groups)
     group_of_t = {t: gi for gi, ts in enumerate(groups) for t in ts}
 
     def outputs(group: RowGroup) -> tuple[torch.Tensor, torch.Tensor]:
         y_q, y_fp = [], []
         for start in range(0, len(group), batch_size):
             inputs = calib._rows(group.index[start:start + batch_size])
-            y_q.append(_output_tensor(sim.gm(**{k: inputs[k] for k in names if k in inputs})))
-            y_fp.append(_output_tensor(model(**inputs)))
+            y_q.append(sim.run(inputs))  # with timestep groups: the group's grids, as the lowered model runs
+            y_fp.append(output_tensor(model(**inputs)))
         return group.sampler_output(torch.cat(y_q)), group.sampler_output(torch.cat(y_fp))
 
     # Per group: channel moments of the fitting half and of all rows, and the held-back outputs. On a process
@@ -280,7 +268,7 @@ def correct_output(
                               "mse_after": mse[kind], "mse_offset": mse["offset"],
                               "mse_gain": mse["gain"] if gain else None,
                               "mean_abs_offset": float(bias[gi].abs().mean()), "mean_gain": float(gains[gi].mean())})
-    boundaries = [(groups[i][-1] + groups[i + 1][0]) / 2 for i in range(len(groups) - 1)]
+    boundaries = group_boundaries(groups)
     module = add_output_correction(prepared, len(groups), channels, gain=gain)
     module.boundaries.copy_(torch.tensor(boundaries, dtype=module.boundaries.dtype))
     module.bias.copy_(bias.to(module.bias.dtype))

@@ -14,6 +14,11 @@ quantizers, readable by them and changed only by that context manager). Each act
 quantizer also has its own ``enabled`` switch (activations off during the AdaRound phase of their block; one
 quantizer at a time in the sensitivity report).
 
+Timestep groups: when the prepared graph's info carries per-group activation grids
+(:class:`~qdiff_ao.quantizers.timestep_grids.TimestepGroupGrids`, from ``passes.choose_timestep_groups``), the
+activation quantizers they name use group ``g``'s grid inside ``with sim.state.in_group(g):``, and
+:meth:`Simulation.run` splits a batch by the group of each row's timestep, as the lowered model dispatches.
+
 Weight and activation qparams come from :mod:`qdiff_ao.quantizers.qparams` (what ``convert_fx`` computes).
 """
 
@@ -21,29 +26,62 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from qdiff_ao._compat import ObserverBase
+from qdiff_ao.capture.graph_state import graph_info, has_graph_info
 from qdiff_ao.quantizers.adaround import AdaRoundWeight, LearnedStepQuant
 from qdiff_ao.quantizers.fixed import FixedFakeQuantize
 from qdiff_ao.quantizers.qparams import activation_qparams, is_quantized_layer, weight_qparams
+from qdiff_ao.quantizers.timestep_grids import TimestepGroupGrids
 
-__all__ = ["SimActQuant", "SimLayer", "SimState", "Simulation", "build_simulation"]
+__all__ = ["SimActQuant", "SimLayer", "SimState", "Simulation", "build_simulation", "output_tensor"]
+
+
+def output_tensor(out: Any) -> torch.Tensor:
+    """The sample tensor of a UNet graph's output (a tensor, a ``{"sample": ...}`` dict, a tuple, an output class)."""
+    while not isinstance(out, torch.Tensor):
+        if isinstance(out, dict):
+            out = out.get("sample", next(iter(out.values())))
+        elif isinstance(out, (tuple, list)):
+            out = out[0]
+        elif hasattr(out, "sample"):
+            out = out.sample
+        else:
+            raise TypeError(f"cannot find the output tensor in a {type(out).__name__}")
+    return out
+
 
 class SimState:
     """Whether the simulation currently computes the float model; changed only by :meth:`precision`."""
 
     def __init__(self) -> None:
         self._fp = False
+        self._group: int | None = None
 
     @property
     def fp(self) -> bool:
         return self._fp
+
+    @property
+    def group(self) -> int | None:
+        """The timestep group whose activation grids apply (``None``: the single grid)."""
+        return self._group
+
+    @contextlib.contextmanager
+    def in_group(self, group: int | None) -> Iterator[None]:
+        """Use timestep group ``group``'s activation grids (``None``: the single grid), restoring after."""
+        previous, self._group = self._group, group
+        try:
+            yield
+        finally:
+            self._group = previous
 
     @contextlib.contextmanager
     def precision(self, fp: bool) -> Iterator[None]:
@@ -98,6 +136,7 @@ class SimActQuant(nn.Module):
         super().__init__()
         self.quant = quant
         self.enabled = True
+        self.group_grids: tuple[tuple[float, int], ...] | None = None  # per timestep group (s, z), if any
         self.observer_repr = type(observer).__name__
         self._state = [state]
 
@@ -112,6 +151,11 @@ class SimActQuant(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is None or self.state.fp or not self.enabled:
             return x
+        group = self.state.group
+        if group is not None and self.group_grids is not None:
+            scale, zero_point = self.group_grids[group]
+            q = cast(LearnedStepQuant, self.quant)
+            return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, q.quant_min, q.quant_max)
         return self.quant(x)
 
 
@@ -137,6 +181,34 @@ class Simulation:
     state: SimState
     layers: dict[str, SimLayer] = field(default_factory=dict)
     acts: dict[str, SimActQuant] = field(default_factory=dict)
+    groups: TimestepGroupGrids | None = None
+
+    def run(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The output tensor of the simulation on ``inputs`` (graph inputs by name; extra names are ignored).
+
+        With timestep groups, the rows are split by the group of their timestep and each part runs with its
+        group's grids (rows are independent in a UNet), then put back in order.
+        """
+        names = [str(n.target) for n in self.gm.graph.nodes if n.op == "placeholder"]
+        args = {k: inputs[k] for k in names if k in inputs}
+        if self.groups is None or "timestep" not in args:
+            return output_tensor(self.gm(**args))
+        t = args["timestep"]
+        groups = self.groups.group_of(t)
+        if t.dim() == 0 or bool((groups == groups[0]).all()):
+            with self.state.in_group(int(groups[0])):
+                return output_tensor(self.gm(**args))
+        n, parts = t.shape[0], []
+        for g in groups.unique().tolist():
+            idx = (groups == g).nonzero().flatten()
+            sub = {k: v[idx] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
+                   for k, v in args.items()}
+            with self.state.in_group(int(g)):
+                parts.append((idx, output_tensor(self.gm(**sub))))
+        out = parts[0][1].new_empty((n, *parts[0][1].shape[1:]))
+        for idx, y in parts:
+            out[idx] = y
+        return out
 
     def full_precision(self) -> contextlib.AbstractContextManager[None]:
         """``with sim.full_precision():`` the simulation computes the float model (every quantizer bypassed)."""
@@ -178,5 +250,14 @@ def build_simulation(prepared: fx.GraphModule) -> Simulation:
         elif isinstance(module, (ObserverBase, FixedFakeQuantize)):
             sim.acts[target] = SimActQuant(_act_quant(module, target), state, module).to(device)
             _set_submodule(gm, target, sim.acts[target])
+    groups = graph_info(prepared).timestep_groups if has_graph_info(prepared) else None
+    if isinstance(groups, TimestepGroupGrids) and groups.grids:
+        for name, grids in groups.grids.items():
+            act = sim.acts.get(name)
+            if act is None or not isinstance(act.quant, LearnedStepQuant):
+                raise ValueError(f"the timestep group grids name {name!r}, which is not a per-tensor activation "
+                                 "quantizer of this graph; choose the groups again on this graph")
+            act.group_grids = tuple(grids)
+        sim.groups = groups
     return sim
 

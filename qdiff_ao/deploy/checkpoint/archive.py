@@ -44,8 +44,10 @@ from qdiff_ao.deploy.checkpoint.tensor_layout import (
     graph_fingerprint,
     import_tensors,
 )
+from qdiff_ao.deploy.timestep_dispatch import lowered_groups_of
 from qdiff_ao.passes.output_correction import OUTPUT_CORRECTION, add_output_correction
 from qdiff_ao.passes.shortcut_split import split_shortcut
+from qdiff_ao.quantizers.timestep_grids import TimestepGroupGrids
 
 if TYPE_CHECKING:
     from diffusers import ModelMixin  # at runtime diffusers is imported inside the functions that use it
@@ -143,7 +145,7 @@ def save_graph(
         config["_use_default_values"] = sorted(config["_use_default_values"])
     body = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": 1,  # 2 only with timestep groups (below): older readers keep reading the rest
         "library": _library_versions(),
         "unet_class": str(info.trace.model_class or config.get("_class_name")),
         "unet_config": config,
@@ -160,7 +162,55 @@ def save_graph(
                                      "channels": int(correction.bias.shape[1])}
         if correction.gain is not None:  # recorded only with gains: checkpoints without them read as before
             body["output_correction"]["gain"] = True
+    groups = lowered_groups_of(gm)
+    if groups is not None and groups.lowered is not None:
+        body["format_version"] = FORMAT_VERSION
+        body["timestep_groups"] = {"boundaries": [float(b) for b in groups.boundaries],
+                                   "entries": [sorted(e) for e in groups.lowered]}
+        tensors = dict(tensors)
+        for g, entries in enumerate(groups.lowered):
+            tensors.update({f"{_GROUP_PREFIX}{g}.{k}": v.contiguous() for k, v in entries.items()})
+        body["num_tensors"] = len(tensors)
     return write_checkpoint(path, body, tensors, overwrite=overwrite)
+
+
+_GROUP_PREFIX = "timestep_groups."  # tensor names of the per-group qparams: timestep_groups.<g>.<state-dict key>
+
+
+def _read_groups(body: Mapping[str, Any], tensors: dict[str, torch.Tensor], quantized: fx.GraphModule,
+                 where: str) -> TimestepGroupGrids | None:
+    """The lowered timestep groups recorded in a checkpoint (their tensors are popped from ``tensors``), checked
+    against the rebuilt graph: every entry names one of its qparam tensors, with that tensor's shape and dtype."""
+    found = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(_GROUP_PREFIX)]}
+    record = body.get("timestep_groups")
+    if record is None:
+        if found:
+            raise CheckpointError(f"{where}: the file holds timestep-group tensors but the config records no groups")
+        return None
+    boundaries, names = (record.get("boundaries"), record.get("entries")) if isinstance(record, dict) else (None, None)
+    if not isinstance(boundaries, list) or not isinstance(names, list) or len(names) != len(boundaries) + 1 or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) for b in boundaries) or boundaries != sorted(
+            boundaries) or not all(isinstance(n, list) and all(isinstance(k, str) for k in n) for n in names):
+        raise CheckpointError(f"{where}: field 'timestep_groups' must hold ascending 'boundaries' and one list of "
+                              f"'entries' per group (one more than boundaries), got {record!r}")
+    expected = {f"{_GROUP_PREFIX}{g}.{k}" for g, keys in enumerate(names) for k in keys}
+    if set(found) != expected:
+        raise CheckpointError(f"{where}: the timestep-group tensors {sorted(set(found) ^ expected)[:4]} do not "
+                              "match the recorded entries; the file was edited")
+    reference = {k: v for k, v in quantized.state_dict().items() if isinstance(v, torch.Tensor) and not v.is_quantized}
+    lowered = []
+    for g, keys in enumerate(names):
+        entries = {}
+        for key in keys:
+            value, like = found[f"{_GROUP_PREFIX}{g}.{key}"], reference.get(key)
+            if like is None or value.shape != like.shape or value.dtype != like.dtype:
+                raise CheckpointError(f"{where}: timestep group {g} entry {key!r} is not a qparam of the rebuilt "
+                                      f"graph with its shape and dtype ({None if like is None else like.dtype})")
+            if value.is_floating_point() and not bool((torch.isfinite(value) & (value > 0)).all()):
+                raise CheckpointError(f"{where}: timestep group {g} scale {key!r} is not finite and > 0")
+            entries[key] = value
+        lowered.append(entries)
+    return TimestepGroupGrids(tuple(float(b) for b in boundaries), {}, lowered=tuple(lowered))
 
 
 def _field(body: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -276,7 +326,9 @@ def load_graph(path: str | os.PathLike[str]) -> tuple[fx.GraphModule, Any]:
     """
     body, tensors = read_checkpoint(path)
     where = str(Path(path) / "config.json")
+    group_tensors = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(_GROUP_PREFIX)]}
     unet, quantized, saved_cfg = _rebuild(body, tensors, where)
+    groups = _read_groups(body, group_tensors, quantized, where)
     _, slots = export_tensors(quantized, saved_cfg.weight_qrange())
     check_tensors(tensors, slots, str(Path(path) / TENSORS_FILE))
     recorded_splits = body.get("splits")
@@ -292,6 +344,8 @@ def load_graph(path: str | os.PathLike[str]) -> tuple[fx.GraphModule, Any]:
         )
         raise CheckpointError(f"{where}: the graph rebuilt from the config differs from the saved one; {cause}")
     import_tensors(quantized, tensors, slots)
+    if groups is not None:
+        update_graph_info(quantized, timestep_groups=groups)
     quantized.eval()
     logger.info("loaded %s: %d tensors", path, len(tensors))
     return quantized, unet.config

@@ -35,13 +35,16 @@ from safetensors.torch import save as _st_save
 
 from qdiff_ao.deploy.checkpoint.tensor_layout import CheckpointError
 
-__all__ = ["CONFIG_FILE", "FORMAT", "FORMAT_VERSION", "TENSORS_FILE", "read_checkpoint", "recover_interrupted_save",
-           "write_checkpoint"]
+__all__ = ["CONFIG_FILE", "FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "TENSORS_FILE", "read_checkpoint",
+           "recover_interrupted_save", "write_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "qdiff_ao.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2 adds timestep groups (``config.json`` field ``timestep_groups`` and their qparam tensors). A
+checkpoint without them is still written as version 1, so older readers keep reading it."""
+READABLE_VERSIONS = (1, 2)
 CONFIG_FILE = "config.json"
 TENSORS_FILE = "model.safetensors"
 _OUR_FILES = {CONFIG_FILE, TENSORS_FILE}
@@ -188,7 +191,8 @@ def write_checkpoint(
     replace = _check_target(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     config_sha = hashlib.sha256(_canonical(body)).hexdigest()
-    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "config_sha256": config_sha}
+    metadata = {"format": FORMAT, "format_version": str(body.get("format_version", FORMAT_VERSION)),
+                "config_sha256": config_sha}
     data = _canonical_safetensors(_st_save(dict(tensors), metadata=metadata))
     full = {**body, "tensors_bytes": len(data), "tensors_sha256": hashlib.sha256(data).hexdigest()}
     text = json.dumps(full, indent=2, sort_keys=True, allow_nan=False) + "\n"
@@ -260,9 +264,10 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
         hint = " (it looks like a diffusers model folder)" if isinstance(body, dict) and "_class_name" in body else ""
         raise CheckpointError(f"{root} is not a qdiff_ao checkpoint{hint}: {CONFIG_FILE} lacks format={FORMAT!r}")
     version = body.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise CheckpointError(
-            f"{config_path}: format_version {version!r} is not supported by this qdiff_ao (reads {FORMAT_VERSION}); "
+            f"{config_path}: format_version {version!r} is not supported by this qdiff_ao (reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))}); "
             f"it was written by qdiff_ao {body.get('library', {}).get('qdiff_ao', '?')}"
         )
     if not tensors_path.is_file():
@@ -289,7 +294,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
             f"{config_path}: its content does not match the config_sha256 recorded in {TENSORS_FILE}; the config "
             "is corrupted or was edited after saving"
         )
-    if meta.get("format") != FORMAT or meta.get("format_version") != str(FORMAT_VERSION):
+    if meta.get("format") != FORMAT or meta.get("format_version") != str(version):
         raise CheckpointError(f"{tensors_path}: format metadata {meta} does not match {CONFIG_FILE}")
     try:
         tensors = _st_load(data)

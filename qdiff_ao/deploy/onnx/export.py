@@ -59,9 +59,11 @@ from torch import fx, nn
 from qdiff_ao._compat import ObserverBase
 from qdiff_ao.capture.graph_state import graph_info, has_graph_info
 from qdiff_ao.deploy.onnx.graph_edit import quantize_biases
+from qdiff_ao.deploy.timestep_dispatch import prepared_for_group
 from qdiff_ao.observers.base import CONTAINER_RANGES
 from qdiff_ao.quantizers.fixed import FixedFakeQuantize
 from qdiff_ao.quantizers.qparams import QParams, activation_qparams, weight_qparams
+from qdiff_ao.quantizers.timestep_grids import TimestepGroupGrids
 
 __all__ = ["OnnxExportReport", "export_onnx", "to_fake_quant_graph"]
 
@@ -276,6 +278,7 @@ def export_onnx(
     dynamic_batch: bool = True,
     quantize_bias: bool = True,
     signed_activations: bool = False,
+    timestep_group: int | None = None,
 ) -> OnnxExportReport:
     """Write a calibrated prepared graph as an ONNX model with QuantizeLinear / DequantizeLinear pairs.
 
@@ -287,14 +290,31 @@ def export_onnx(
         dynamic_batch: make dim 0 of every input and output symbolic ("batch").
         quantize_bias: bias of Conv / Gemm -> int32 DQ with scale s_x * s_w (needed by ORT's QLinearConv fusion).
         signed_activations: uint8 activation codes re-encoded as int8 (q - 128, z - 128); TensorRT needs int8.
+        timestep_group: for a graph with timestep groups (``passes.choose_timestep_groups``), the group whose
+            activation qparams the file holds (an ONNX graph has one set: export one file per group and run each
+            on its group's timesteps, ``graph_info(model).timestep_groups.boundaries``).
 
     Returns:
         An :class:`OnnxExportReport`.
 
     Raises:
         ImportError: if the ``onnx`` package is missing (``pip install qdiff_ao[onnx]``).
-        ValueError: for an unsupported opset or inputs that do not match the graph's placeholders.
+        ValueError: for an unsupported opset or inputs that do not match the graph's placeholders, or a graph
+            with timestep groups exported without ``timestep_group`` (or one without groups exported with it).
     """
+    groups = graph_info(model).timestep_groups if isinstance(model, fx.GraphModule) and has_graph_info(model) else None
+    has_groups = isinstance(groups, TimestepGroupGrids) and bool(groups.grids)
+    if isinstance(groups, TimestepGroupGrids) and has_groups and timestep_group is None:
+        raise ValueError(
+            f"the graph has {groups.num_groups} timestep groups with their own activation qparams (boundaries "
+            f"{list(groups.boundaries)}), and an ONNX file holds one set: pass timestep_group=g and export one file "
+            "per group, or quantize with timestep_groups=1"
+        )
+    if timestep_group is not None:
+        if not has_groups:
+            raise ValueError(f"timestep_group={timestep_group} was given, but the graph has no timestep groups; "
+                             "drop the argument")
+        model = prepared_for_group(model, timestep_group)[0]
     try:
         import onnx
     except ImportError as err:

@@ -324,12 +324,16 @@ def reconstruct(
     Raises:
         TypeError: for arguments of the wrong type.
         ValueError: if the graph has no quantized layer, an observer saw no data, the calibration set lacks a
-            graph input, the module hierarchy is unknown, or not even one sample fits ``max_cache_bytes``.
+            graph input, the module hierarchy is unknown, not even one sample fits ``max_cache_bytes``, or the
+            graph already has timestep groups.
     """
     if not isinstance(prepared, fx.GraphModule):
         raise TypeError(f"prepared must be the GraphModule returned by qdiff_ao.prepare, got {type(prepared).__name__}")
     if not isinstance(calib, CalibrationSet):
         raise TypeError(f"calib must be a qdiff_ao.CalibrationSet, got {type(calib).__name__}")
+    if has_graph_info(prepared) and graph_info(prepared).timestep_groups is not None:
+        raise ValueError("the graph already has timestep groups, whose grids were drawn from the grids "
+                         "reconstruction would change; run reconstruct before passes.choose_timestep_groups")
     rcfg = _resolve_config(prepared, rcfg)
     types = _resolve_module_types(prepared, model, module_types)
     _, world = rank_and_world()
