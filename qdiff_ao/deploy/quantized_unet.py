@@ -6,7 +6,8 @@
 The wrapper normalises what diffusers pipelines pass (timestep as int, float, 0-d or 1-d tensor; return_dict)
 into what the traced graph takes (a 1-d timestep of the traced dtype, one entry per sample) and wraps the output
 in ``UNet2DOutput`` / ``UNet2DConditionOutput``. :meth:`QuantizedUNet.optimize_for_inference` swaps the
-GraphModule's Python execution for a frozen TorchScript module running the same kernels (bit-identical output).
+GraphModule's Python execution for a frozen TorchScript module running the same kernels (bit-identical output),
+or (``backend="openvino"``) for OpenVINO's INT8 runtime on the graph's Q/DQ form.
 
 With timestep groups (``passes.choose_timestep_groups``) the wrapper holds one graph per kept group, sharing the
 packed weights (``deploy.timestep_dispatch``), and runs each batch on the graph of its timestep's group; a batch
@@ -28,10 +29,11 @@ from qdiff_ao.calibration.distributed import run_on_main_process
 from qdiff_ao.capture.input_guards import check_graph_inputs, traced_input_guards
 from qdiff_ao.deploy.checkpoint.archive import load_graph, save_graph
 from qdiff_ao.deploy.freezing import freeze_graph
-from qdiff_ao.deploy.timestep_dispatch import group_graph, lowered_groups_of
+from qdiff_ao.deploy.timestep_dispatch import group_graph, lowered_groups_of, without_groups
 
 __all__ = ["QuantizedUNet", "check_loader_options", "graph_input_spec", "load", "save"]
 
+_BACKENDS = ("torch", "openvino")
 _MAX_INT_TIMESTEP = 2**53  # beyond this a float timestep no longer holds an exact integer
 
 
@@ -119,7 +121,10 @@ class QuantizedUNet(ModelMixin):
         if conditional is None:
             conditional = "encoder_hidden_states" in self._spec
         self.conditional = conditional
-        self._frozen: list[torch.jit.ScriptModule] = []  # a list keeps it out of the module tree and state_dict
+        # Optimized runners, one per graph (frozen TorchScript or OpenVINO); a list keeps them out of the module
+        # tree and the state_dict.
+        self._frozen: list[Any] = []
+        self._backend = "fx"
         self._guards: dict[str, tuple[int, torch.dtype, tuple[int, ...]]] = {}
         # Timestep groups: graph k of self._graphs runs group g when self._graph_of_group[g] == k (0: the
         # single-grid graph, for groups that kept it). Plain lists stay out of the module tree and state_dict.
@@ -194,16 +199,39 @@ class QuantizedUNet(ModelMixin):
         """True after :meth:`optimize_for_inference`."""
         return bool(self._frozen)
 
-    def optimize_for_inference(self, example_inputs: dict[str, torch.Tensor] | None = None) -> QuantizedUNet:
-        """Run the lowered graph as a frozen TorchScript module (no per-node Python dispatch); returns self.
+    @property
+    def backend(self) -> str:
+        """What runs the graph: ``"fx"`` (the GraphModule), ``"torch"`` (frozen TorchScript) or ``"openvino"``."""
+        return self._backend
 
-        Outputs stay bit-identical (the same ``quantized::*`` kernels and packed weights; checked on the
-        example). Inputs are still checked against the traced signature. ``save_pretrained`` is unaffected.
+    def optimize_for_inference(
+        self,
+        example_inputs: dict[str, torch.Tensor] | None = None,
+        *,
+        backend: str = "torch",
+        threads: int | None = None,
+    ) -> QuantizedUNet:
+        """Run the lowered graph without per-node Python dispatch; returns self.
+
+        ``backend="torch"``: a frozen TorchScript module with the same ``quantized::*`` kernels and packed weights
+        (outputs bit-identical, checked on the example). ``backend="openvino"``: the graph's Q/DQ form compiled by
+        OpenVINO's CPU runtime (``pip install 'qdiff_ao[openvino]'``; see :mod:`qdiff_ao.deploy.openvino_runtime`),
+        the same integer weights and qparams on OpenVINO's INT8 kernels (outputs equal the fake-quant simulation up
+        to kernel rounding, not bit-identical to fbgemm). Either way inputs are still checked against the traced
+        signature, any batch size runs, and ``save_pretrained`` writes the same checkpoint.
 
         Args:
-            example_inputs: graph inputs for tracing (default: one random sample at timestep 500, built from
-                the traced signature).
+            example_inputs: graph inputs for tracing / export (default: one random sample at timestep 500, built
+                from the traced signature).
+            backend: ``"torch"`` or ``"openvino"``.
+            threads: OpenVINO inference threads (default: ``torch.get_num_threads()``); torch backend: ignored.
+
+        Raises:
+            ValueError: an unknown backend.
+            ImportError: ``backend="openvino"`` without the openvino package.
         """
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         guards = traced_input_guards(self.graph_module)
         if example_inputs is None:
             g = torch.Generator().manual_seed(0)
@@ -214,8 +242,16 @@ class QuantizedUNet(ModelMixin):
                     example_inputs[name] = torch.randn(shape, generator=g).to(dtype)
                 else:
                     example_inputs[name] = torch.full(shape, 500 if name == "timestep" else 0, dtype=dtype)
-        self._frozen = [freeze_graph(gm, example_inputs) for gm in self._graphs]
+        if backend == "openvino":
+            from qdiff_ao.deploy.openvino_runtime import OpenVINOGraph
+
+            # Each graph holds one group's qparams; exported on its own, it must not carry the group table.
+            graphs = [without_groups(gm) for gm in self._graphs] if self._groups is not None else self._graphs
+            self._frozen = [OpenVINOGraph(gm, example_inputs, threads=threads) for gm in graphs]
+        else:
+            self._frozen = [freeze_graph(gm, example_inputs) for gm in self._graphs]
         self._guards = guards
+        self._backend = backend
         return self
 
     def to(self, *args: Any, **kwargs: Any) -> QuantizedUNet:  # type: ignore[override]

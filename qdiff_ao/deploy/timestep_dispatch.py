@@ -28,7 +28,7 @@ from qdiff_ao.capture.graph_state import graph_info, has_graph_info, update_grap
 from qdiff_ao.observers.frozen import FrozenObserver
 from qdiff_ao.quantizers.timestep_grids import TimestepGroupGrids
 
-__all__ = ["group_graph", "lower_groups", "lowered_groups_of", "prepared_for_group"]
+__all__ = ["group_graph", "lower_groups", "lowered_groups_of", "prepared_for_group", "without_groups"]
 
 _MODULE_QPARAMS = ("scale", "zero_point")  # plain attributes of torch.ao's quantized Conv2d / Linear
 
@@ -136,4 +136,13 @@ def group_graph(base: fx.GraphModule, entries: Mapping[str, torch.Tensor]) -> fx
                 module._packed_params = packed  # Conv2d: the packed ScriptObject itself
     for key, value in entries.items():
         _set_entry(clone, key, value)
+    return clone
+
+
+def without_groups(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of a converted graph (sharing its packed weights) whose graph info has no timestep groups: the
+    graph runs the qparams written in it, for every timestep (how one group's graph is exported on its own)."""
+    clone = group_graph(gm, {})
+    if has_graph_info(clone):
+        update_graph_info(clone, timestep_groups=None)
     return clone

@@ -59,7 +59,8 @@ from torch import fx, nn
 from qdiff_ao._compat import ObserverBase
 from qdiff_ao.capture.graph_state import graph_info, has_graph_info
 from qdiff_ao.deploy.onnx.graph_edit import quantize_biases
-from qdiff_ao.deploy.timestep_dispatch import prepared_for_group
+from qdiff_ao.deploy.onnx.integer_math import cast_integer_math_inputs
+from qdiff_ao.deploy.timestep_dispatch import group_graph, prepared_for_group
 from qdiff_ao.observers.base import CONTAINER_RANGES
 from qdiff_ao.quantizers.fixed import FixedFakeQuantize
 from qdiff_ao.quantizers.qparams import QParams, activation_qparams, weight_qparams
@@ -280,10 +281,13 @@ def export_onnx(
     signed_activations: bool = False,
     timestep_group: int | None = None,
 ) -> OnnxExportReport:
-    """Write a calibrated prepared graph as an ONNX model with QuantizeLinear / DequantizeLinear pairs.
+    """Write a calibrated prepared graph, or a converted one, as an ONNX model with QuantizeLinear /
+    DequantizeLinear pairs.
 
     Args:
-        model: output of :func:`qdiff_ao.prepare` after calibration (observers inside); not modified.
+        model: output of :func:`qdiff_ao.prepare` after calibration (observers inside), or a converted graph
+            (``qdiff_ao.convert``, ``QuantizedUNet.graph_module``, a loaded checkpoint's graph; translated by
+            :func:`qdiff_ao.deploy.fake_quant_view.fake_quant_view`); not modified.
         path: the .onnx file to write.
         example_inputs: forward arguments by name, in any order (e.g. ``{"sample": ..., "timestep": ...}``).
         opset: ONNX opset, 13..20 (per-channel QuantizeLinear needs 13).
@@ -302,8 +306,13 @@ def export_onnx(
         ValueError: for an unsupported opset or inputs that do not match the graph's placeholders, or a graph
             with timestep groups exported without ``timestep_group`` (or one without groups exported with it).
     """
+    from qdiff_ao.deploy.fake_quant_view import fake_quant_view, is_converted_graph
+
+    converted = is_converted_graph(model)
     groups = graph_info(model).timestep_groups if isinstance(model, fx.GraphModule) and has_graph_info(model) else None
     has_groups = isinstance(groups, TimestepGroupGrids) and bool(groups.grids)
+    if converted:  # a converted graph carries its groups as lowered entries (None where a group kept one grid)
+        has_groups = isinstance(groups, TimestepGroupGrids) and groups.lowered is not None and any(groups.lowered)
     if isinstance(groups, TimestepGroupGrids) and has_groups and timestep_group is None:
         raise ValueError(
             f"the graph has {groups.num_groups} timestep groups with their own activation qparams (boundaries "
@@ -314,14 +323,30 @@ def export_onnx(
         if not has_groups:
             raise ValueError(f"timestep_group={timestep_group} was given, but the graph has no timestep groups; "
                              "drop the argument")
-        model = prepared_for_group(model, timestep_group)[0]
+        if converted:
+            assert isinstance(groups, TimestepGroupGrids) and groups.lowered is not None  # has_groups
+            if not 0 <= timestep_group < groups.num_groups:
+                raise ValueError(f"timestep group {timestep_group} does not exist; the graph has groups "
+                                 f"0..{groups.num_groups - 1}")
+            model = group_graph(model, groups.lowered[timestep_group])
+        else:
+            model = prepared_for_group(model, timestep_group)[0]
     try:
         import onnx
     except ImportError as err:
         raise ImportError("export_onnx needs the onnx package: pip install 'qdiff_ao[onnx]'") from err
     if not _MIN_OPSET <= opset <= _MAX_OPSET:
         raise ValueError(f"opset must be in [{_MIN_OPSET}, {_MAX_OPSET}] (per-channel Q/DQ needs 13), got {opset}")
-    gm, counts = to_fake_quant_graph(model, quantize_bias=quantize_bias)
+    if converted:
+        gm = fake_quant_view(model)
+        if quantize_bias:
+            _round_biases(gm)
+            gm.recompile()
+        counts = {"activation_qdq": sum(isinstance(m, _ActivationQDQ) for m in gm.modules()),
+                  "weight_qdq": sum(isinstance(m, _WeightQDQ) for m in gm.modules()),
+                  "float_fake_quant": sum(isinstance(m, FixedFakeQuantize) for m in gm.modules())}
+    else:
+        gm, counts = to_fake_quant_graph(model, quantize_bias=quantize_bias)
     if signed_activations:
         _signed_activations(gm)
     names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
@@ -332,6 +357,7 @@ def export_onnx(
             f"example_inputs must name the graph's inputs {names}; missing {missing}, unexpected {extra}. Pass the "
             "same dict used for qdiff_ao.prepare"
         )
+    cast_integer_math_inputs(gm, example_inputs)
     args = tuple(example_inputs[n] for n in names)
     dynamic_axes = {n: {0: "batch"} for n in [*names, "output"]} if dynamic_batch else None
     with warnings.catch_warnings(), torch.no_grad():
