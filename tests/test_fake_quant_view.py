@@ -16,8 +16,9 @@ from torch import fx
 
 import qdiff_ao
 from qdiff_ao.deploy.fake_quant_view import fake_quant_view, is_converted_graph
-from qdiff_ao.deploy.onnx.export import _ActivationQDQ, _WeightQDQ, to_fake_quant_graph
+from qdiff_ao.deploy.onnx.export import to_fake_quant_graph
 from qdiff_ao.deploy.onnx.integer_math import cast_integer_math_inputs
+from qdiff_ao.quantizers.qdq import ActivationQDQ, WeightQDQ
 from tests.unet_factory import FAMILIES, calibrated_unet, unet_inputs
 
 
@@ -36,7 +37,7 @@ def test_view_equals_the_prepared_graphs_fake_quant_copy(family: str, weight_bit
     nodes = list(view.graph.nodes)
     assert not any(n.target is torch.quantize_per_tensor or n.target == "dequantize" for n in nodes)
     assert not any(t.is_quantized for t in view.state_dict().values() if isinstance(t, torch.Tensor))
-    assert sum(isinstance(m, _WeightQDQ) for m in view.modules()) == counts["weight_qdq"]
+    assert sum(isinstance(m, WeightQDQ) for m in view.modules()) == counts["weight_qdq"]
     x = unet_inputs(family, 3, t=400, seed=5)
     with torch.no_grad():
         assert torch.equal(_sample(view(**x)), _sample(simulation(**x)))
@@ -63,7 +64,7 @@ def test_activation_qdq_uses_the_container_range_of_quantize_per_tensor() -> Non
 
     gm = fx.symbolic_trace(Q())
     view = fake_quant_view(gm)
-    (qdq,) = [m for m in view.modules() if isinstance(m, _ActivationQDQ)]
+    (qdq,) = [m for m in view.modules() if isinstance(m, ActivationQDQ)]
     assert qdq.container == (-128, 127) and qdq.clip is None
     x = torch.linspace(-100, 100, 401)
     assert torch.equal(view(x), gm(x))  # clamps at the int8 container, as quantize_per_tensor does

@@ -6,7 +6,7 @@ explicit Q/DQ form, which this view provides, built from the converted graph alo
 calibration data: a checkpoint loaded with ``QuantizedUNet.from_pretrained`` is enough):
 
     converted                                           fake-quant view
-    quantize_per_tensor(x, s, z, quint8)         ==>    fq(x; s, z, 0..255)                    (_ActivationQDQ)
+    quantize_per_tensor(x, s, z, quint8)         ==>    fq(x; s, z, 0..255)                    (ActivationQDQ)
     y.dequantize()                               ==>    y                                      (values already float)
     nnq.Conv2d(W_q, b; s_out, z_out)             ==>    conv(x, W_hat, b) -> fq(.; s_out, z_out)
     nnq.Linear(W_q, b; s_out, z_out)             ==>    linear(x, W_hat, b) -> fq(.; s_out, z_out)
@@ -29,8 +29,8 @@ from torch import fx, nn
 
 from qdiff_ao._compat import ObserverBase
 from qdiff_ao.capture.graph_state import graph_info, has_graph_info
-from qdiff_ao.deploy.onnx.export import _ActivationQDQ, _WeightQDQ
 from qdiff_ao.observers.base import CONTAINER_RANGES
+from qdiff_ao.quantizers.qdq import ActivationQDQ, WeightQDQ
 from qdiff_ao.quantizers.qparams import QParams
 
 __all__ = ["fake_quant_view", "is_converted_graph"]
@@ -97,8 +97,8 @@ def fake_quant_view(converted: fx.GraphModule) -> fx.GraphModule:
         converted: from ``qdiff_ao.convert`` (or ``QuantizedUNet.graph_module``); not modified.
 
     Returns:
-        The view; its quantized layers are ``_WeightQDQ`` modules and its activation quantizers
-        ``_ActivationQDQ`` modules, as in :func:`qdiff_ao.deploy.onnx.export.to_fake_quant_graph`.
+        The view; its quantized layers are ``WeightQDQ`` modules and its activation quantizers
+        ``ActivationQDQ`` modules (``quantizers.qdq``), as in :func:`qdiff_ao.deploy.onnx.export.to_fake_quant_graph`.
 
     Raises:
         TypeError: ``converted`` is not a GraphModule.
@@ -118,7 +118,7 @@ def fake_quant_view(converted: fx.GraphModule) -> fx.GraphModule:
             args += [node.kwargs[k] for k in names[len(args):]]
             x, scale, zero_point, dtype = args
             lo, hi = CONTAINER_RANGES[_value(gm, dtype)]
-            qdq = _ActivationQDQ(torch.as_tensor(_value(gm, scale), dtype=torch.float32),
+            qdq = ActivationQDQ(torch.as_tensor(_value(gm, scale), dtype=torch.float32),
                                  torch.as_tensor(_value(gm, zero_point)), lo, hi, (lo, hi))
             name = f"_fq_act_{node.name}"
             gm.add_submodule(name, qdq)
@@ -133,10 +133,10 @@ def fake_quant_view(converted: fx.GraphModule) -> fx.GraphModule:
             mod: Any = gm.get_submodule(str(node.target))
             name = str(node.target)
             gm.delete_submodule(name)
-            gm.add_submodule(name, _WeightQDQ(_float_layer(mod), _weight_qparams(mod, weight_range)))
+            gm.add_submodule(name, WeightQDQ(_float_layer(mod), _weight_qparams(mod, weight_range)))
             out_lo, out_hi = CONTAINER_RANGES[torch.quint8]  # torch.ao's quantized Conv2d / Linear output quint8
             out_name = f"_fq_out_{node.name}"
-            gm.add_submodule(out_name, _ActivationQDQ(torch.tensor(float(mod.scale)),
+            gm.add_submodule(out_name, ActivationQDQ(torch.tensor(float(mod.scale)),
                                                       torch.tensor(int(mod.zero_point)), out_lo, out_hi,
                                                       (out_lo, out_hi)))
             with graph.inserting_after(node):

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from qdiff_ao.deploy.onnx.export import export_onnx
+
 __all__ = ["OpenVINOGraph", "openvino_available"]
 
 logger = logging.getLogger(__name__)
@@ -85,8 +87,6 @@ class OpenVINOGraph:
         max_shapes: int = 4,
     ) -> None:
         ov = _import_openvino()
-        from qdiff_ao.deploy.onnx.export import export_onnx
-
         self._core = ov.Core()
         self.threads = int(threads) if threads is not None else torch.get_num_threads()
         if self.threads < 1:

@@ -29,6 +29,7 @@ from qdiff_ao.calibration.distributed import run_on_main_process
 from qdiff_ao.capture.input_guards import check_graph_inputs, traced_input_guards
 from qdiff_ao.deploy.checkpoint.archive import load_graph, save_graph
 from qdiff_ao.deploy.freezing import freeze_graph
+from qdiff_ao.deploy.openvino_runtime import OpenVINOGraph
 from qdiff_ao.deploy.timestep_dispatch import group_graph, lowered_groups_of, without_groups
 
 __all__ = ["QuantizedUNet", "check_loader_options", "graph_input_spec", "load", "save"]
@@ -243,8 +244,6 @@ class QuantizedUNet(ModelMixin):
                 else:
                     example_inputs[name] = torch.full(shape, 500 if name == "timestep" else 0, dtype=dtype)
         if backend == "openvino":
-            from qdiff_ao.deploy.openvino_runtime import OpenVINOGraph
-
             # Each graph holds one group's qparams; exported on its own, it must not carry the group table.
             graphs = [without_groups(gm) for gm in self._graphs] if self._groups is not None else self._graphs
             self._frozen = [OpenVINOGraph(gm, example_inputs, threads=threads) for gm in graphs]

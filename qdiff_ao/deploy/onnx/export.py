@@ -53,17 +53,18 @@ from dataclasses import dataclass, field
 from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from qdiff_ao._compat import ObserverBase
 from qdiff_ao.capture.graph_state import graph_info, has_graph_info
+from qdiff_ao.deploy.fake_quant_view import fake_quant_view, is_converted_graph
 from qdiff_ao.deploy.onnx.graph_edit import quantize_biases
 from qdiff_ao.deploy.onnx.integer_math import cast_integer_math_inputs
 from qdiff_ao.deploy.timestep_dispatch import group_graph, prepared_for_group
 from qdiff_ao.observers.base import CONTAINER_RANGES
 from qdiff_ao.quantizers.fixed import FixedFakeQuantize
-from qdiff_ao.quantizers.qparams import QParams, activation_qparams, weight_qparams
+from qdiff_ao.quantizers.qdq import ActivationQDQ, WeightQDQ
+from qdiff_ao.quantizers.qparams import activation_qparams, weight_qparams
 from qdiff_ao.quantizers.timestep_grids import TimestepGroupGrids
 
 __all__ = ["OnnxExportReport", "export_onnx", "to_fake_quant_graph"]
@@ -97,88 +98,6 @@ class OnnxExportReport:
     weight_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
-class _ActivationQDQ(nn.Module):
-    """x -> fake_quantize_per_tensor_affine(clamp(x, lo, hi), s, z, container range); exports as [Clip] Q DQ.
-
-    ``lo = (quant_min - z) * s`` and ``hi = (quant_max - z) * s`` keep codes inside a range narrower than the
-    container; the clamp is omitted when the range is the full container.
-    """
-
-    scale: torch.Tensor
-    zero_point: torch.Tensor
-
-    def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int,
-                 container: tuple[int, int]) -> None:
-        super().__init__()
-        self.register_buffer("scale", scale.detach().reshape(()).float().clone())
-        self.register_buffer("zero_point", zero_point.detach().reshape(()).to(torch.int32).clone())
-        self.container = container
-        self.clip: tuple[float, float] | None = None
-        if (quant_min, quant_max) != container:
-            s, z = float(self.scale), int(self.zero_point)
-            self.clip = ((quant_min - z) * s, (quant_max - z) * s)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.clip is not None:
-            x = torch.clamp(x, self.clip[0], self.clip[1])
-        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, *self.container)
-
-
-class _WeightQDQ(nn.Module):
-    """A Conv2d / Linear whose weight (already on the quantization grid) passes through a fake-quant op."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    scale: torch.Tensor
-    zero_point: torch.Tensor
-
-    def __init__(self, layer: nn.Conv2d | nn.Linear, qparams: QParams) -> None:
-        super().__init__()
-        scale, zero_point, qmin, qmax = qparams.scale, qparams.zero_point, qparams.quant_min, qparams.quant_max
-        self.container = CONTAINER_RANGES[qparams.dtype]
-        self.axis = qparams.ch_axis
-        if self.axis not in (None, 0):
-            raise ValueError(f"per-channel weight qparams must use ch_axis=0 (output channels), got {self.axis}")
-        w = layer.weight.detach().float()
-        # torch's own quantize ops give the integer codes convert_fx uses (same rounding at exact ties).
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
-            if self.axis is None:
-                qw = torch.quantize_per_tensor(w, float(scale), int(zero_point), qparams.dtype)
-                s, z = scale.float().reshape(()), zero_point.float().reshape(())
-            else:
-                qw = torch.quantize_per_channel(w, scale.float(), zero_point.long(), 0, qparams.dtype)
-                s = scale.float().reshape([-1] + [1] * (w.dim() - 1))
-                z = zero_point.float().reshape(s.shape)
-        codes = torch.clamp(qw.int_repr().float(), qmin, qmax)
-        self.register_buffer("weight", (codes - z) * s)
-        self.register_buffer("scale", scale.detach().float().clone())
-        self.register_buffer("zero_point", zero_point.detach().to(torch.int32).clone())
-        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float().clone())
-        self.layer = layer
-        self.quant_range = (qmin, qmax)
-
-    def round_bias(self, input_scale: torch.Tensor) -> None:
-        """bias <- round(b / (s_x * s_w)) * (s_x * s_w): the int32 bias grid of the ONNX graph (float32 math)."""
-        if self.bias is None:
-            return
-        grid = input_scale.float().reshape(()) * self.scale.float().reshape(-1).expand_as(self.bias)
-        codes = torch.round(self.bias.double() / grid.double()).clamp(-(2**31), 2**31 - 1)
-        self.bias = codes.float() * grid
-
-    def quantized_weight(self) -> torch.Tensor:
-        lo, hi = self.container
-        if self.axis is None:
-            return torch.fake_quantize_per_tensor_affine(self.weight, self.scale, self.zero_point, lo, hi)
-        return torch.fake_quantize_per_channel_affine(self.weight, self.scale, self.zero_point, self.axis, lo, hi)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.quantized_weight()
-        if isinstance(self.layer, nn.Conv2d):
-            return self.layer._conv_forward(x, w, self.bias)
-        return F.linear(x, w, self.bias)
-
-
 def _observed_names(prepared: fx.GraphModule) -> set[str] | None:
     attrs = prepared.meta.get("_observed_graph_module_attrs")
     names = getattr(attrs, "observed_node_names", None)
@@ -200,7 +119,7 @@ def to_fake_quant_graph(
 
     Returns:
         (the copy, counts ``{"activation_qdq", "weight_qdq", "float_fake_quant"}``); each exported weight is a
-        ``_WeightQDQ`` module of the copy, with its code range in ``quant_range``.
+        ``WeightQDQ`` module of the copy, with its code range in ``quant_range``.
 
     Raises:
         TypeError: if ``prepared`` is not a GraphModule.
@@ -226,7 +145,7 @@ def to_fake_quant_graph(
                 identity.append(node)
                 continue
             if qparams.dtype in _QDQ_CONTAINERS:
-                new = _ActivationQDQ(qparams.scale, qparams.zero_point, qparams.quant_min, qparams.quant_max,
+                new = ActivationQDQ(qparams.scale, qparams.zero_point, qparams.quant_min, qparams.quant_max,
                                      CONTAINER_RANGES[qparams.dtype])
                 counts["activation_qdq"] += 1
             else:
@@ -235,7 +154,7 @@ def to_fake_quant_graph(
         elif type(mod) in (nn.Conv2d, nn.Linear) and (observed is None or node.name in observed):
             found = weight_qparams(cast("nn.Conv2d | nn.Linear", mod))  # its type is checked just above
             if found is not None:
-                new = _WeightQDQ(cast("nn.Conv2d | nn.Linear", mod), found[1])
+                new = WeightQDQ(cast("nn.Conv2d | nn.Linear", mod), found[1])
                 counts["weight_qdq"] += 1
         if new is not None:
             gm.delete_submodule(name)
@@ -253,19 +172,19 @@ def to_fake_quant_graph(
 
 def _round_biases(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(gm.get_submodule(str(node.target)), _WeightQDQ):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(str(node.target)), WeightQDQ):
             continue
         src = node.args[0]
         if isinstance(src, fx.Node) and src.op == "call_module":
             act = gm.get_submodule(str(src.target))
-            if isinstance(act, _ActivationQDQ):
-                cast(_WeightQDQ, gm.get_submodule(str(node.target))).round_bias(act.scale)
+            if isinstance(act, ActivationQDQ):
+                cast(WeightQDQ, gm.get_submodule(str(node.target))).round_bias(act.scale)
 
 
 def _signed_activations(gm: fx.GraphModule) -> None:
     """Re-encode uint8 activation quantizers as int8: codes q - 128, zero point z - 128 (same float values)."""
     for mod in gm.modules():
-        if isinstance(mod, _ActivationQDQ) and mod.container == (0, 255):
+        if isinstance(mod, ActivationQDQ) and mod.container == (0, 255):
             mod.zero_point -= 128
             mod.container = (-128, 127)
 
@@ -306,8 +225,6 @@ def export_onnx(
         ValueError: for an unsupported opset or inputs that do not match the graph's placeholders, or a graph
             with timestep groups exported without ``timestep_group`` (or one without groups exported with it).
     """
-    from qdiff_ao.deploy.fake_quant_view import fake_quant_view, is_converted_graph
-
     converted = is_converted_graph(model)
     groups = graph_info(model).timestep_groups if isinstance(model, fx.GraphModule) and has_graph_info(model) else None
     has_groups = isinstance(groups, TimestepGroupGrids) and bool(groups.grids)
@@ -342,8 +259,8 @@ def export_onnx(
         if quantize_bias:
             _round_biases(gm)
             gm.recompile()
-        counts = {"activation_qdq": sum(isinstance(m, _ActivationQDQ) for m in gm.modules()),
-                  "weight_qdq": sum(isinstance(m, _WeightQDQ) for m in gm.modules()),
+        counts = {"activation_qdq": sum(isinstance(m, ActivationQDQ) for m in gm.modules()),
+                  "weight_qdq": sum(isinstance(m, WeightQDQ) for m in gm.modules()),
                   "float_fake_quant": sum(isinstance(m, FixedFakeQuantize) for m in gm.modules())}
     else:
         gm, counts = to_fake_quant_graph(model, quantize_bias=quantize_bias)
@@ -366,13 +283,13 @@ def export_onnx(
                           opset_version=opset, dynamo=False, dynamic_axes=dynamic_axes, do_constant_folding=True)
     proto = onnx.load(os.fspath(path))
     n_bias = quantize_biases(proto) if quantize_bias else 0
-    zero_points = [int(m.zero_point) for m in gm.modules() if isinstance(m, _ActivationQDQ)]
+    zero_points = [int(m.zero_point) for m in gm.modules() if isinstance(m, ActivationQDQ)]
     nonzero = sum(z != 0 for z in zero_points)
     if nonzero:
         logger.info("%d of %d activation quantizers have a nonzero zero point; TensorRT needs symmetric int8 "
                     "(QuantConfig(act_symmetric=True) and signed_activations=True)", nonzero, len(zero_points))
     layers = {str(n.target): gm.get_submodule(str(n.target)) for n in gm.graph.nodes if n.op == "call_module"}
-    ranges = {name: m.quant_range for name, m in layers.items() if isinstance(m, _WeightQDQ)}
+    ranges = {name: m.quant_range for name, m in layers.items() if isinstance(m, WeightQDQ)}
     meta = {
         "qdiff_ao.format": "qdq",
         "qdiff_ao.weight_ranges": json.dumps({k: list(v) for k, v in ranges.items()}),
