@@ -123,3 +123,15 @@ def quantize_plain(unet: torch.nn.Module, cfg: Any, batches: list[dict[str, torc
         for batch in batches:
             prepared(**batch)
     return qdiff_ao.convert(prepared)
+
+
+def ort_runner(path: Any, threads: int) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """An ONNX Runtime CPU session on ``path`` as a function of the input dict, with ``threads`` intra-op threads and
+    ``session.intra_op.allow_spinning = 0`` (spinning threads would steal the cores the next timed row runs on)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {k: v.numpy() for k, v in x.items()})[0])

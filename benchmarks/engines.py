@@ -44,6 +44,7 @@ from benchmarks.common import (  # noqa: E402
     bundled_unet,
     cifar10_ddpm_unet,
     interleaved_ratios,
+    ort_runner,
     quantize_plain,
     sd_shaped_unet,
     unet_inputs,
@@ -69,16 +70,6 @@ def _float_onnx(unet: torch.nn.Module, example: dict[str, torch.Tensor], path: P
                           output_names=["output"], opset_version=17, dynamo=False,
                           dynamic_axes={n: {0: "batch"} for n in [*example, "output"]})
     return path
-
-
-def _ort(path: Path, threads: int) -> Runner:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # spinning steals the next row's cores
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return lambda x: torch.from_numpy(session.run(None, {k: v.numpy() for k, v in x.items()})[0])
 
 
 def _openvino(model: Any, threads: int) -> Runner:
@@ -121,7 +112,7 @@ def build(unet: torch.nn.Module, workdir: Path, threads: int, compile_fp32: bool
         rows["torch.compile FP32"] = lambda x: compiled(**x).sample
     float_path = _float_onnx(unet, calib[0], workdir / "fp32.onnx")
     if _have("onnxruntime"):
-        rows["ONNX Runtime FP32"] = _ort(float_path, threads)
+        rows["ONNX Runtime FP32"] = ort_runner(float_path, threads)
     else:
         notes.append("onnxruntime missing: its rows skipped (pip install 'qdiff_ao[onnx]')")
     if _have("openvino"):
@@ -141,7 +132,7 @@ def build(unet: torch.nn.Module, workdir: Path, threads: int, compile_fp32: bool
         if quantize_attention and _have("onnxruntime"):
             path = workdir / "ours.onnx"
             qdiff_ao.export_onnx(gm, path, calib[0])
-            rows["ONNX Runtime INT8 on our export"] = _ort(path, threads)
+            rows["ONNX Runtime INT8 on our export"] = ort_runner(path, threads)
         fb = qdiff_ao.QuantizedUNet(gm, like=like).eval().optimize_for_inference()
         rows[f"ours W4A8 {label}, fbgemm"] = lambda x, m=fb: m(**x).sample
         if _have("openvino"):

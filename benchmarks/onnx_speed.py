@@ -27,26 +27,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import qdiff_ao  # noqa: E402
-from benchmarks.common import cifar10_ddpm_unet, interleaved_ratios, quantize_plain, unet_inputs  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    cifar10_ddpm_unet,
+    interleaved_ratios,
+    ort_runner,
+    quantize_plain,
+    unet_inputs,
+)
 from qdiff_ao.deploy.freezing import freeze_graph  # noqa: E402
 from qdiff_ao.deploy.onnx.export import export_onnx  # noqa: E402
-
-
-def _session(path: Path, threads: int):  # type: ignore[no-untyped-def]
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def _ort_fn(session) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:  # type: ignore[no-untyped-def]
-    def run(x: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {k: v.numpy() for k, v in x.items()})[0])
-
-    return run
 
 
 def build(unet: torch.nn.Module, workdir: Path, threads: int) -> dict[str, Callable[[dict[str, torch.Tensor]], object]]:
@@ -59,7 +48,7 @@ def build(unet: torch.nn.Module, workdir: Path, threads: int) -> dict[str, Calla
         torch.onnx.export(traced, tuple(calib[0].values()), str(float_path), input_names=list(calib[0]),
                           output_names=["output"], opset_version=17, dynamo=False,
                           dynamic_axes={n: {0: "batch"} for n in [*calib[0], "output"]})
-    variants["ORT FP32"] = _ort_fn(_session(float_path, threads))
+    variants["ORT FP32"] = ort_runner(float_path, threads)
     for wb in (8, 4):
         t0 = time.perf_counter()
         cfg = qdiff_ao.QuantConfig(weight_bits=wb, act_bits=8)
@@ -71,7 +60,7 @@ def build(unet: torch.nn.Module, workdir: Path, threads: int) -> dict[str, Calla
         report = export_onnx(prepared, path, calib[0])
         lowered = qdiff_ao.convert(prepared)
         variants[f"qdiff_ao W{wb}A8 (fbgemm)"] = lambda x, gm=lowered: gm(**x)
-        variants[f"ORT INT8 QDQ W{wb}A8"] = _ort_fn(_session(path, threads))
+        variants[f"ORT INT8 QDQ W{wb}A8"] = ort_runner(path, threads)
         fast = quantize_plain(unet, qdiff_ao.QuantConfig(weight_bits=wb, act_bits=8, quantize_attention=False),
                                     calib)
         frozen = freeze_graph(fast, unet_inputs(unet, 1, 500, seed=7))

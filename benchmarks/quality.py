@@ -3,6 +3,7 @@
     python benchmarks/quality.py --model digits [--seeds 2] [--num-samples 1000] [--steps 50] [--out docs/quality]
     python benchmarks/quality.py --model shapes32
     python benchmarks/quality.py --model shapes16-cond
+    python benchmarks/quality.py --model digits --seeds 1 --only "W4A8 (defaults)" --backends torch openvino
 
 Every row samples with the same sampler (DDIM, --steps steps, eta 0) from the same initial noise per seed;
 class-conditional models sample with classifier-free guidance (class j mod K for sample j). Columns: FD in the
@@ -152,6 +153,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--recon-seeds", type=int, nargs="+", default=[0],
                         help="reconstruction seeds; more than one repeats every quantized row with each")
+    parser.add_argument("--backends", nargs="+", choices=["torch", "openvino"], default=["torch"],
+                        help="engines each quantized row is evaluated on (the same quantized model on each; "
+                        "openvino rows are labelled [openvino])")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -188,16 +192,19 @@ def main() -> None:
         speed_kwargs = {"encoder_hidden_states": subject.calib_kwargs["encoder_hidden_states"][:1].expand(8, -1, -1)}
 
     def finish(label: str, qunet: Any, seconds: float) -> None:
-        qunet.optimize_for_inference()  # bit-identical, several times faster to sample with
         with tempfile.TemporaryDirectory() as tmp:
             qunet.save_pretrained(Path(tmp) / "ckpt")
             size = _dir_bytes(Path(tmp) / "ckpt")
-        res = {"label": label, **evaluate(label, qunet, subject, args, noises, fp["fds"], fp_images),
-               "size_bytes": size, "latency_ratio": speed_ratio(unet, qunet, {"sample": x8, **speed_kwargs}),
-               "seconds": seconds,
-               "keep_float": list(qunet.quantization_info["config"]["keep_float"])}
-        results.append(res)
-        write_tables(args, results)
+        for backend in args.backends:  # the same quantized model on each engine
+            # torch: bit-identical frozen TorchScript, several times faster to sample with than the GraphModule
+            qunet.optimize_for_inference(backend=backend)
+            row = label if backend == "torch" else f"{label} [{backend}]"
+            res = {"label": row, **evaluate(row, qunet, subject, args, noises, fp["fds"], fp_images),
+                   "size_bytes": size, "latency_ratio": speed_ratio(unet, qunet, {"sample": x8, **speed_kwargs}),
+                   "seconds": seconds,
+                   "keep_float": list(qunet.quantization_info["config"]["keep_float"])}
+            results.append(res)
+            write_tables(args, results)
         print(f"[{args.model}] {label}: FD {res['fd_mean']:.3f} ± {res['fd_std']:.3f} = {res['ratio_mean']:.3f}x FP "
               f"(eps err {res['eps_error']:.4f}, last 5 {res['eps_error_last5']:.4f}; image rel. L2 "
               f"{res['image_rel_l2']:.4f}, contrast {res['contrast']:.4f}; {seconds:.0f} s; float "
