@@ -44,6 +44,22 @@ def test_view_equals_the_prepared_graphs_fake_quant_copy(family: str, weight_bit
     assert converted.graph.find_nodes(op="call_function", target=torch.quantize_per_tensor)  # input untouched
 
 
+def test_view_of_a_fused_integer_module_is_refused_not_mistranslated() -> None:
+    """ConvReLU2d subclasses the quantized Conv2d; translating it as a Conv2d would drop its ReLU."""
+    import torch.ao.nn.intrinsic.quantized as nniq
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nniq.ConvReLU2d(2, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(torch.quantize_per_tensor(x, 0.1, 0, torch.quint8)).dequantize()
+
+    with pytest.raises(NotImplementedError, match="ConvReLU2d"):
+        fake_quant_view(fx.symbolic_trace(Net()))
+
+
 def test_view_refuses_integer_ops_it_does_not_translate() -> None:
     class AddQ(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ calibration data: a checkpoint loaded with ``QuantizedUNet.from_pretrained`` is 
     y.dequantize()                               ==>    y                                      (values already float)
     nnq.Conv2d(W_q, b; s_out, z_out)             ==>    conv(x, W_hat, b) -> fq(.; s_out, z_out)
     nnq.Linear(W_q, b; s_out, z_out)             ==>    linear(x, W_hat, b) -> fq(.; s_out, z_out)
+    ClampedReference{Conv2d,Linear} (weights-only)  ==>    conv / linear(x, W_hat, b)            (float in and out)
     shape ops, float islands (GroupNorm, SiLU, softmax, matmul on dequantized values)   unchanged
 
 with ``fq(x; s, z, lo..hi) = (clamp(round(x / s) + z, lo, hi) - z) * s`` over the *container* range (what
@@ -32,8 +33,12 @@ from qdiff_ao.capture.graph_state import graph_info, has_graph_info
 from qdiff_ao.observers.base import CONTAINER_RANGES
 from qdiff_ao.quantizers.qdq import ActivationQDQ, WeightQDQ
 from qdiff_ao.quantizers.qparams import QParams
+from qdiff_ao.quantizers.reference import ClampedReferenceConv2d, ClampedReferenceLinear
 
 __all__ = ["fake_quant_view", "is_converted_graph"]
+
+# What a weights-only layer lowers to: a float layer holding integer weight codes (``quantizers.reference``).
+_REFERENCE = (ClampedReferenceConv2d, ClampedReferenceLinear)
 
 
 def _quantized_kinds() -> tuple[type[nn.Module], type[nn.Module]]:
@@ -49,7 +54,7 @@ def is_converted_graph(gm: nn.Module) -> bool:
         return False
     kinds = _quantized_kinds()
     return any(n.op == "call_function" and n.target is torch.quantize_per_tensor for n in gm.graph.nodes) or any(
-        isinstance(m, kinds) for m in gm.modules())
+        type(m) in kinds or type(m) in _REFERENCE for m in gm.modules())
 
 
 def _value(gm: fx.GraphModule, arg: Any) -> Any:
@@ -65,24 +70,23 @@ def _value(gm: fx.GraphModule, arg: Any) -> Any:
     return arg
 
 
-def _float_layer(mod: Any) -> nn.Conv2d | nn.Linear:
-    """A float Conv2d / Linear holding the dequantized weight W_hat and the float bias of a quantized module."""
-    weight, bias = mod.weight().dequantize(), mod.bias()
+def _float_layer(mod: Any, qweight: torch.Tensor, bias: torch.Tensor | None) -> nn.Conv2d | nn.Linear:
+    """A float Conv2d / Linear with a (quantized or reference) module's geometry, weight W_hat = dequantize(qweight)
+    and float bias."""
     layer: nn.Conv2d | nn.Linear
-    if hasattr(mod, "kernel_size"):  # a quantized Conv2d (else a quantized Linear)
+    if hasattr(mod, "kernel_size"):  # a Conv2d (else a Linear)
         layer = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, stride=mod.stride,
                           padding=mod.padding, dilation=mod.dilation, groups=mod.groups, bias=bias is not None,
                           padding_mode=mod.padding_mode)
     else:
         layer = nn.Linear(mod.in_features, mod.out_features, bias=bias is not None)
-    layer.weight = nn.Parameter(weight.float(), requires_grad=False)
+    layer.weight = nn.Parameter(qweight.dequantize().float(), requires_grad=False)
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().float(), requires_grad=False)
     return layer.eval()
 
 
-def _weight_qparams(mod: Any, code_range: tuple[int, int] | None) -> QParams:
-    w = mod.weight()
+def _weight_qparams(w: torch.Tensor, code_range: tuple[int, int] | None) -> QParams:
     lo, hi = code_range if code_range is not None else CONTAINER_RANGES[w.dtype]
     if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
         return QParams(w.q_per_channel_scales().float(), w.q_per_channel_zero_points().to(torch.int32), lo, hi,
@@ -129,11 +133,14 @@ def fake_quant_view(converted: fx.GraphModule) -> fx.GraphModule:
         elif node.op == "call_method" and node.target == "dequantize":
             node.replace_all_uses_with(cast(fx.Node, node.args[0]))
             graph.erase_node(node)
-        elif node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), kinds):
+        # Exact types: fused subclasses (ConvReLU2d, LinearReLU) carry an activation this translation would drop.
+        elif node.op == "call_module" and type(gm.get_submodule(str(node.target))) in kinds:
             mod: Any = gm.get_submodule(str(node.target))
             name = str(node.target)
+            qweight = mod.weight()
             gm.delete_submodule(name)
-            gm.add_submodule(name, WeightQDQ(_float_layer(mod), _weight_qparams(mod, weight_range)))
+            gm.add_submodule(name, WeightQDQ(_float_layer(mod, qweight, mod.bias()),
+                                             _weight_qparams(qweight, weight_range)))
             out_lo, out_hi = CONTAINER_RANGES[torch.quint8]  # torch.ao's quantized Conv2d / Linear output quint8
             out_name = f"_fq_out_{node.name}"
             gm.add_submodule(out_name, ActivationQDQ(torch.tensor(float(mod.scale)),
@@ -142,6 +149,14 @@ def fake_quant_view(converted: fx.GraphModule) -> fx.GraphModule:
             with graph.inserting_after(node):
                 out = graph.call_module(out_name, (node,))
             node.replace_all_uses_with(out, delete_user_cb=lambda user, out=out: user is not out)
+        elif node.op == "call_module" and type(gm.get_submodule(str(node.target))) in _REFERENCE:
+            # Weights-only layers (no activation quantizers): float input and output, integer weight codes.
+            ref: Any = gm.get_submodule(str(node.target))
+            qweight = ref.get_quantized_weight()
+            name = str(node.target)
+            gm.delete_submodule(name)
+            gm.add_submodule(name, WeightQDQ(_float_layer(ref, qweight, ref.bias),
+                                             _weight_qparams(qweight, weight_range)))
         elif node.op == "call_module" and type(gm.get_submodule(str(node.target))).__module__.startswith(
                 ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")):
             raise NotImplementedError(
