@@ -50,6 +50,7 @@ from benchmarks.common import (  # noqa: E402
     unet_inputs,
 )
 from benchmarks.distributed_scaling import cpu_flags  # noqa: E402
+from qdiff_ao.deploy.openvino_runtime import OpenVINOModel  # noqa: E402
 
 Runner = Callable[[dict[str, torch.Tensor]], Any]
 
@@ -73,25 +74,9 @@ def _float_onnx(unet: torch.nn.Module, example: dict[str, torch.Tensor], path: P
 
 
 def _openvino(model: Any, threads: int) -> Runner:
-    """An OpenVINO model compiled per input shape (as ``OpenVINOGraph``), f32 float layers."""
-    import openvino as ov
-
-    core, compiled = ov.Core(), {}
-    props = {"INFERENCE_NUM_THREADS": str(threads), "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1",
-             "INFERENCE_PRECISION_HINT": "f32"}
-    names = [p.get_any_name() for p in model.inputs]
-
-    def run(x: dict[str, torch.Tensor]) -> torch.Tensor:
-        key = tuple(tuple(x[n].shape) for n in names)
-        if key not in compiled:
-            m = model.clone()
-            m.reshape({n: list(s) for n, s in zip(names, key)})
-            compiled[key] = core.compile_model(m, "CPU", props).create_infer_request()
-        request = compiled[key]
-        request.infer({n: x[n].numpy() for n in names})
-        return torch.from_numpy(request.get_output_tensor(0).data.copy())
-
-    return run
+    """An OpenVINO model compiled per input shape with the backend's settings (f32 float layers)."""
+    compiled = OpenVINOModel(model, threads=threads)
+    return lambda x: compiled(**x)
 
 
 def _nncf_int8(float_path: Path, calib: list[dict[str, torch.Tensor]], threads: int) -> Runner:
@@ -139,7 +124,17 @@ def build(unet: torch.nn.Module, workdir: Path, threads: int, compile_fp32: bool
             ovm = qdiff_ao.QuantizedUNet(gm, like=like).eval().optimize_for_inference(backend="openvino",
                                                                                        threads=threads)
             rows[f"ours W4A8 {label}, OpenVINO"] = lambda x, m=ovm: m(**x).sample
+            if quantize_attention:
+                _print_int8_census(ovm._frozen[0], unet)
     return rows, "; ".join(notes)
+
+
+def _print_int8_census(compiled: Any, unet: torch.nn.Module) -> None:
+    layers = compiled.runtime_precisions(unet_inputs(unet, 1, 500, seed=1))
+    int8 = {k: n for (k, p), n in layers.items() if p in ("u8", "i8") and k not in ("Const", "Reorder")}
+    kept = {k: n for (k, p), n in layers.items() if p == "f32" and k in ("Convolution", "FullyConnected", "MatMul",
+                                                                           "Subgraph", "MVN")}
+    print(f"OpenVINO on our export, executed layers in 8 bits: {int8}; in f32 (selected): {kept}")
 
 
 def agreement(rows: dict[str, Runner], unet: torch.nn.Module) -> None:
@@ -176,13 +171,6 @@ def main() -> None:
         t0 = time.perf_counter()
         rows, notes = build(unet, Path(tmp), args.threads, args.compile)
         print(f"built {len(rows)} rows in {time.perf_counter() - t0:.0f} s. {notes}")
-        if "ours W4A8 default, quantized attention, OpenVINO" in rows:
-            qunet = rows["ours W4A8 default, quantized attention, OpenVINO"].__defaults__[0]  # type: ignore[attr-defined]
-            layers = qunet._frozen[0].runtime_precisions(unet_inputs(unet, 1, 500, seed=1))
-            int8 = {k: n for (k, p), n in layers.items() if p in ("u8", "i8") and k not in ("Const", "Reorder")}
-            kept = {k: n for (k, p), n in layers.items() if p == "f32" and k in ("Convolution", "FullyConnected",
-                                                                                   "MatMul", "Subgraph", "MVN")}
-            print(f"OpenVINO on our export, executed layers in 8 bits: {int8}; in f32 (selected): {kept}")
         print(f"\n| engine | {' | '.join(f'batch {b}: ratio vs FP32 eager (ms)' for b in args.batches)} |")
         print("|---|" + "---|" * len(args.batches))
         for name, cells in interleaved_ratios(rows, unet, args.batches, args.rounds, args.iters).items():

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import fx
 
-__all__ = ["InputGuards", "check_graph_inputs", "is_input_guard", "traced_input_guards"]
+__all__ = ["InputGuards", "check_graph_inputs", "example_inputs_from_guards", "is_input_guard", "traced_input_guards"]
 
 InputGuards = dict[str, tuple[int, torch.dtype, tuple[int, ...]]]
 """{input name: (ndim, dtype, shape without the batch dim)}."""
@@ -87,3 +87,17 @@ def check_graph_inputs(guards: InputGuards, inputs: Mapping[str, Any]) -> None:
     """
     for name, (ndim, dtype, tail) in guards.items():
         _check_traced_input(inputs[name], name, ndim, dtype, tail)
+
+
+def example_inputs_from_guards(guards: InputGuards, timestep: int = 500) -> dict[str, torch.Tensor]:
+    """One seeded sample of every traced input: float inputs ~ N(0, 1), ``timestep`` filled with ``timestep``,
+    other integer inputs (class labels) 0; shapes ``(1, *traced tail)`` (0-d where traced 0-d)."""
+    g = torch.Generator().manual_seed(0)
+    inputs = {}
+    for name, (ndim, dtype, tail) in guards.items():
+        shape = (1, *tail) if ndim >= 1 else ()
+        if dtype.is_floating_point and name != "timestep":
+            inputs[name] = torch.randn(shape, generator=g).to(dtype)
+        else:
+            inputs[name] = torch.full(shape, timestep if name == "timestep" else 0, dtype=dtype)
+    return inputs

@@ -34,7 +34,7 @@ from torch import fx
 
 from qdiff_ao.deploy.onnx.export import export_onnx
 
-__all__ = ["OpenVINOGraph", "openvino_available"]
+__all__ = ["OpenVINOGraph", "OpenVINOModel", "openvino_available"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,43 +60,25 @@ def _import_openvino() -> Any:
     return openvino
 
 
-class OpenVINOGraph:
-    """A converted graph compiled by OpenVINO; called like the graph (keyword inputs), returns a float tensor.
+class OpenVINOModel:
+    """An OpenVINO model compiled for the CPU once per input shape; called with keyword inputs (numpy-convertible
+    tensors), returns the first output as a float tensor.
 
     Args:
-        converted: a converted GraphModule (``qdiff_ao.convert``, ``QuantizedUNet.graph_module``). A graph with
-            timestep groups needs ``timestep_group``.
-        example_inputs: one batch of graph inputs by name (any batch size), for the ONNX export.
+        model: an ``openvino.Model`` (read from ONNX, or NNCF's output).
         threads: OpenVINO inference threads (default: ``torch.get_num_threads()``, so both engines use the same
             cores).
-        timestep_group: the timestep group whose activation qparams to compile (see
-            :func:`qdiff_ao.deploy.onnx.export.export_onnx`).
-        max_shapes: batch sizes kept compiled at once (the oldest is dropped beyond it).
-
-    Raises:
-        ImportError: openvino is not installed.
+        max_shapes: input shapes kept compiled at once (the oldest is dropped beyond it).
     """
 
-    def __init__(
-        self,
-        converted: fx.GraphModule,
-        example_inputs: Mapping[str, torch.Tensor],
-        *,
-        threads: int | None = None,
-        timestep_group: int | None = None,
-        max_shapes: int = 4,
-    ) -> None:
-        ov = _import_openvino()
-        self._core = ov.Core()
+    def __init__(self, model: Any, *, threads: int | None = None, max_shapes: int = 4) -> None:
+        self._core = _import_openvino().Core()
         self.threads = int(threads) if threads is not None else torch.get_num_threads()
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.max_shapes = max_shapes
-        with tempfile.TemporaryDirectory(prefix="qdiff_ao_ov_") as tmp:
-            path = Path(tmp) / "unet.onnx"
-            self.export_report = export_onnx(converted, path, example_inputs, timestep_group=timestep_group)
-            self._model = self._core.read_model(os.fspath(path))  # weights are read into memory here
-        self.input_names = [port.get_any_name() for port in self._model.inputs]
+        self._model = model
+        self.input_names = [port.get_any_name() for port in model.inputs]
         self._compiled: dict[tuple[tuple[int, ...], ...], Any] = {}
 
     def _properties(self) -> dict[str, str]:
@@ -146,3 +128,35 @@ class OpenVINOGraph:
             if precision in _INT8:
                 counts[kind] += n
         return dict(counts)
+
+
+class OpenVINOGraph(OpenVINOModel):
+    """A converted graph compiled by OpenVINO; called like the graph (keyword inputs), returns a float tensor.
+
+    Args:
+        converted: a converted GraphModule (``qdiff_ao.convert``, ``QuantizedUNet.graph_module``). A graph with
+            timestep groups needs ``timestep_group``.
+        example_inputs: one batch of graph inputs by name (any batch size), for the ONNX export.
+        threads, max_shapes: see :class:`OpenVINOModel`.
+        timestep_group: the timestep group whose activation qparams to compile (see
+            :func:`qdiff_ao.deploy.onnx.export.export_onnx`).
+
+    Raises:
+        ImportError: openvino is not installed.
+    """
+
+    def __init__(
+        self,
+        converted: fx.GraphModule,
+        example_inputs: Mapping[str, torch.Tensor],
+        *,
+        threads: int | None = None,
+        timestep_group: int | None = None,
+        max_shapes: int = 4,
+    ) -> None:
+        core = _import_openvino().Core()
+        with tempfile.TemporaryDirectory(prefix="qdiff_ao_ov_") as tmp:
+            path = Path(tmp) / "unet.onnx"
+            self.export_report = export_onnx(converted, path, example_inputs, timestep_group=timestep_group)
+            model = core.read_model(os.fspath(path))  # weights are read into memory here
+        super().__init__(model, threads=threads, max_shapes=max_shapes)

@@ -26,8 +26,9 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import fx, nn
 
 from qdiff_ao.calibration.distributed import run_on_main_process
-from qdiff_ao.capture.input_guards import check_graph_inputs, traced_input_guards
+from qdiff_ao.capture.input_guards import check_graph_inputs, example_inputs_from_guards, traced_input_guards
 from qdiff_ao.deploy.checkpoint.archive import load_graph, save_graph
+from qdiff_ao.deploy.checkpoint.loader_options import check_loader_options
 from qdiff_ao.deploy.freezing import freeze_graph
 from qdiff_ao.deploy.openvino_runtime import OpenVINOGraph
 from qdiff_ao.deploy.timestep_dispatch import group_graph, lowered_groups_of, without_groups
@@ -46,43 +47,6 @@ def graph_input_spec(gm: fx.GraphModule) -> dict[str, tuple[int, torch.dtype]]:
             if node.op == "placeholder":
                 spec[str(node.target)] = (-1, torch.float32)
     return spec
-
-
-# What diffusers' loader may pass to a model component, and the values a float32-I/O CPU checkpoint honours
-# (None everywhere means "not asked for").
-_LOADER_OPTIONS: dict[str, tuple[Any, ...]] = {
-    "torch_dtype": (None, torch.float32),
-    "dtype": (None, torch.float32),
-    "device_map": (None, "cpu"),
-    "variant": (None,),
-    "use_safetensors": (None, True),
-    "use_flashpack": (None, False),
-    "quantization_config": (None,),
-    "max_memory": (None,),
-    "offload_folder": (None,),
-    "offload_state_dict": (None, False, True),
-    "low_cpu_mem_usage": (None, False, True),
-    "disable_mmap": (None, False, True),
-}
-
-
-def check_loader_options(options: dict[str, Any]) -> None:
-    """Refuse loader keywords that would otherwise be silently ignored (a dtype, a GPU device map, a variant).
-
-    Raises:
-        TypeError: an unknown keyword.
-        ValueError: a known keyword at a value this checkpoint cannot honour.
-    """
-    for name, value in options.items():
-        if name not in _LOADER_OPTIONS:
-            raise TypeError(f"QuantizedUNet.from_pretrained got an unexpected keyword {name!r}; it accepts "
-                            f"{sorted(_LOADER_OPTIONS)} (the keywords diffusers' pipeline loader passes)")
-        if not any(value is ok or value == ok for ok in _LOADER_OPTIONS[name]):
-            raise ValueError(
-                f"QuantizedUNet.from_pretrained: {name}={value!r} cannot be honoured: the checkpoint holds integer "
-                f"weights with float32 inputs and outputs for the CPU ({name} may be "
-                f"{[v for v in _LOADER_OPTIONS[name]]}); drop {name} from the from_pretrained call"
-            )
 
 
 class QuantizedUNet(ModelMixin):
@@ -235,14 +199,7 @@ class QuantizedUNet(ModelMixin):
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         guards = traced_input_guards(self.graph_module)
         if example_inputs is None:
-            g = torch.Generator().manual_seed(0)
-            example_inputs = {}
-            for name, (ndim, dtype, tail) in guards.items():
-                shape = (1, *tail) if ndim >= 1 else ()
-                if dtype.is_floating_point and name != "timestep":
-                    example_inputs[name] = torch.randn(shape, generator=g).to(dtype)
-                else:
-                    example_inputs[name] = torch.full(shape, 500 if name == "timestep" else 0, dtype=dtype)
+            example_inputs = example_inputs_from_guards(guards)
         if backend == "openvino":
             # Each graph holds one group's qparams; exported on its own, it must not carry the group table.
             graphs = [without_groups(gm) for gm in self._graphs] if self._groups is not None else self._graphs

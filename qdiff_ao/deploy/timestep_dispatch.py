@@ -28,7 +28,8 @@ from qdiff_ao.capture.graph_state import graph_info, has_graph_info, update_grap
 from qdiff_ao.observers.frozen import FrozenObserver
 from qdiff_ao.quantizers.timestep_grids import TimestepGroupGrids
 
-__all__ = ["group_graph", "lower_groups", "lowered_groups_of", "prepared_for_group", "without_groups"]
+__all__ = ["converted_for_group", "group_graph", "lower_groups", "lowered_groups_of", "prepared_for_group",
+           "without_groups"]
 
 _MODULE_QPARAMS = ("scale", "zero_point")  # plain attributes of torch.ao's quantized Conv2d / Linear
 
@@ -139,10 +140,25 @@ def group_graph(base: fx.GraphModule, entries: Mapping[str, torch.Tensor]) -> fx
     return clone
 
 
-def without_groups(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of a converted graph (sharing its packed weights) whose graph info has no timestep groups: the
-    graph runs the qparams written in it, for every timestep (how one group's graph is exported on its own)."""
-    clone = group_graph(gm, {})
+def without_groups(gm: fx.GraphModule, entries: Mapping[str, torch.Tensor] | None = None) -> fx.GraphModule:
+    """A copy of a converted graph (sharing its packed weights) with ``entries`` written in and no timestep groups
+    in its graph info: the graph runs the qparams written in it, for every timestep (how one group's graph is
+    exported on its own)."""
+    clone = group_graph(gm, entries or {})
     if has_graph_info(clone):
         update_graph_info(clone, timestep_groups=None)
     return clone
+
+
+def converted_for_group(converted: fx.GraphModule, group: int) -> fx.GraphModule:
+    """The converted counterpart of :func:`prepared_for_group`: group ``group``'s graph on its own.
+
+    Raises:
+        ValueError: the graph has no lowered timestep groups, or ``group`` is out of range.
+    """
+    groups = lowered_groups_of(converted)
+    if groups is None or groups.lowered is None:
+        raise ValueError("the converted graph has no lowered timestep groups")
+    if not 0 <= group < groups.num_groups:
+        raise ValueError(f"timestep group {group} does not exist; the graph has groups 0..{groups.num_groups - 1}")
+    return without_groups(converted, groups.lowered[group])

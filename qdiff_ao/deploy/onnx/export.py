@@ -60,7 +60,7 @@ from qdiff_ao.capture.graph_state import graph_info, has_graph_info
 from qdiff_ao.deploy.fake_quant_view import fake_quant_view, is_converted_graph
 from qdiff_ao.deploy.onnx.graph_edit import quantize_biases
 from qdiff_ao.deploy.onnx.integer_math import cast_integer_math_inputs
-from qdiff_ao.deploy.timestep_dispatch import group_graph, prepared_for_group
+from qdiff_ao.deploy.timestep_dispatch import converted_for_group, prepared_for_group
 from qdiff_ao.observers.base import CONTAINER_RANGES
 from qdiff_ao.quantizers.fixed import FixedFakeQuantize
 from qdiff_ao.quantizers.qdq import ActivationQDQ, WeightQDQ
@@ -240,14 +240,8 @@ def export_onnx(
         if not has_groups:
             raise ValueError(f"timestep_group={timestep_group} was given, but the graph has no timestep groups; "
                              "drop the argument")
-        if converted:
-            assert isinstance(groups, TimestepGroupGrids) and groups.lowered is not None  # has_groups
-            if not 0 <= timestep_group < groups.num_groups:
-                raise ValueError(f"timestep group {timestep_group} does not exist; the graph has groups "
-                                 f"0..{groups.num_groups - 1}")
-            model = group_graph(model, groups.lowered[timestep_group])
-        else:
-            model = prepared_for_group(model, timestep_group)[0]
+        model = converted_for_group(model, timestep_group) if converted else prepared_for_group(model,
+                                                                                              timestep_group)[0]
     try:
         import onnx
     except ImportError as err:
