@@ -15,10 +15,11 @@ standard deviation over the FP one); checkpoint size; latency vs FP32 (batch 8, 
 Layers kept in float by the precision fallback are listed.
 
 Rows: FP32; ours with the defaults at W8A8, W4A8 and weights-only W4; ablations of W4A8 that remove one default
-step each (the precision fallback, the timestep groups, the output correction -- or add gains to it, or replace it
-by the single static bias of ``passes.correct_output_bias`` --, split shortcuts, reconstruction or its step-size phase;
-with classifier-free guidance also the guided reconstruction loss, at W4A8 and W8A8). The output-correction variants
-share one reconstruction (the prepared graph is copied before the correction), so they differ in that step alone.
+step each (the precision fallback, the timestep groups, the output correction -- or add its input term or gains
+to it, or replace it by the single static bias of ``passes.correct_output_bias`` --, split shortcuts, reconstruction
+or its step-size phase; with classifier-free guidance also the guided reconstruction loss, at W4A8 and W8A8). The
+output-correction variants share one reconstruction (the prepared graph is copied before the correction), so they
+differ in that step alone.
 
 ``--recon-seeds 0 1 2`` repeats every quantized row with each reconstruction seed (``ReconstructionConfig.seed``:
 the rows cached and the mini-batch draws), labelled ``[recon seed k]``, and adds a summary of each row's x FP
@@ -83,7 +84,8 @@ def rows() -> list[dict[str, Any]]:
         dict(label="ours W8A8", cfg=qdiff_ao.QuantConfig(weight_bits=8, act_bits=8)),
         dict(label="ours W4A8 (defaults)", cfg=w4a8, variants={
             "ours W4A8 (defaults)": "offsets",
-            "ours W4A8, output correction with PTQD gains as well as offsets": "gains",
+            "ours W4A8, output correction with the input term (a y + c x - b)": "input",
+            "ours W4A8, output correction with PTQD gains as well": "gains",
             "ours W4A8, static output bias instead of grouped correction": "static",
             "ours W4A8, no output correction": "none"}),
         dict(label="ours W4A32 (weights only)", cfg=qdiff_ao.QuantConfig(act_bits=None)),
@@ -239,8 +241,9 @@ def main() -> None:
                     continue
                 prepared = copy.deepcopy(captured["prepared"])
                 try:
-                    if variant in ("offsets", "gains"):
-                        qdiff_ao.passes.correct_output(prepared, calib, unet, gain=variant == "gains")
+                    if variant in ("offsets", "input", "gains"):
+                        qdiff_ao.passes.correct_output(prepared, calib, unet, gain=variant == "gains",
+                                                       input_term=variant == "input")
                     elif variant == "static":
                         qdiff_ao.passes.correct_output_bias(prepared, calib, unet)
                 except ValueError as err:  # e.g. the output layer was kept in float: no bias to fold into

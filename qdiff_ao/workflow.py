@@ -159,6 +159,7 @@ def quantize(
     fallback_rounds: int = 3,
     correction_groups: int = 8,
     correction_gain: bool = False,
+    correction_input: bool = False,
     timestep_groups: int = 4,
     calib: CalibrationSet | None = None,
     batch_size: int = 32,
@@ -195,6 +196,10 @@ def quantize(
         correction_gain: let a group of the output correction take a per-channel gain as well as an offset
             (PTQD's ``eps_q ~ (1 + k_t) eps + b_t``), where that fits the held-back rows best (off by default:
             no FD gain measured, see docs/DESIGN.md).
+        correction_input: let a group of the output correction take the linear estimate ``a y + c x - b`` of
+            the float output from the quantized output ``y`` and the UNet's input ``x`` where that fits the
+            held-back rows best (off by default: shapes32 samples closer to FP, FD not consistently lower,
+            digits slightly worse; see ``passes.correct_output`` and README, quality).
         precision_fallback: measure which quantizers the model cannot afford (one quantizer alone causing most
             of the output error at some step, e.g. the input quantizer near ``t = 0`` under linear betas) and keep
             the layers reading them in float, within 5% of the quantized multiply-accumulates
@@ -293,7 +298,7 @@ def quantize(
             logger.warning("output correction skipped: it needs >= 2 calibration rows per timestep")
         else:
             correct_output(prepared, calib, unet, num_groups=correction_groups, gain=correction_gain,
-                           batch_size=batch_size)
+                           input_term=correction_input, batch_size=batch_size)
             bias_report = graph_info(prepared).bias_correction
             timings["bias_correction_s"] = time.perf_counter() - t0
     if on_prepared is not None:

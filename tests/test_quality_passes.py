@@ -4,6 +4,7 @@ per-timestep-group output correction."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 
@@ -193,45 +194,88 @@ def test_correction_group_is_the_interval_holding_t(bounds: list[float], ts: lis
 def test_output_correction_is_kept_only_where_it_helps_held_back_rows() -> None:
     calib = _calibration_over_steps()
     unet, prepared = _prepared(calib, qdiff_ao.QuantConfig())
-    correct_output(prepared, calib, unet, num_groups=3, gain=True)
+    correct_output(prepared, calib, unet, num_groups=3, gain=True, input_term=True)  # every candidate offered
     report = qdiff_ao.graph_info(prepared).bias_correction
     assert report["method"] == "timestep_groups" and len(report["groups"]) == 3
     module = getattr(prepared, OUTPUT_CORRECTION)
     assert module.gain is not None
+    assert (module.input_gain is not None) == any(row["kind"] == "input" for row in report["groups"])
     for g, row in enumerate(report["groups"]):
-        # the held-back winner among none / offset / gain; "none" wins ties
-        assert row["mse_after"] == min(row["mse_before"], row["mse_offset"], row["mse_gain"])
+        # the held-back winner among none / offset / gain / input; "none" wins ties
+        assert row["mse_after"] == min(row["mse_before"], row["mse_offset"], row["mse_gain"], row["mse_input"])
         assert row["kept"] == (row["mse_after"] < row["mse_before"]) == (row["kind"] != "none")
         assert bool(module.bias[g].abs().sum() > 0) == row["kept"]
-        assert bool((module.gain[g] != 1).any()) == (row["kind"] == "gain")
+        assert bool((module.gain[g] != 1).any()) == (row["kind"] in ("gain", "input"))
+        if module.input_gain is not None:
+            assert bool((module.input_gain[g] != 0).any()) == (row["kind"] == "input")
     assert report["boundaries"] == sorted(report["boundaries"])
 
 
-def test_offsets_only_correction_has_no_gain_buffer_and_ignores_the_gain_candidate() -> None:
+def test_offsets_only_correction_has_no_gain_buffers_and_ignores_the_other_candidates() -> None:
     calib = _calibration_over_steps()
     unet, prepared = _prepared(calib, qdiff_ao.QuantConfig())
     correct_output(prepared, calib, unet, num_groups=3)  # the default: offsets only
     module = getattr(prepared, OUTPUT_CORRECTION)
     assert module.gain is None and "gain" not in dict(module.named_buffers())
+    assert module.input_gain is None and "input_gain" not in dict(module.named_buffers())
     for row in qdiff_ao.graph_info(prepared).bias_correction["groups"]:
-        assert row["kind"] in ("none", "offset") and row["mse_gain"] is None
+        assert row["kind"] in ("none", "offset") and row["mse_gain"] is None and row["mse_input"] is None
+
+
+@torch.no_grad()
+def test_input_term_is_offered_and_lowered_as_a_y_plus_c_x_minus_b() -> None:
+    """``input_term=True`` offers ``a y + c x - b`` in every group (in = out channels); a correction with input gains
+    reads the graph's ``sample`` input and computes exactly that formula of the uncorrected output ``y``."""
+    from qdiff_ao.passes.output_correction import add_output_correction
+    from qdiff_ao.quantizers.simulation import output_tensor
+
+    calib = _calibration_over_steps()
+    unet, prepared = _prepared(calib, qdiff_ao.QuantConfig())
+    plain = copy.deepcopy(prepared)
+    correct_output(prepared, calib, unet, num_groups=3, input_term=True)
+    assert all(row["mse_input"] is not None for row in qdiff_ao.graph_info(prepared).bias_correction["groups"])
+    corrected = copy.deepcopy(plain)
+    channels = getattr(prepared, OUTPUT_CORRECTION).bias.shape[1]
+    module = add_output_correction(corrected, 3, channels, gain=True, input_gain=True)
+    module.boundaries.copy_(torch.tensor([300.0, 800.0]))
+    module.gain.copy_(torch.tensor([0.9, 1.0, 1.1]).view(3, 1).expand(3, channels))
+    module.input_gain.copy_(torch.tensor([0.0, 0.1, 0.2]).view(3, 1).expand(3, channels))
+    module.bias.copy_(torch.tensor([0.5, -0.5, 0.25]).view(3, 1).expand(3, channels))
+    node = next(n for n in corrected.graph.nodes if n.op == "call_module" and n.target == OUTPUT_CORRECTION)
+    source = node.args[2]
+    while source.op != "placeholder":  # through the input guard
+        source = source.args[0]
+    assert source.target == "sample"
+    for t, g in ((900, 2), (500, 1), (100, 0)):
+        inputs = unet_inputs(3, t=t, seed=9)
+        y, out = output_tensor(plain(**inputs)), output_tensor(corrected(**inputs))
+        expected = module.gain[g, 0] * y + module.input_gain[g, 0] * inputs["sample"] - module.bias[g, 0]
+        assert torch.allclose(out, expected, atol=1e-5)
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.floats(0.5, 1.5), st.floats(-1, 1), st.integers(0, 2**16))
-def test_fit_recovers_a_planted_gain_and_offset(gain: float, offset: float, seed: int) -> None:
-    """y_q = (y_fp - d) / a  =>  the fit returns a and b = -d, so a * y_q - b = y_fp exactly."""
+@given(st.floats(0.5, 1.5), st.floats(-0.5, 0.5), st.floats(-1, 1), st.integers(0, 2**16))
+def test_fit_recovers_a_planted_correction(gain: float, input_gain: float, offset: float, seed: int) -> None:
+    """y_fp = a y_q + c x + d exactly  =>  the input fit returns (a, c, -d), and with c = 0 the gain fit returns
+    (a, 0, -d); the offset candidate is the mean difference."""
     from qdiff_ao.passes.output_correction import _channel_moments, _fit
 
     g = torch.Generator().manual_seed(seed)
-    y_fp = torch.randn(6, 2, 4, 4, generator=g, dtype=torch.float64)
-    y_q = (y_fp - offset) / gain
-    b_offset, a, b = _fit(_channel_moments(y_q, y_fp))
-    assert torch.allclose(a, torch.full((2,), gain, dtype=torch.float64), rtol=1e-6)
+    y_q = torch.randn(6, 2, 4, 4, generator=g, dtype=torch.float64)
+    x = torch.randn(6, 2, 4, 4, generator=g, dtype=torch.float64)
+    y_fp = gain * y_q + input_gain * x + offset
+    a, c, b = _fit(_channel_moments(y_q, y_fp, x))["input"]
+    for got, want in ((a, gain), (c, input_gain), (b, -offset)):
+        assert torch.allclose(got, torch.full((2,), want, dtype=torch.float64), atol=1e-6)
+    a, c, b = _fit(_channel_moments(y_q, gain * y_q + offset, None))["gain"]
+    assert torch.allclose(a, torch.full((2,), gain, dtype=torch.float64), atol=1e-6)
+    assert torch.equal(c, torch.zeros(2, dtype=torch.float64))
     assert torch.allclose(b, torch.full((2,), -offset, dtype=torch.float64), atol=1e-6)
+    _, _, b_offset = _fit(_channel_moments(y_q, y_fp, x))["offset"]
     assert torch.allclose(b_offset, (y_q - y_fp).mean(dim=(0, 2, 3)), atol=1e-9)
-    constant = _fit(_channel_moments(torch.ones_like(y_fp), y_fp))[1]  # q without variance: gain 1, not inf
-    assert torch.equal(constant, torch.ones(2, dtype=torch.float64))
+    # a regressor without variance keeps its neutral coefficient instead of an arbitrary one
+    a, c, _ = _fit(_channel_moments(torch.ones_like(y_fp), y_fp, torch.zeros_like(x)))["input"]
+    assert torch.equal(a, torch.ones(2, dtype=torch.float64)) and torch.equal(c, torch.zeros(2, dtype=torch.float64))
 
 
 def test_gain_correction_commutes_with_the_guided_combination() -> None:
@@ -281,13 +325,44 @@ def test_offsets_only_checkpoint_keeps_the_layout_without_gains(tmp_path: Path) 
     """Checkpoints written before gains existed have no gain tensor and no "gain" record; that layout stays."""
     calib = _calibration_over_steps()
     unet, prepared = _prepared(calib, qdiff_ao.QuantConfig())
-    correct_output(prepared, calib, unet, num_groups=3, gain=False)
+    correct_output(prepared, calib, unet, num_groups=3, gain=False, input_term=False)
     qunet = qdiff_ao.QuantizedUNet(qdiff_ao.convert(prepared), like=unet)
     qunet.save_pretrained(tmp_path / "ckpt")
-    assert '"gain"' not in (tmp_path / "ckpt" / "config.json").read_text()
+    body = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert "gain" not in body["output_correction"] and "input_gain" not in body["output_correction"]
+    assert body["format_version"] == 1
     loaded = qdiff_ao.QuantizedUNet.from_pretrained(tmp_path / "ckpt")
     x = unet_inputs(2, t=10)
     assert torch.equal(loaded(**x).sample, qunet(**x).sample)
+
+
+@torch.no_grad()
+def test_input_gains_round_trip_through_a_version_3_checkpoint(tmp_path: Path) -> None:
+    """Input gains are recorded (``output_correction.input_gain``) in a format version 3 checkpoint, which older
+    readers refuse instead of rebuilding the graph without them; this reader restores them bit for bit."""
+    from qdiff_ao.passes.output_correction import add_output_correction
+
+    calib = _calibration_over_steps()
+    unet, prepared = _prepared(calib, qdiff_ao.QuantConfig())
+    channels = unet.config.out_channels
+    module = add_output_correction(prepared, 2, channels, gain=True, input_gain=True)
+    module.boundaries.fill_(500.0)
+    module.gain.fill_(0.8)
+    module.input_gain.copy_(torch.tensor([[0.0], [0.2]]).expand(2, channels))
+    zeroed = copy.deepcopy(prepared)  # convert works in place
+    getattr(zeroed, OUTPUT_CORRECTION).input_gain.zero_()
+    without = qdiff_ao.QuantizedUNet(qdiff_ao.convert(zeroed), like=unet)
+    qunet = qdiff_ao.QuantizedUNet(qdiff_ao.convert(prepared), like=unet)
+    qunet.save_pretrained(tmp_path / "ckpt")
+    body = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert body["output_correction"]["input_gain"] is True and body["format_version"] == 3
+    loaded = qdiff_ao.QuantizedUNet.from_pretrained(tmp_path / "ckpt")
+    for t in (10, 950):
+        x = unet_inputs(2, t=t)
+        assert torch.equal(loaded(**x).sample, qunet(**x).sample)
+    for t, c in ((950, 0.2), (10, 0.0)):  # the input term of each group, against the same graph without it
+        x = unet_inputs(2, t=t)
+        assert torch.allclose(loaded(**x).sample - without(**x).sample, c * x["sample"], atol=1e-5)
 
 
 def test_output_correction_needs_two_rows_per_timestep() -> None:

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the mean quantization error of the noise prediction (see passes.correct_output)")
     q.add_argument("--correction-gain", action="store_true",
                    help="let the output correction take PTQD gains as well as offsets (see passes.correct_output)")
+    q.add_argument("--correction-input", action="store_true",
+                   help="let the output correction take the linear estimate from the quantized output and the "
+                   "UNet's input (a y + c x - b) where held-back rows prefer it (see passes.correct_output)")
     q.add_argument("--timestep-groups", type=int, default=4, metavar="G",
                    help="offer G groups of calibration timesteps their own activation grids, kept where held-back "
                    "rows say they help (see passes.choose_timestep_groups; default 4); 1 = one grid")

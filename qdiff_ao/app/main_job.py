@@ -196,7 +196,7 @@ def _quantize(args: argparse.Namespace, source: ModelSource, cfg: QuantConfig, t
             num_inference_steps=args.calibration_steps, num_timesteps=args.calibration_timesteps,
             samples_per_timestep=args.samples_per_timestep, calibration_strategy=args.calibration_strategy,
             split=not args.no_split, reconstruct=args.recon_iters != 0, bias_correction=not args.no_bias_correction,
-            correction_gain=args.correction_gain,
+            correction_gain=args.correction_gain, correction_input=args.correction_input,
             timestep_groups=args.timestep_groups,
             precision_fallback=not args.no_precision_fallback, seed=args.seed, progress=not args.quiet,
             on_prepared=on_prepared, **(text.collect_kwargs() if text is not None else {}),
@@ -341,9 +341,10 @@ def _markdown(r: dict[str, Any]) -> str:
                   f"{fallback.get('rounds', 1)} measurement rounds).", ""]
     correction = r.get("output_correction")
     if correction is not None and correction.get("method") == "timestep_groups":
-        gains = sum(1 for g in correction["groups"] if g.get("kind") == "gain")
+        kinds = [g.get("kind") for g in correction["groups"]]
         lines += [f"Output correction: {correction['num_groups_kept']} of {len(correction['groups'])} timestep "
-                  f"groups kept, {gains} of them with a gain (each only where it lowers the error on held-back "
+                  f"groups kept, {kinds.count('gain')} of them with a gain and {kinds.count('input')} with the "
+                  "estimate from the output and the input (each only where it lowers the error on held-back "
                   "calibration rows).", ""]
     groups = r.get("timestep_groups")
     if groups is not None:

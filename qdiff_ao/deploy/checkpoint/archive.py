@@ -145,7 +145,7 @@ def save_graph(
         config["_use_default_values"] = sorted(config["_use_default_values"])
     body = {
         "format": FORMAT,
-        "format_version": 1,  # 2 only with timestep groups (below): older readers keep reading the rest
+        "format_version": 1,  # 2 with timestep groups, 3 with input gains (below): older readers keep reading the rest
         "library": _library_versions(),
         "unet_class": str(info.trace.model_class or config.get("_class_name")),
         "unet_config": config,
@@ -162,15 +162,19 @@ def save_graph(
                                      "channels": int(correction.bias.shape[1])}
         if correction.gain is not None:  # recorded only with gains: checkpoints without them read as before
             body["output_correction"]["gain"] = True
+        if correction.input_gain is not None:  # version 3: an older reader would rebuild the graph without them
+            body["output_correction"]["input_gain"] = True
     groups = lowered_groups_of(gm)
     if groups is not None and groups.lowered is not None:
-        body["format_version"] = FORMAT_VERSION
+        body["format_version"] = 2
         body["timestep_groups"] = {"boundaries": [float(b) for b in groups.boundaries],
                                    "entries": [sorted(e) for e in groups.lowered]}
         tensors = dict(tensors)
         for g, entries in enumerate(groups.lowered):
             tensors.update({f"{_GROUP_PREFIX}{g}.{k}": v.contiguous() for k, v in entries.items()})
         body["num_tensors"] = len(tensors)
+    if correction is not None and correction.input_gain is not None:
+        body["format_version"] = FORMAT_VERSION
     return write_checkpoint(path, body, tensors, overwrite=overwrite)
 
 
@@ -294,11 +298,13 @@ def _rebuild(
                 ):
                     raise CheckpointError(f"{where}: field 'output_correction' must hold positive integers "
                                           f"num_groups and channels, got {correction!r}")
-                if not isinstance(correction.get("gain", False), bool):
-                    raise CheckpointError(f"{where}: field 'output_correction.gain' must be true or false, got "
-                                          f"{correction['gain']!r}")
+                for flag in ("gain", "input_gain"):
+                    if not isinstance(correction.get(flag, False), bool):
+                        raise CheckpointError(f"{where}: field 'output_correction.{flag}' must be true or false, "
+                                              f"got {correction[flag]!r}")
                 add_output_correction(prepared, correction["num_groups"], correction["channels"],
-                                      gain=correction.get("gain", False))
+                                      gain=correction.get("gain", False),
+                                      input_gain=correction.get("input_gain", False))
             with torch.no_grad():
                 prepared(**inputs)
             quantized = _BACKEND.convert(prepared)
