@@ -13,7 +13,8 @@ Rows (each skipped, with a note, when its package is missing):
 * ONNX Runtime INT8 on our Q/DQ export (the default W4A8 configuration);
 * ours, W4A8 with the default quantized attention and with float attention (``quantize_attention=False``), each
   on fbgemm (``QuantizedUNet.optimize_for_inference()``, frozen TorchScript) and on OpenVINO
-  (``optimize_for_inference(backend="openvino")``).
+  (``optimize_for_inference(backend="openvino")``); and on OpenVINO the quantized attention with symmetric Q, K, V
+  (``attention_symmetric=True``), which OpenVINO runs in INT8 (the default affine ones it runs in f32).
 
 Calibration is plain (4 batches of 4 at timesteps 950/700/400/100, random weights except ``bundled``); speed does
 not depend on the quality of the qparams. Ratios: median over rounds of FP32_time / variant_time, every variant
@@ -111,20 +112,26 @@ def build(unet: torch.nn.Module, workdir: Path, threads: int, compile_fp32: bool
     else:
         notes.append("openvino missing: its rows skipped (pip install 'qdiff_ao[openvino]')")
     like = unet
-    for label, quantize_attention in (("default, quantized attention", True), ("float attention", False)):
-        cfg = qdiff_ao.QuantConfig(weight_bits=4, act_bits=8, quantize_attention=quantize_attention)
+    variants = (("default, quantized attention", {}), ("float attention", {"quantize_attention": False}),
+                ("quantized attention, symmetric Q/K/V", {"attention_symmetric": True}))
+    for label, kwargs in variants:
+        quantize_attention = kwargs.get("quantize_attention", True)
+        affine = not kwargs.get("attention_symmetric", False)
+        cfg = qdiff_ao.QuantConfig(weight_bits=4, act_bits=8, **kwargs)
         gm = quantize_plain(unet, cfg, calib)
-        if quantize_attention and _have("onnxruntime"):
+        if quantize_attention and affine and _have("onnxruntime"):
             path = workdir / "ours.onnx"
             qdiff_ao.export_onnx(gm, path, calib[0])
             rows["ONNX Runtime INT8 on our export"] = ort_runner(path, threads)
-        fb = qdiff_ao.QuantizedUNet(gm, like=like).eval().optimize_for_inference()
-        rows[f"ours W4A8 {label}, fbgemm"] = lambda x, m=fb: m(**x).sample
+        if affine:  # the symmetric variant only matters to OpenVINO (fbgemm runs attention matmuls in float)
+            fb = qdiff_ao.QuantizedUNet(gm, like=like).eval().optimize_for_inference()
+            rows[f"ours W4A8 {label}, fbgemm"] = lambda x, m=fb: m(**x).sample
         if _have("openvino"):
             ovm = qdiff_ao.QuantizedUNet(gm, like=like).eval().optimize_for_inference(backend="openvino",
                                                                                        threads=threads)
             rows[f"ours W4A8 {label}, OpenVINO"] = lambda x, m=ovm: m(**x).sample
             if quantize_attention:
+                print(f"[{label}]", end=" ")
                 _print_int8_census(ovm._frozen[0], unet)
     return rows, "; ".join(notes)
 

@@ -36,7 +36,9 @@ from tests.unet_factory import build_unet, unet_inputs
 GOLDEN_FILE = Path(__file__).parent / "golden" / "golden.json"
 FAMILIES = ("attn", "class_embeds", "cross_attn", "attn+timestep_groups")
 """The first three pin the recipe with one activation grid (``timestep_groups=1``: their values were recorded
-before timestep groups existed, on AVX2 and AVX-512); ``+timestep_groups`` pins the default recipe with 4 groups."""
+before timestep groups existed, on AVX2 and AVX-512); ``+timestep_groups`` pins the default recipe with 4 groups.
+(2026-12-04: the opt-in ``attention_symmetric`` and ``correct_output(input_term=True)`` left these values as they
+were: default checkpoints record neither.)"""
 _TIMESTEPS = (900, 600, 300, 50)
 
 

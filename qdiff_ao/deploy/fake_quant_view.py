@@ -31,6 +31,7 @@ from torch import fx, nn
 from qdiff_ao._compat import ObserverBase
 from qdiff_ao.capture.graph_state import graph_info, has_graph_info
 from qdiff_ao.observers.base import CONTAINER_RANGES
+from qdiff_ao.passes.attention_operands import mark_signed_attention_operands
 from qdiff_ao.quantizers.qdq import ActivationQDQ, WeightQDQ
 from qdiff_ao.quantizers.qparams import QParams
 from qdiff_ao.quantizers.reference import ClampedReferenceConv2d, ClampedReferenceLinear
@@ -170,4 +171,5 @@ def fake_quant_view(converted: fx.GraphModule) -> fx.GraphModule:
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
+    mark_signed_attention_operands(gm)
     return gm.eval()

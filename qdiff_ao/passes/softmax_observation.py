@@ -25,6 +25,7 @@ from qdiff_ao.capture.graph_state import graph_info, has_graph_info, update_grap
 from qdiff_ao.config import QuantConfig
 from qdiff_ao.observers.softmax import SoftmaxObserver
 from qdiff_ao.observers.timestep import TimestepAwareObserver
+from qdiff_ao.passes.attention_operands import symmetric_attention_operands
 from qdiff_ao.qconfig import softmax_observer
 from qdiff_ao.quantizers.fixed import FixedFakeQuantize
 from qdiff_ao.quantizers.qparams import activation_qparams
@@ -58,7 +59,9 @@ def observe_softmax(prepared: fx.GraphModule, cfg: QuantConfig) -> fx.GraphModul
 
     Also records ``cfg`` as the graph's QuantConfig (``graph_info(prepared).config``): on the raw torch.ao path
     (``prepare_fx`` with ``get_qconfig_mapping(cfg)``) this pass is where the graph learns its config. Inserts
-    nothing when ``cfg.act_bits`` is None or ``cfg.quantize_attention`` is False.
+    nothing when ``cfg.act_bits`` is None or ``cfg.quantize_attention`` is False. With
+    ``cfg.attention_symmetric`` it also gives Q, K and V symmetric observers
+    (:func:`~qdiff_ao.passes.attention_operands.symmetric_attention_operands`), so both paths build the same graph.
     """
     if not isinstance(cfg, QuantConfig):
         raise TypeError(f"cfg must be a qdiff_ao.QuantConfig, got {type(cfg).__name__}")
@@ -85,6 +88,8 @@ def observe_softmax(prepared: fx.GraphModule, cfg: QuantConfig) -> fx.GraphModul
         graph.lint()
         prepared.recompile()
         update_graph_info(prepared, softmax_observers=(*info.softmax_observers, *names))
+    if cfg.attention_symmetric:  # the other operands of the attention matmuls: Q, K, V
+        symmetric_attention_operands(prepared, cfg)
     return prepared
 
 

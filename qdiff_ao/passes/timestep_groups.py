@@ -36,6 +36,7 @@ from torch import fx
 from qdiff_ao.calibration.calibration_set import CalibrationSet
 from qdiff_ao.calibration.sampler_view import RowGroup, timestep_rows
 from qdiff_ao.capture.graph_state import graph_info, update_graph_info
+from qdiff_ao.passes.attention_operands import is_symmetric_observer
 from qdiff_ao.quantizers.adaround import LearnedStepQuant
 from qdiff_ao.quantizers.simulation import Simulation, build_simulation
 from qdiff_ao.quantizers.timestep_grids import (
@@ -159,7 +160,8 @@ def choose_timestep_groups(
         full = (min(v[0] for v in r.values()), max(v[1] for v in r.values()))
         for gi, ts in enumerate(groups):
             group_range = (min(r[t][0] for t in ts), max(r[t][1] for t in ts))
-            group_grids[name][gi] = mapped_grid(grid, full, group_range, q.quant_min, q.quant_max)
+            group_grids[name][gi] = mapped_grid(grid, full, group_range, q.quant_min, q.quant_max,
+                                                symmetric=is_symmetric_observer(prepared.get_submodule(name)))
     report_groups = []
     for gi, ts in enumerate(groups):
         for name in names:  # only group gi differs from the single grids while it is measured

@@ -24,6 +24,9 @@ __all__ = ["ActivationQDQ", "WeightQDQ"]
 class ActivationQDQ(nn.Module):
     """x -> fake_quantize_per_tensor_affine(clamp(x, lo, hi), s, z, container range); exports as [Clip] Q DQ.
 
+    ``signed = True`` (set by ``passes.attention_operands.mark_signed_attention_operands`` on Q, K, V) writes a
+    uint8 grid with zero point 128 in its INT8 form with zero point 0 -- the same numbers.
+
     ``lo = (quant_min - z) * s`` and ``hi = (quant_max - z) * s`` keep codes inside a range narrower than the
     container; the clamp is omitted when the range is the full container.
     """
@@ -37,6 +40,7 @@ class ActivationQDQ(nn.Module):
         self.register_buffer("scale", scale.detach().reshape(()).float().clone())
         self.register_buffer("zero_point", zero_point.detach().reshape(()).to(torch.int32).clone())
         self.container = container
+        self.signed = False  # export a symmetric uint8 grid (zero point 128) in its INT8 form: see forward
         self.clip: tuple[float, float] | None = None
         if (quant_min, quant_max) != container:
             s, z = float(self.scale), int(self.zero_point)
@@ -45,6 +49,11 @@ class ActivationQDQ(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.clip is not None:
             x = torch.clamp(x, self.clip[0], self.clip[1])
+        if self.signed and self.container == (0, 255) and int(self.zero_point) == 128:
+            # a symmetric uint8 grid, written as the same numbers in INT8 with zero point 0:
+            # (clamp(round(x/s) + 128, 0, 255) - 128) s == clamp(round(x/s), -128, 127) s. OpenVINO runs a matmul
+            # of two activations in INT8 only with such operands; convs keep uint8 (ORT's integer conv wants it).
+            return torch.fake_quantize_per_tensor_affine(x, self.scale, torch.zeros_like(self.zero_point), -128, 127)
         return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, *self.container)
 
 
@@ -101,3 +110,4 @@ class WeightQDQ(nn.Module):
         if isinstance(self.layer, nn.Conv2d):
             return self.layer._conv_forward(x, w, self.bias)
         return F.linear(x, w, self.bias)
+

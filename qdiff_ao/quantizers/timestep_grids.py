@@ -45,16 +45,28 @@ def group_boundaries(groups: Sequence[Sequence[float]]) -> list[float]:
 
 def mapped_grid(
     grid: tuple[float, float], full_range: tuple[float, float], group_range: tuple[float, float],
-    quant_min: int, quant_max: int,
+    quant_min: int, quant_max: int, *, symmetric: bool = False,
 ) -> tuple[float, int]:
     """``(s_g, z_g)``: the grid ``[L, U]`` chosen on ``full_range`` ``[m, M]``, mapped onto ``group_range`` (module
     docstring). A group whose range is a point keeps a step of ``1e-8`` (its values all map to one code).
 
+    ``symmetric=True`` (a symmetric quantizer, e.g. attention's Q, K, V) keeps the grid's zero point and scales its
+    step by the ratio of absolute ranges, ``s_g = s max(|m_g|, |M_g|) / max(|m|, |M|)``, so the group grid stays
+    symmetric (and exports as INT8 with zero point 0 like the single grid).
+
     Example:
         >>> mapped_grid((0.0, 2.0), (0.0, 4.0), (0.0, 1.0), 0, 255)   # half the range clipped: kept per group
         (0.00196078431372549, 0)
+        >>> s, z = mapped_grid((-1.28, 1.27), (-3.0, 2.0), (-1.5, 0.5), 0, 255, symmetric=True)   # step halved
+        >>> round(s, 9), z
+        (0.005, 128)
     """
     (lo, hi), (m, big_m), (mg, big_mg) = grid, full_range, group_range
+    if symmetric:
+        s = (hi - lo) / (quant_max - quant_min)
+        zero = min(max(round(quant_min - lo / s), quant_min), quant_max)
+        k_abs = max(abs(mg), abs(big_mg)) / max(abs(m), abs(big_m), 1e-12)
+        return max(s * k_abs, 1e-8), int(zero)
     k = (big_mg - mg) / max(big_m - m, 1e-12)
     lo_g = 0.0 if m >= 0 else mg + (lo - m) * k
     hi_g = mg + (hi - m) * k

@@ -100,6 +100,15 @@ def _trace_record(info: TraceInfo) -> dict[str, Any]:
     }
 
 
+def _config_record(cfg: Any) -> dict[str, Any]:
+    """The QuantConfig as recorded: ``attention_symmetric`` only when set (``QuantConfig.from_dict`` reads its
+    absence as ``False``), so checkpoints without it stay byte-identical to those written before it existed."""
+    record = cfg.to_dict()
+    if not record.get("attention_symmetric"):
+        record.pop("attention_symmetric", None)
+    return record
+
+
 def save_graph(
     gm: fx.GraphModule,
     path: str | os.PathLike[str],
@@ -149,7 +158,7 @@ def save_graph(
         "library": _library_versions(),
         "unet_class": str(info.trace.model_class or config.get("_class_name")),
         "unet_config": config,
-        "quant_config": _jsonable(info.config.to_dict(), "quant_config"),
+        "quant_config": _jsonable(_config_record(info.config), "quant_config"),
         "trace": _trace_record(info.trace),
         "split_shortcut": info.splits is not None,
         "splits": _jsonable([r.to_dict() for r in info.splits or ()], "splits"),

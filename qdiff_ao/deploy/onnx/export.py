@@ -62,6 +62,7 @@ from qdiff_ao.deploy.onnx.graph_edit import quantize_biases
 from qdiff_ao.deploy.onnx.integer_math import cast_integer_math_inputs
 from qdiff_ao.deploy.timestep_dispatch import converted_for_group, prepared_for_group
 from qdiff_ao.observers.base import CONTAINER_RANGES
+from qdiff_ao.passes.attention_operands import mark_signed_attention_operands
 from qdiff_ao.quantizers.fixed import FixedFakeQuantize
 from qdiff_ao.quantizers.qdq import ActivationQDQ, WeightQDQ
 from qdiff_ao.quantizers.qparams import activation_qparams, weight_qparams
@@ -167,6 +168,7 @@ def to_fake_quant_graph(
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
+    mark_signed_attention_operands(gm)
     return gm, counts
 
 

@@ -1,0 +1,127 @@
+"""Symmetric quantizers for attention's Q, K and V, so the attention matmuls have no zero-point terms.
+
+In ``softmax(Q K^T / sqrt(d)) V`` both operands of each matmul are activations. With affine quantizers
+(``x ~ s (q - z)``) an integer matmul needs the zero-point corrections ``z_K sum(q_Q) + z_Q sum(q_K) - n z_Q z_K``
+on top of ``sum(q_Q q_K)``, and inference engines that run attention in INT8 do not take them: OpenVINO's CPU plugin
+keeps a matmul of two activations in f32 unless its second operand is signed INT8 with zero point 0 and its first
+has no zero point either (its low-precision MatMul rule; NNCF quantizes such matmul inputs symmetrically for the
+same reason). Q, K and V of a trained model are projections of normalised hidden states and spread roughly
+evenly around 0, so a symmetric grid costs them little.
+
+The pass finds, for each operand of an attention matmul, the activation observer it reads (walking up through
+the head reshapes, transposes and the ``1/sqrt(d)`` scaling, which the torch.ao graph does not observe) and
+replaces it by the symmetric version of the same observer (``QuantConfig(act_symmetric=True)``): uint8 codes with
+zero point 128, i.e. ``x ~ s (q - 128)``, which the ONNX export writes as INT8 with zero point 0 (the same
+numbers). The softmax output (the probabilities, unsigned with zero point 0) is left as it is.
+
+Run on a freshly prepared graph, before calibration (the new observers start empty).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Callable
+from typing import Any, cast
+
+import torch
+from torch import fx, nn
+
+from qdiff_ao._compat import ObserverBase
+from qdiff_ao.config import QuantConfig
+from qdiff_ao.observers.softmax import SoftmaxObserver
+from qdiff_ao.observers.timestep import TimestepAwareObserver
+from qdiff_ao.qconfig import activation_observer
+from qdiff_ao.quantizers.qdq import ActivationQDQ
+
+__all__ = ["attention_operand_observers", "attention_operand_quantizers", "is_symmetric_observer",
+           "mark_signed_attention_operands", "symmetric_attention_operands"]
+
+_MATMULS = (torch.matmul, torch.bmm, operator.matmul)
+_SHAPE_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten", "to"}
+_SHAPE_FUNCTIONS = (torch.transpose, torch.reshape, torch.permute, torch.flatten)
+_SYMMETRIC = (torch.per_tensor_symmetric, torch.per_channel_symmetric)
+
+
+def is_symmetric_observer(module: nn.Module) -> bool:
+    """True for an observer (possibly timestep-aware) with a symmetric qscheme."""
+    if isinstance(module, TimestepAwareObserver):
+        module = module.base
+    return getattr(module, "qscheme", None) in _SYMMETRIC
+
+
+def _is_scalar_scaling(node: fx.Node) -> bool:
+    if node.op != "call_function" or node.target not in (operator.mul, torch.mul, operator.truediv, torch.div):
+        return False
+    return isinstance(node.args[1], (int, float)) or isinstance(node.args[0], (int, float))
+
+
+def _quantizer_above(gm: fx.GraphModule, node: fx.Node, is_quantizer: Callable[[nn.Module], bool]) -> str | None:
+    """The quantizer module ``node`` reads through shape ops and scalar scalings, or None."""
+    cur: Any = node
+    while isinstance(cur, fx.Node):
+        if cur.op == "call_module":
+            return str(cur.target) if is_quantizer(gm.get_submodule(str(cur.target))) else None
+        if (cur.op == "call_method" and cur.target in _SHAPE_METHODS) or (
+            cur.op == "call_function" and cur.target in _SHAPE_FUNCTIONS
+        ):
+            cur = cur.args[0]
+        elif _is_scalar_scaling(cur):
+            cur = cur.args[0] if isinstance(cur.args[0], fx.Node) else cur.args[1]
+        else:
+            return None
+    return None
+
+
+def attention_operand_quantizers(gm: fx.GraphModule, is_quantizer: Callable[[nn.Module], bool]) -> list[str]:
+    """Names of the quantizer modules (``is_quantizer``) whose outputs are both operands of a matmul between two
+    activations (Q, K, V and the softmax output of attention), in graph order, without repeats."""
+    names: list[str] = []
+    for node in gm.graph.nodes:
+        if not (node.op == "call_function" and node.target in _MATMULS) and not (
+            node.op == "call_method" and node.target in ("matmul", "bmm")
+        ):
+            continue
+        operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+        found = [_quantizer_above(gm, a, is_quantizer) for a in operands]
+        if len(operands) == 2 and all(found):
+            names += [n for n in found if n is not None and n not in names]
+    return names
+
+
+def attention_operand_observers(gm: fx.GraphModule) -> list[str]:
+    """The observers of a prepared graph that quantize attention matmul operands (see
+    :func:`attention_operand_quantizers`)."""
+    return attention_operand_quantizers(gm, lambda m: isinstance(m, ObserverBase))
+
+
+def symmetric_attention_operands(prepared: fx.GraphModule, cfg: QuantConfig) -> list[str]:
+    """Replace the observers of attention's Q, K and V by symmetric ones (module docstring); returns their names.
+
+    Softmax observers (unsigned probabilities) and observers that are already symmetric are left alone; nothing
+    changes when ``cfg.act_bits`` is None or attention is not quantized. Idempotent.
+    """
+    if cfg.act_bits is None or not cfg.quantize_attention:
+        return []
+    factory = activation_observer(dataclasses.replace(cfg, act_symmetric=True))
+    replaced = []
+    for name in attention_operand_observers(prepared):
+        module = prepared.get_submodule(name)
+        base = module.base if isinstance(module, TimestepAwareObserver) else module
+        if isinstance(base, SoftmaxObserver) or is_symmetric_observer(module):  # probabilities keep their grid
+            continue
+        new = factory()
+        device = next((b.device for b in module.buffers()), None)
+        prepared.add_submodule(name, new if device is None else new.to(device))
+        replaced.append(name)
+    return replaced
+
+
+def mark_signed_attention_operands(gm: fx.GraphModule) -> list[str]:
+    """Set ``signed`` on the :class:`~qdiff_ao.quantizers.qdq.ActivationQDQ` modules of an export view that quantize
+    attention matmul operands, so the symmetric ones (zero point 128) are written in their INT8 zero-point-0 form;
+    returns their names. The softmax output (zero point 0) and affine grids keep their uint8 form."""
+    names = attention_operand_quantizers(gm, lambda m: isinstance(m, ActivationQDQ))
+    for name in names:
+        cast(ActivationQDQ, gm.get_submodule(name)).signed = True
+    return names

@@ -1,0 +1,122 @@
+"""Symmetric Q, K, V quantizers (``passes.symmetric_attention_operands``) and their INT8 export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import qdiff_ao
+from qdiff_ao.passes.attention_operands import attention_operand_observers, is_symmetric_observer
+from qdiff_ao.passes.softmax_observation import is_softmax_observer
+from qdiff_ao.quantizers.qdq import ActivationQDQ
+from tests.unet_factory import build_unet, calibrated_unet, unet_inputs
+
+
+@pytest.mark.parametrize("family", ["attn", "cross_attn"])
+def test_attention_symmetric_gives_q_k_v_symmetric_observers_and_leaves_the_rest(family: str) -> None:
+    cfg = qdiff_ao.QuantConfig(attention_symmetric=True)
+    prepared = qdiff_ao.prepare(build_unet(family), cfg, unet_inputs(family, 2))
+    operands = attention_operand_observers(prepared)
+    softmax = [n for n in operands if is_softmax_observer(prepared.get_submodule(n))]
+    qkv = [n for n in operands if n not in softmax]
+    assert softmax and len(qkv) == 3 * len(softmax)  # Q, K, V per attention
+    assert all(is_symmetric_observer(prepared.get_submodule(n)) for n in qkv)
+    assert not any(is_symmetric_observer(prepared.get_submodule(n)) for n in softmax)
+    others = [name for name, m in prepared.named_modules()
+              if name.startswith("activation_post_process") and "." not in name and name not in operands]
+    assert others and not any(is_symmetric_observer(prepared.get_submodule(n)) for n in others)
+
+
+def test_default_keeps_affine_q_k_v_and_configs_without_the_field_read_as_false() -> None:
+    cfg = qdiff_ao.QuantConfig()
+    assert cfg.attention_symmetric is False
+    prepared = qdiff_ao.prepare(build_unet("attn"), cfg, unet_inputs("attn", 2))
+    assert not any(is_symmetric_observer(prepared.get_submodule(n)) for n in attention_operand_observers(prepared))
+    recorded = qdiff_ao.QuantConfig(attention_symmetric=True).to_dict()
+    del recorded["attention_symmetric"]  # a checkpoint written before the field existed
+    assert qdiff_ao.QuantConfig.from_dict(recorded).attention_symmetric is False
+    with pytest.raises(ValueError, match="attention_symmetric"):
+        qdiff_ao.QuantConfig(attention_symmetric="yes")  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def test_q_k_v_have_zero_point_128_and_only_they_export_as_int8_with_zero_point_0(tmp_path) -> None:
+    onnx = pytest.importorskip("onnx")
+
+    unet, prepared = calibrated_unet("attn", qdiff_ao.QuantConfig(attention_symmetric=True))
+    from qdiff_ao.deploy.fake_quant_view import fake_quant_view
+
+    converted = qdiff_ao.convert(prepared)
+    view = fake_quant_view(converted)
+    quantizers = [m for m in view.modules() if isinstance(m, ActivationQDQ)]
+    signed = [m for m in quantizers if m.signed]
+    assert len(signed) == 4 * 4 and sum(int(m.zero_point) == 128 for m in signed) == 3 * 4  # Q, K, V; softmax: 0
+    int8_form = [m for m in signed if int(m.zero_point) == 128]
+    path = tmp_path / "m.onnx"
+    qdiff_ao.export_onnx(converted, path, unet_inputs("attn", 1))
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    weights = {i.name for i in model.graph.initializer}
+    dtypes = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.output)}
+    # activation quantizers (a weight's QuantizeLinear reads an initializer): their codes' ONNX type
+    codes = [dtypes.get(n.output[0]) for n in model.graph.node
+             if n.op_type == "QuantizeLinear" and n.input[0] not in weights]
+    assert codes.count(onnx.TensorProto.INT8) == len(int8_form)  # Q, K, V in the zero-point-0 INT8 form
+    # every other activation stays uint8, also one whose affine zero point happens to be 128 (ORT's integer
+    # conv takes uint8 inputs)
+    assert codes.count(onnx.TensorProto.UINT8) == len(quantizers) - len(int8_form)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.floats(1e-4, 1.0), st.lists(st.floats(-300, 300, allow_nan=False), min_size=1, max_size=32),
+       st.sampled_from([(0, 255), (1, 254), (64, 191)]))
+def test_symmetric_uint8_qdq_equals_its_int8_form(scale: float, values: list[float], qrange: tuple[int, int]) -> None:
+    """A uint8 grid with zero point 128 and its INT8 zero-point-0 form give the same numbers (clip included)."""
+    x = torch.tensor(values, dtype=torch.float32)
+    qdq = ActivationQDQ(torch.tensor(scale), torch.tensor(128), *qrange, (0, 255))
+    qdq.signed = True
+    lo, hi = qrange
+    s = float(qdq.scale)
+    uint8 = torch.fake_quantize_per_tensor_affine(torch.clamp(x, (lo - 128) * s, (hi - 128) * s), qdq.scale,
+                                                  qdq.zero_point, 0, 255)
+    assert torch.equal(qdq(x), uint8)
+
+
+@torch.no_grad()
+def test_openvino_runs_the_attention_matmuls_on_int8_operands() -> None:
+    """With symmetric Q, K, V OpenVINO fuses each attention into a subgraph with three INT8 inputs (Q, K, V);
+    with the default affine ones it does not."""
+    pytest.importorskip("openvino")
+    from qdiff_ao.deploy.openvino_runtime import OpenVINOGraph
+
+    def int8_attention_subgraphs(cfg: qdiff_ao.QuantConfig) -> int:
+        _, prepared = calibrated_unet("attn", cfg)
+        inputs = unet_inputs("attn", 2)
+        graph = OpenVINOGraph(qdiff_ao.convert(prepared), inputs, threads=1)
+        runtime = graph._request(inputs).get_compiled_model().get_runtime_model()
+        count = 0
+        for op in runtime.get_ordered_ops():
+            types = [str(op.input(i).get_element_type()) for i in range(op.get_input_size())]
+            if len(types) == 3 and all("int8" in t and "uint" not in t for t in types):
+                count += 1
+        return count
+
+    attentions = len([n for n in build_unet("attn").modules() if type(n).__name__ == "Attention"])
+    assert int8_attention_subgraphs(qdiff_ao.QuantConfig(attention_symmetric=True)) == attentions
+    assert int8_attention_subgraphs(qdiff_ao.QuantConfig()) == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.floats(1e-3, 10), st.floats(-20, 0), st.floats(0, 20), st.floats(0.01, 1), st.floats(0.01, 1))
+def test_group_grid_of_a_symmetric_quantizer_stays_symmetric(step: float, lo: float, hi: float, a: float,
+                                                              b: float) -> None:
+    """``mapped_grid(symmetric=True)`` keeps zero point 128 and scales the step by the ratio of absolute ranges."""
+    from qdiff_ao.quantizers.timestep_grids import mapped_grid
+
+    full = (lo - 1.0, hi + 1.0)
+    group = (full[0] * a, full[1] * b)
+    s_g, z_g = mapped_grid((step * -128, step * 127), full, group, 0, 255, symmetric=True)
+    assert z_g == 128
+    ratio = max(abs(group[0]), abs(group[1])) / max(abs(full[0]), abs(full[1]))
+    assert s_g == pytest.approx(max(step * ratio, 1e-8), rel=1e-9)
