@@ -69,7 +69,9 @@ __all__ = [
     "weight_observer",
 ]
 
-_MATMUL_TARGETS: tuple[Any, ...] = (torch.matmul, torch.bmm, operator.matmul, "matmul", "bmm")
+MATMUL_TARGETS: tuple[Any, ...] = (torch.matmul, torch.bmm, operator.matmul, "matmul", "bmm")
+"""The matmuls the BackendConfig declares (functions and method names); ``passes.attention_operands`` finds
+attention's operands from the same list."""
 
 
 def activation_observer(cfg: QuantConfig) -> Callable[[], ObserverBase]:
@@ -158,7 +160,7 @@ def get_backend_config(cfg: QuantConfig | None = None) -> BackendConfig:
         )
     if cfg.act_bits is not None and cfg.quantize_attention:
         matmul_in = DTypeConfig(input_dtype=torch.quint8, output_dtype=torch.float)
-        for target in _MATMUL_TARGETS:
+        for target in MATMUL_TARGETS:
             config.set_backend_pattern_config(
                 BackendPatternConfig(target).set_observation_type(use_input_obs).set_dtype_configs([matmul_in])
             )

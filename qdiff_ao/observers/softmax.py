@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from qdiff_ao.observers.minmax import RangeMinMaxObserver
+from qdiff_ao.observers.timestep import TimestepAwareObserver
 from qdiff_ao.primitives import qrange
 
-__all__ = ["SoftmaxObserver"]
+__all__ = ["SoftmaxObserver", "is_softmax_observer"]
 
 
 class SoftmaxObserver(RangeMinMaxObserver):
@@ -65,3 +66,11 @@ class SoftmaxObserver(RangeMinMaxObserver):
     def _min_max(self) -> tuple[torch.Tensor, torch.Tensor]:
         # The grid starts at 0 whatever the smallest probability seen, so zero_point is exactly 0.
         return torch.zeros_like(self.max_val).where(torch.isfinite(self.max_val), self.min_val), self.max_val
+
+
+def is_softmax_observer(module: torch.nn.Module) -> bool:
+    """True for a ``SoftmaxObserver``, possibly wrapped in a ``TimestepAwareObserver`` (the observers
+    ``passes.observe_softmax`` inserts)."""
+    if isinstance(module, TimestepAwareObserver):
+        module = module.base
+    return isinstance(module, SoftmaxObserver)

@@ -28,18 +28,16 @@ import torch
 from torch import fx, nn
 
 from qdiff_ao._compat import ObserverBase
+from qdiff_ao.capture.view_ops import is_view_op
 from qdiff_ao.config import QuantConfig
-from qdiff_ao.observers.softmax import SoftmaxObserver
+from qdiff_ao.observers.softmax import is_softmax_observer
 from qdiff_ao.observers.timestep import TimestepAwareObserver
-from qdiff_ao.qconfig import activation_observer
+from qdiff_ao.qconfig import MATMUL_TARGETS, activation_observer
 from qdiff_ao.quantizers.qdq import ActivationQDQ
 
 __all__ = ["attention_operand_observers", "attention_operand_quantizers", "is_symmetric_observer",
            "mark_signed_attention_operands", "symmetric_attention_operands"]
 
-_MATMULS = (torch.matmul, torch.bmm, operator.matmul)
-_SHAPE_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten", "to"}
-_SHAPE_FUNCTIONS = (torch.transpose, torch.reshape, torch.permute, torch.flatten)
 _SYMMETRIC = (torch.per_tensor_symmetric, torch.per_channel_symmetric)
 
 
@@ -62,9 +60,7 @@ def _quantizer_above(gm: fx.GraphModule, node: fx.Node, is_quantizer: Callable[[
     while isinstance(cur, fx.Node):
         if cur.op == "call_module":
             return str(cur.target) if is_quantizer(gm.get_submodule(str(cur.target))) else None
-        if (cur.op == "call_method" and cur.target in _SHAPE_METHODS) or (
-            cur.op == "call_function" and cur.target in _SHAPE_FUNCTIONS
-        ):
+        if is_view_op(cur) or (cur.op == "call_method" and cur.target == "to"):  # "to": the dtype cast after heads
             cur = cur.args[0]
         elif _is_scalar_scaling(cur):
             cur = cur.args[0] if isinstance(cur.args[0], fx.Node) else cur.args[1]
@@ -78,9 +74,7 @@ def attention_operand_quantizers(gm: fx.GraphModule, is_quantizer: Callable[[nn.
     activations (Q, K, V and the softmax output of attention), in graph order, without repeats."""
     names: list[str] = []
     for node in gm.graph.nodes:
-        if not (node.op == "call_function" and node.target in _MATMULS) and not (
-            node.op == "call_method" and node.target in ("matmul", "bmm")
-        ):
+        if node.op not in ("call_function", "call_method") or node.target not in MATMUL_TARGETS:
             continue
         operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
         found = [_quantizer_above(gm, a, is_quantizer) for a in operands]
@@ -107,8 +101,7 @@ def symmetric_attention_operands(prepared: fx.GraphModule, cfg: QuantConfig) -> 
     replaced = []
     for name in attention_operand_observers(prepared):
         module = prepared.get_submodule(name)
-        base = module.base if isinstance(module, TimestepAwareObserver) else module
-        if isinstance(base, SoftmaxObserver) or is_symmetric_observer(module):  # probabilities keep their grid
+        if is_softmax_observer(module) or is_symmetric_observer(module):  # probabilities keep their grid
             continue
         new = factory()
         device = next((b.device for b in module.buffers()), None)

@@ -23,8 +23,7 @@ from torch import fx, nn
 from qdiff_ao._compat import ObserverBase
 from qdiff_ao.capture.graph_state import graph_info, has_graph_info, update_graph_info
 from qdiff_ao.config import QuantConfig
-from qdiff_ao.observers.softmax import SoftmaxObserver
-from qdiff_ao.observers.timestep import TimestepAwareObserver
+from qdiff_ao.observers.softmax import is_softmax_observer
 from qdiff_ao.passes.attention_operands import symmetric_attention_operands
 from qdiff_ao.qconfig import softmax_observer
 from qdiff_ao.quantizers.fixed import FixedFakeQuantize
@@ -43,13 +42,6 @@ def _is_softmax(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(str(node.target)), nn.Softmax)
     return False
-
-
-def is_softmax_observer(module: nn.Module) -> bool:
-    """True for the observers :func:`observe_softmax` inserts (a ``SoftmaxObserver``, possibly timestep-aware)."""
-    if isinstance(module, TimestepAwareObserver):
-        module = module.base
-    return isinstance(module, SoftmaxObserver)
 
 
 def observe_softmax(prepared: fx.GraphModule, cfg: QuantConfig) -> fx.GraphModule:

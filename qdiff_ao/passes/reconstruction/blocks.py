@@ -33,11 +33,10 @@ from typing import Any
 import torch
 from torch import fx
 
+from qdiff_ao.capture.view_ops import is_view_op
+
 __all__ = ["BlockSpec", "Partition", "compile_block", "partition_graph", "resolve_block_root"]
 
-_VIEW_METHODS = {"view", "reshape", "transpose", "permute", "contiguous", "flatten", "unflatten", "squeeze",
-                 "unsqueeze"}
-_VIEW_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.squeeze, torch.unsqueeze}
 
 
 def _block_classes() -> dict[str, type]:
@@ -306,11 +305,8 @@ def _view_root(name: str, members: set[str], by_name: Mapping[str, fx.Node]) -> 
     """Follow shape-only ops (view, reshape, transpose, ...) back to their source inside the block."""
     node = by_name[name]
     while True:
-        is_view = (node.op == "call_method" and node.target in _VIEW_METHODS) or (
-            node.op == "call_function" and node.target in _VIEW_FUNCTIONS
-        )
         src = node.args[0] if node.args else None
-        if not is_view or not isinstance(src, fx.Node) or src.name not in members:
+        if not is_view_op(node) or not isinstance(src, fx.Node) or src.name not in members:
             return node.name
         node = src
 
