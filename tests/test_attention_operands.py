@@ -120,3 +120,31 @@ def test_group_grid_of_a_symmetric_quantizer_stays_symmetric(step: float, lo: fl
     assert z_g == 128
     ratio = max(abs(group[0]), abs(group[1])) / max(abs(full[0]), abs(full[1]))
     assert s_g == pytest.approx(max(step * ratio, 1e-8), rel=1e-9)
+
+
+def test_the_operand_walk_passes_scalings_but_not_a_reciprocal() -> None:
+    """``x * c``, ``c * x`` and ``x / c`` lead up to the quantizer of ``x``; ``c / x`` does not (not a scaling)."""
+    import operator
+
+    from torch import fx
+
+    from qdiff_ao.passes.attention_operands import attention_operand_quantizers
+
+    class Operands(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qa, self.qb = torch.nn.Identity(), torch.nn.Identity()
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            qa, qb = self.qa(a), self.qb(b)
+            scaled = torch.matmul(0.5 * qa.transpose(-1, -2) / 2.0, qb * 3.0)
+            reciprocal = torch.matmul(operator.truediv(1.0, qa), qb)
+            return scaled, reciprocal
+
+    gm = fx.symbolic_trace(Operands())
+    is_quantizer = lambda m: isinstance(m, torch.nn.Identity)  # noqa: E731
+    assert attention_operand_quantizers(gm, is_quantizer) == ["qa", "qb"]  # from the scaled matmul
+    first = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.matmul)
+    first.target = operator.add  # no longer a matmul: only the one reading 1 / qa is left
+    gm.recompile()
+    assert attention_operand_quantizers(gm, is_quantizer) == []

@@ -49,9 +49,12 @@ def is_symmetric_observer(module: nn.Module) -> bool:
 
 
 def _is_scalar_scaling(node: fx.Node) -> bool:
-    if node.op != "call_function" or node.target not in (operator.mul, torch.mul, operator.truediv, torch.div):
+    """``x * c``, ``c * x`` or ``x / c`` with a number ``c`` (not ``c / x``, which is no scaling of ``x``)."""
+    if node.op != "call_function":
         return False
-    return isinstance(node.args[1], (int, float)) or isinstance(node.args[0], (int, float))
+    if node.target in (operator.mul, torch.mul):
+        return isinstance(node.args[1], (int, float)) or isinstance(node.args[0], (int, float))
+    return node.target in (operator.truediv, torch.div) and isinstance(node.args[1], (int, float))
 
 
 def _quantizer_above(gm: fx.GraphModule, node: fx.Node, is_quantizer: Callable[[nn.Module], bool]) -> str | None:
