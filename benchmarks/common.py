@@ -115,13 +115,16 @@ def interleaved_ratios(
 
 
 def quantize_plain(unet: torch.nn.Module, cfg: Any, batches: list[dict[str, torch.Tensor]]) -> torch.fx.GraphModule:
-    """qdiff_ao.prepare -> run every batch (plain calibration) -> qdiff_ao.convert."""
+    """qdiff_ao.prepare -> run every batch (plain calibration) -> Q/K/V grids (the default "measured" choice) ->
+    qdiff_ao.convert."""
     import qdiff_ao
 
     prepared = qdiff_ao.prepare(unet, cfg, batches[0])
     with torch.no_grad():
         for batch in batches:
             prepared(**batch)
+    if cfg.attention_symmetric == "measured" and cfg.act_bits is not None:
+        qdiff_ao.passes.choose_attention_grids(prepared)
     return qdiff_ao.convert(prepared)
 
 

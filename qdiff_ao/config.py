@@ -95,11 +95,13 @@ class QuantConfig:
             diffusion UNet, Q-Diffusion Sec. 3) and "none" otherwise (4-bit weights cannot saturate).
         timestep_aware: wrap activation observers in ``TimestepAwareObserver`` (per-step statistics).
         quantize_attention: quantize Q, K, V (act_bits) and softmax outputs (softmax_bits) of attention.
-        attention_symmetric: quantize Q, K and V symmetrically (zero point at the middle of the uint8 range,
-            exported as INT8 with zero point 0), so the attention matmuls have no zero-point terms and OpenVINO
-            runs them in INT8 (``passes.symmetric_attention_operands``): 8-10% faster on the CIFAR config, ~26%
-            on an SD-shaped UNet. Off by default: on shapes32 (W4A8, one reconstruction) the FD ratio went from
-            1.14x to 1.46x FP (README, speed). Configs recorded without the field read as ``False``.
+        attention_symmetric: the grids of Q, K and V. ``"measured"`` (default): calibrated affine, then each
+            takes the symmetric grid of the same statistics where that costs at most half a bit of resolution
+            (``passes.choose_attention_grids``, run by ``qdiff_ao.quantize`` after calibration); ``True``:
+            symmetric from the start (``passes.symmetric_attention_operands``); ``False``: affine. A symmetric
+            grid has zero point 128 and is exported as INT8 with zero point 0, so the attention matmuls have no
+            zero-point terms and OpenVINO runs them in INT8: 8-10% faster on the CIFAR config, ~26% on an
+            SD-shaped UNet (README, speed). Configs recorded without the field read as ``False``.
         weight_observer, act_observer: names from the observer registry overriding the built-in choice.
         reconstruction: settings of the reconstruction pass.
         keep_float: module names of Conv2d/Linear layers that stay in float (their weights and the activation
@@ -126,7 +128,7 @@ class QuantConfig:
     reduce_range: str = "auto"
     timestep_aware: bool = True
     quantize_attention: bool = True
-    attention_symmetric: bool = False
+    attention_symmetric: bool | str = "measured"
     weight_observer: str | None = None
     act_observer: str | None = None
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
@@ -150,9 +152,11 @@ class QuantConfig:
             raise bad("lp_norm", "> 0")
         if not 0 <= self.momentum < 1:
             raise bad("momentum", "in [0, 1)")
-        for flag in ("act_symmetric", "running_stat", "timestep_aware", "quantize_attention", "attention_symmetric"):
+        for flag in ("act_symmetric", "running_stat", "timestep_aware", "quantize_attention"):
             if not isinstance(getattr(self, flag), bool):
                 raise bad(flag, "True or False")
+        if not (isinstance(self.attention_symmetric, bool) or self.attention_symmetric == "measured"):
+            raise bad("attention_symmetric", "True, False or \"measured\"")
         if self.reduce_range not in _REDUCE_RANGE:
             raise bad("reduce_range", f"one of {_REDUCE_RANGE}")
         if not isinstance(self.reconstruction, ReconstructionConfig):

@@ -1,10 +1,11 @@
 """The workflow: ``prepare -> calibrate -> [passes] -> convert`` around torch.ao's FX mode, and ``quantize``,
 the whole Q-Diffusion recipe in one call (collect -> trace -> split -> prepare -> calibrate -> measured float
-fallback -> reconstruct -> timestep groups -> output correction -> convert).
+fallback -> Q/K/V grids -> reconstruct -> timestep groups -> output correction -> convert).
 
 A user's own torch.ao calls work as well (README, "The raw torch.ao path"): ``prepare_fx`` with
 ``get_qconfig_mapping(cfg)`` / ``get_backend_config(cfg)`` and ``prepare_custom_config=prepare_custom_config()``,
-then ``passes.observe_softmax(prepared, cfg)``; before ``convert_fx`` (with ``convert_custom_config()``)
+then ``passes.observe_softmax(prepared, cfg)``; after calibration ``passes.choose_attention_grids(prepared)`` (the
+default ``attention_symmetric="measured"``); before ``convert_fx`` (with ``convert_custom_config()``)
 ``passes.freeze_wide_softmax_observers(prepared)``. The graph then carries the same graph info as one made here.
 
 Example:
@@ -46,6 +47,7 @@ from qdiff_ao.capture.tracing import trace
 from qdiff_ao.config import QuantConfig
 from qdiff_ao.deploy.quantized_unet import QuantizedUNet
 from qdiff_ao.deploy.timestep_dispatch import lower_groups
+from qdiff_ao.passes.attention_operands import choose_attention_grids
 from qdiff_ao.passes.output_correction import correct_output
 from qdiff_ao.passes.precision_fallback import choose_float_layers
 from qdiff_ao.passes.reconstruction.runner import reconstruct as run_reconstruction
@@ -177,7 +179,9 @@ def quantize(
         scheduler: the diffusers scheduler whose trajectory provides calibration data (default for a pipeline:
             its own).
         cfg: quantization settings (default W4A8, ``QuantConfig()``); ``cfg.reconstruction`` sets the
-            reconstruction iterations.
+            reconstruction iterations. With ``cfg.attention_symmetric == "measured"`` (the default) Q, K and V
+            take symmetric grids after calibration where they cost at most half a bit
+            (``qdiff_ao.passes.choose_attention_grids``; OpenVINO then runs attention in INT8).
         num_inference_steps, num_timesteps, samples_per_timestep, calibration_strategy: calibration data
             (see :func:`qdiff_ao.collect_calibration_data`); ignored when ``calib`` is given.
         split: split shortcut quantization.
@@ -274,6 +278,9 @@ def quantize(
         fallback, cfg, prepared = _fallback_rounds(unet, cfg, prepared, calib, example_rows, split, batch_size,
                                                    progress, fallback_rounds)
         timings["precision_fallback_s"] = time.perf_counter() - t0
+    attention_grids = None
+    if cfg.attention_symmetric == "measured" and cfg.act_bits is not None:  # on the final calibration
+        attention_grids = [c.to_dict() for c in choose_attention_grids(prepared)]
     ranges = activation_ranges(prepared)
     recon_report = None
     if reconstruct:
@@ -319,6 +326,7 @@ def quantize(
         "bias_correction": bias_report,
         "timestep_groups": groups_report,
         "precision_fallback": fallback,
+        "attention_grids": attention_grids,
     }
     with torch.no_grad():
         qunet(**calib.example_inputs(1))  # fail here, not in the user's pipeline, if anything is off

@@ -1,4 +1,5 @@
-"""Symmetric Q, K, V quantizers (``passes.symmetric_attention_operands``) and their INT8 export."""
+"""Symmetric Q, K, V quantizers (``passes.symmetric_attention_operands``, the measured choice
+``passes.choose_attention_grids``) and their INT8 export."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qdiff_ao
-from qdiff_ao.passes.attention_operands import attention_operand_observers, is_symmetric_observer
+from qdiff_ao.passes.attention_operands import (
+    attention_operand_observers,
+    choose_attention_grids,
+    is_symmetric_observer,
+)
 from qdiff_ao.passes.softmax_observation import is_softmax_observer
 from qdiff_ao.quantizers.qdq import ActivationQDQ
 from tests.unet_factory import build_unet, calibrated_unet, unet_inputs
@@ -29,16 +34,87 @@ def test_attention_symmetric_gives_q_k_v_symmetric_observers_and_leaves_the_rest
     assert others and not any(is_symmetric_observer(prepared.get_submodule(n)) for n in others)
 
 
-def test_default_keeps_affine_q_k_v_and_configs_without_the_field_read_as_false() -> None:
+def test_default_is_measured_and_configs_without_the_field_read_as_false() -> None:
+    """The default calibrates affine Q, K, V (the choice comes after calibration); old records read as False."""
     cfg = qdiff_ao.QuantConfig()
-    assert cfg.attention_symmetric is False
+    assert cfg.attention_symmetric == "measured"
     prepared = qdiff_ao.prepare(build_unet("attn"), cfg, unet_inputs("attn", 2))
     assert not any(is_symmetric_observer(prepared.get_submodule(n)) for n in attention_operand_observers(prepared))
     recorded = qdiff_ao.QuantConfig(attention_symmetric=True).to_dict()
     del recorded["attention_symmetric"]  # a checkpoint written before the field existed
     assert qdiff_ao.QuantConfig.from_dict(recorded).attention_symmetric is False
-    with pytest.raises(ValueError, match="attention_symmetric"):
-        qdiff_ao.QuantConfig(attention_symmetric="yes")  # type: ignore[arg-type]
+    assert qdiff_ao.QuantConfig.from_dict(cfg.to_dict()).attention_symmetric == "measured"
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="attention_symmetric"):
+            qdiff_ao.QuantConfig(attention_symmetric=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("family", ["attn", "cross_attn"])
+def test_measured_choice_gives_the_grids_a_symmetric_calibration_gives_where_cheap(family: str) -> None:
+    """Choosing after calibration ends with exactly the qparams of Q, K, V observers that were symmetric from the
+    start (same statistics), for every quantizer within the price; the others keep their affine grids."""
+    _, measured = calibrated_unet(family, qdiff_ao.QuantConfig())
+    _, symmetric = calibrated_unet(family, qdiff_ao.QuantConfig(attention_symmetric=True))
+    affine = {n: measured.get_submodule(n).calculate_qparams() for n in attention_operand_observers(measured)}
+    choices = choose_attention_grids(measured)
+    assert len(choices) == 3 * len([n for n in affine if is_softmax_observer(measured.get_submodule(n))])
+    for c in choices:
+        got = measured.get_submodule(c.name).calculate_qparams()
+        want = symmetric.get_submodule(c.name).calculate_qparams() if c.symmetric else affine[c.name]
+        assert c.symmetric == (c.cost_bits <= 0.5) and c.cost_bits >= 0
+        assert is_symmetric_observer(measured.get_submodule(c.name)) == c.symmetric
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert any(c.symmetric for c in choices)
+    # the price is the step ratio of the two grids
+    for c in choices:
+        s_sym = symmetric.get_submodule(c.name).calculate_qparams()[0]
+        assert c.cost_bits == pytest.approx(max(0.0, float(torch.log2(s_sym / affine[c.name][0]))), abs=1e-6)
+    assert [c.symmetric for c in choose_attention_grids(measured)] == [c.symmetric for c in choices]  # idempotent
+    assert all(c.cost_bits == 0 for c in choose_attention_grids(measured) if c.symmetric)
+
+
+def test_a_one_sided_q_k_v_range_keeps_its_affine_grid() -> None:
+    """A quantizer whose calibrated values are all >= 0 would lose a whole bit to a symmetric grid: it stays
+    affine; ``max_cost_bits`` moves the price limit; a graph without a config is refused."""
+    _, prepared = calibrated_unet("attn", qdiff_ao.QuantConfig())
+    name = next(n for n in attention_operand_observers(prepared) if not is_softmax_observer(prepared.get_submodule(n)))
+    fresh = qdiff_ao.qconfig.activation_observer(qdiff_ao.QuantConfig())()
+    for t in (900, 100):
+        with qdiff_ao.timestep_context(t):
+            fresh(torch.rand(4, 64) * 3)
+    prepared.add_submodule(name, fresh)
+    choice = {c.name: c for c in choose_attention_grids(prepared)}[name]
+    assert choice.cost_bits == pytest.approx(1.0, abs=0.05) and not choice.symmetric
+    assert not is_symmetric_observer(prepared.get_submodule(name))
+    assert {c.name: c for c in choose_attention_grids(prepared, max_cost_bits=1.5)}[name].symmetric
+    with pytest.raises(ValueError, match="max_cost_bits"):
+        choose_attention_grids(prepared, max_cost_bits=-1)
+    with pytest.raises(ValueError, match="QuantConfig"):
+        choose_attention_grids(torch.fx.symbolic_trace(torch.nn.Linear(2, 2)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.floats(-50, 50), st.floats(0.01, 50), st.integers(0, 2**16))
+def test_symmetric_twin_equals_a_symmetric_observer_fed_the_same_data(centre: float, spread: float,
+                                                                      seed: int) -> None:
+    """The twin loaded from an affine observer's state has the qparams of a symmetric observer that saw the same
+    batches (histogram, range and per-timestep statistics all carry over)."""
+    from qdiff_ao.qconfig import activation_observer
+
+    gen = torch.Generator().manual_seed(seed)
+    batches = [centre + spread * torch.randn(3, 50, generator=gen) for _ in range(3)]
+    aff = activation_observer(qdiff_ao.QuantConfig())()
+    sym = activation_observer(qdiff_ao.QuantConfig(act_symmetric=True))()
+    for i, b in enumerate(batches):
+        with qdiff_ao.timestep_context(10 * i):
+            aff(b)
+            sym(b)
+    twin = activation_observer(qdiff_ao.QuantConfig(act_symmetric=True))()
+    twin.load_state_dict(aff.state_dict())
+    s_twin, z_twin = twin.calculate_qparams()
+    s_sym, z_sym = sym.calculate_qparams()
+    assert torch.equal(s_twin, s_sym) and torch.equal(z_twin, z_sym) and int(z_twin) == 128
+    assert twin.per_step_ranges() == sym.per_step_ranges()
 
 
 @torch.no_grad()
@@ -86,12 +162,14 @@ def test_symmetric_uint8_qdq_equals_its_int8_form(scale: float, values: list[flo
 @torch.no_grad()
 def test_openvino_runs_the_attention_matmuls_on_int8_operands() -> None:
     """With symmetric Q, K, V OpenVINO fuses each attention into a subgraph with three INT8 inputs (Q, K, V);
-    with the default affine ones it does not."""
+    with affine ones it does not; the default's measured choice (all cheap on this model) gives the first."""
     pytest.importorskip("openvino")
     from qdiff_ao.deploy.openvino_runtime import OpenVINOGraph
 
     def int8_attention_subgraphs(cfg: qdiff_ao.QuantConfig) -> int:
         _, prepared = calibrated_unet("attn", cfg)
+        if cfg.attention_symmetric == "measured":
+            assert all(c.symmetric for c in choose_attention_grids(prepared))
         inputs = unet_inputs("attn", 2)
         graph = OpenVINOGraph(qdiff_ao.convert(prepared), inputs, threads=1)
         runtime = graph._request(inputs).get_compiled_model().get_runtime_model()
@@ -104,7 +182,8 @@ def test_openvino_runs_the_attention_matmuls_on_int8_operands() -> None:
 
     attentions = len([n for n in build_unet("attn").modules() if type(n).__name__ == "Attention"])
     assert int8_attention_subgraphs(qdiff_ao.QuantConfig(attention_symmetric=True)) == attentions
-    assert int8_attention_subgraphs(qdiff_ao.QuantConfig()) == 0
+    assert int8_attention_subgraphs(qdiff_ao.QuantConfig(attention_symmetric=False)) == 0
+    assert int8_attention_subgraphs(qdiff_ao.QuantConfig()) == attentions
 
 
 @settings(max_examples=60, deadline=None)

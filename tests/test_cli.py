@@ -42,6 +42,10 @@ def test_quantize_tiny_model_end_to_end(tmp_path, monkeypatch: pytest.MonkeyPatc
     assert report["checkpoint_bytes"] < report["fp32_safetensors_bytes"]
     assert report["precision_fallback"]["forwards"] > 0 and report["output_correction"]["method"] == "timestep_groups"
     assert report["sensitivity"]["rows"][0]["worst"] >= report["sensitivity"]["rows"][-1]["worst"]
+    grids = report["attention_grids"]  # the default measured choice: one entry per Q, K, V quantizer
+    assert report["config"]["attention_symmetric"] == "measured" and len(grids) == 3 * 4
+    assert all(g["symmetric"] == (g["cost_bits"] <= 0.5) for g in grids)
+    assert "Attention Q/K/V grids (measured)" in (out / "report.md").read_text()
     for name in ("samples_fp.png", "samples_quantized.png", "activation_ranges.png", "split_histograms.png",
                  "sensitivity.png", "report.md"):
         assert (out / name).stat().st_size > 0, name

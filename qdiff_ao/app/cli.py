@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--correction-input", action="store_true",
                    help="let the output correction take the linear estimate from the quantized output and the "
                    "UNet's input (a y + c x - b) where held-back rows prefer it (see passes.correct_output)")
+    q.add_argument("--attention-grids", choices=["measured", "symmetric", "affine"], default="measured",
+                   help="grids of attention's Q, K, V: symmetric where that costs at most half a bit (measured, the "
+                   "default; OpenVINO then runs attention in INT8), always symmetric, or always affine (see "
+                   "passes.choose_attention_grids)")
     q.add_argument("--timestep-groups", type=int, default=4, metavar="G",
                    help="offer G groups of calibration timesteps their own activation grids, kept where held-back "
                    "rows say they help (see passes.choose_timestep_groups; default 4); 1 = one grid")

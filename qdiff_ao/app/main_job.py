@@ -127,7 +127,10 @@ def run_main_job(args: argparse.Namespace) -> dict[str, Any]:
     if args.recon_iters:
         rcfg = ReconstructionConfig(weight_iters=args.recon_iters, act_iters=max(1, args.recon_iters // 2))
     try:
-        cfg = QuantConfig(weight_bits=args.weight_bits, act_bits=args.act_bits or None, reconstruction=rcfg)
+        grids_by_flag: dict[str, bool | str] = {"measured": "measured", "symmetric": True, "affine": False}
+        grids = grids_by_flag[args.attention_grids]
+        cfg = QuantConfig(weight_bits=args.weight_bits, act_bits=args.act_bits or None, reconstruction=rcfg,
+                          attention_symmetric=grids)
     except ValueError as err:
         raise MainJobError(str(err)) from None
     source = load_model_source(args.model)
@@ -286,6 +289,7 @@ def _quantize_and_report(args: argparse.Namespace, source: ModelSource, cfg: Qua
         "precision_fallback": qunet.quantization_info["precision_fallback"],
         "output_correction": qunet.quantization_info["bias_correction"],
         "timestep_groups": qunet.quantization_info.get("timestep_groups"),
+        "attention_grids": qunet.quantization_info.get("attention_grids"),
         "noise_prediction_error_mean": float(noise_err.mean()), **extra,
     }
     if is_digits:
@@ -352,6 +356,13 @@ def _markdown(r: dict[str, Any]) -> str:
         lines += [f"Timestep groups: {groups['num_groups_kept']} of {len(groups['groups'])} groups kept their own "
                   f"activation grids (timesteps {', '.join(kept_t) or 'none'}; each only where it lowers the error "
                   "on held-back calibration rows).", ""]
+    grids = r.get("attention_grids")
+    if grids:
+        sym = [g for g in grids if g["symmetric"]]
+        worst = max(g["cost_bits"] for g in grids)
+        lines += [f"Attention Q/K/V grids (measured): {len(sym)} of {len(grids)} symmetric (a symmetric grid costs "
+                  f"at most {worst:.2f} bits here; one costing over 0.5 bits stays affine). OpenVINO runs an "
+                  "attention matmul in INT8 only when both its operands are symmetric.", ""]
     if "sensitivity_table" in r:
         lines += ["Sensitivity (relative eps error caused by each quantizer alone; heat map: sensitivity.png):", "",
                   "```", r["sensitivity_table"], "```", ""]

@@ -5,6 +5,7 @@ bias_correction).
 - :func:`split_shortcut`: each half of a decoder skip concat gets its own quantizers (Q-Diffusion Sec. 4.2).
 - :func:`observe_softmax` / :func:`freeze_wide_softmax_observers`: attention probabilities at 8/16 bits.
 - :func:`symmetric_attention_operands`: symmetric Q, K, V quantizers (no zero-point terms in attention matmuls).
+- :func:`choose_attention_grids`: after calibration, symmetric Q, K, V grids where they cost at most half a bit.
 - :func:`reconstruct`: BRECQ block reconstruction with AdaRound weights and learned activation step sizes.
 - :func:`choose_float_layers`: find, by measurement, the few layers whose quantizers the model cannot afford.
 - :func:`choose_timestep_groups`: activation grids per group of timesteps, where held-back rows say they help.
@@ -14,7 +15,7 @@ bias_correction).
 
 from __future__ import annotations
 
-from qdiff_ao.passes.attention_operands import symmetric_attention_operands
+from qdiff_ao.passes.attention_operands import AttentionGridChoice, choose_attention_grids, symmetric_attention_operands
 from qdiff_ao.passes.bias_correction import correct_output_bias, find_output_layer
 from qdiff_ao.passes.output_correction import TimestepOutputCorrection, add_output_correction, correct_output
 from qdiff_ao.passes.precision_fallback import FallbackDecision, choose_float_layers
@@ -25,6 +26,7 @@ from qdiff_ao.passes.timestep_groups import choose_timestep_groups
 from qdiff_ao.quantizers.fixed import FixedFakeQuantize
 
 __all__ = [
+    "AttentionGridChoice",
     "FallbackDecision",
     "FixedFakeQuantize",
     "SplitConv2d",
@@ -32,6 +34,7 @@ __all__ = [
     "SplitShortcutPass",
     "TimestepOutputCorrection",
     "add_output_correction",
+    "choose_attention_grids",
     "choose_float_layers",
     "choose_timestep_groups",
     "correct_output",

@@ -14,12 +14,19 @@ replaces it by the symmetric version of the same observer (``QuantConfig(act_sym
 zero point 128, i.e. ``x ~ s (q - 128)``, which the ONNX export writes as INT8 with zero point 0 (the same
 numbers). The softmax output (the probabilities, unsigned with zero point 0) is left as it is.
 
-Run on a freshly prepared graph, before calibration (the new observers start empty).
+:func:`symmetric_attention_operands` (``QuantConfig(attention_symmetric=True)``) makes the swap on a freshly prepared
+graph, before calibration (the new observers start empty). :func:`choose_attention_grids` (the default,
+``attention_symmetric="measured"``) makes it after calibration, per quantizer, only where it is nearly free: the
+symmetric grid of the same statistics must cost at most ``max_cost_bits`` of resolution, measured as
+``log2(s_sym / s_aff)``, the ratio of the two grids' steps (each grid's own range search). A range centred on 0
+costs nothing; a one-sided range (all values >= 0) costs a whole bit and keeps its affine grid.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import operator
 from collections.abc import Callable
 from typing import Any, cast
@@ -28,6 +35,7 @@ import torch
 from torch import fx, nn
 
 from qdiff_ao._compat import ObserverBase
+from qdiff_ao.capture.graph_state import graph_info, has_graph_info
 from qdiff_ao.capture.view_ops import is_view_op
 from qdiff_ao.config import QuantConfig
 from qdiff_ao.observers.softmax import is_softmax_observer
@@ -35,8 +43,16 @@ from qdiff_ao.observers.timestep import TimestepAwareObserver
 from qdiff_ao.qconfig import MATMUL_TARGETS, activation_observer
 from qdiff_ao.quantizers.qdq import ActivationQDQ
 
-__all__ = ["attention_operand_observers", "attention_operand_quantizers", "is_symmetric_observer",
-           "mark_signed_attention_operands", "symmetric_attention_operands"]
+__all__ = ["AttentionGridChoice", "attention_operand_observers", "attention_operand_quantizers",
+           "choose_attention_grids", "is_symmetric_observer", "mark_signed_attention_operands",
+           "symmetric_attention_operands"]
+
+logger = logging.getLogger(__name__)
+
+MAX_COST_BITS = 0.5
+"""Default price limit of :func:`choose_attention_grids`: a symmetric grid whose step is at most sqrt(2) times the
+affine one's. On the zoo models every Q, K and V costs 0.02-0.25 bits (shapes32) and swapping them all changed
+neither the eps error nor the FD without reconstruction (README, speed); a one-sided range costs 1 bit."""
 
 _SYMMETRIC = (torch.per_tensor_symmetric, torch.per_channel_symmetric)
 
@@ -111,6 +127,73 @@ def symmetric_attention_operands(prepared: fx.GraphModule, cfg: QuantConfig) -> 
         prepared.add_submodule(name, new if device is None else new.to(device))
         replaced.append(name)
     return replaced
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionGridChoice:
+    """One Q, K or V quantizer: what a symmetric grid would cost it and whether it took one."""
+
+    name: str
+    cost_bits: float
+    """``log2(s_sym / s_aff)``: the resolution the symmetric grid gives up (0 for a range centred on 0)."""
+    symmetric: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def choose_attention_grids(prepared: fx.GraphModule, *, max_cost_bits: float = MAX_COST_BITS
+                           ) -> list[AttentionGridChoice]:
+    """After calibration, give each affine Q, K and V observer the symmetric grid of its own statistics where that
+    costs at most ``max_cost_bits`` of resolution (module docstring); returns one choice per Q, K, V observer.
+
+    The symmetric twin is the graph's symmetric activation observer (``QuantConfig(act_symmetric=True)`` of the
+    config recorded in the graph) loaded with the calibrated observer's state, so it carries the same histogram,
+    range and per-timestep statistics, and its own range search decides its step. Observers already symmetric,
+    softmax observers and observers without data are left alone (the first are reported at cost 0).
+
+    Run after calibration and before reconstruction (which learns step sizes on the chosen grids); idempotent.
+    ``qdiff_ao.quantize`` runs it when ``QuantConfig.attention_symmetric == "measured"``.
+
+    Raises:
+        ValueError: if ``prepared`` carries no QuantConfig in its graph info, or ``max_cost_bits`` is negative.
+    """
+    if not max_cost_bits >= 0:
+        raise ValueError(f"max_cost_bits must be >= 0 (bits of resolution a symmetric grid may cost), got "
+                         f"{max_cost_bits!r}")
+    cfg = graph_info(prepared).config if has_graph_info(prepared) else None
+    if cfg is None:
+        raise ValueError("choose_attention_grids needs the graph's QuantConfig: prepare with qdiff_ao.prepare, or "
+                         "run passes.observe_softmax(prepared, cfg) after your own prepare_fx")
+    factory = activation_observer(dataclasses.replace(cfg, act_symmetric=True))
+    choices = []
+    for name in attention_operand_observers(prepared):
+        module = prepared.get_submodule(name)
+        if is_softmax_observer(module):  # probabilities keep their unsigned grid
+            continue
+        if is_symmetric_observer(module):
+            choices.append(AttentionGridChoice(name, 0.0, True))
+            continue
+        base = module.base if isinstance(module, TimestepAwareObserver) else module
+        if not getattr(base, "has_data", lambda: True)():  # attention that calibration never reached
+            continue
+        twin = factory()
+        device = next((b.device for b in module.buffers()), None)
+        twin = twin if device is None else twin.to(device)
+        try:
+            twin.load_state_dict(module.state_dict())
+        except (RuntimeError, KeyError) as err:  # an observer whose state a symmetric twin cannot take
+            logger.info("%s keeps its affine grid: its state does not load into %s (%s)", name,
+                        type(twin).__name__, err)
+            continue
+        s_aff = float(cast(ObserverBase, module).calculate_qparams()[0].reshape(-1)[0])
+        s_sym = float(cast(ObserverBase, twin).calculate_qparams()[0].reshape(-1)[0])
+        cost = max(0.0, math.log2(s_sym / s_aff))
+        take = cost <= max_cost_bits
+        if take:
+            prepared.add_submodule(name, twin)
+        choices.append(AttentionGridChoice(name, cost, take))
+    return choices
 
 
 def mark_signed_attention_operands(gm: fx.GraphModule) -> list[str]:

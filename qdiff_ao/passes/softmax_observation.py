@@ -52,7 +52,7 @@ def observe_softmax(prepared: fx.GraphModule, cfg: QuantConfig) -> fx.GraphModul
     Also records ``cfg`` as the graph's QuantConfig (``graph_info(prepared).config``): on the raw torch.ao path
     (``prepare_fx`` with ``get_qconfig_mapping(cfg)``) this pass is where the graph learns its config. Inserts
     nothing when ``cfg.act_bits`` is None or ``cfg.quantize_attention`` is False. With
-    ``cfg.attention_symmetric`` it also gives Q, K and V symmetric observers
+    ``cfg.attention_symmetric=True`` it also gives Q, K and V symmetric observers
     (:func:`~qdiff_ao.passes.attention_operands.symmetric_attention_operands`), so both paths build the same graph.
     """
     if not isinstance(cfg, QuantConfig):
@@ -80,7 +80,8 @@ def observe_softmax(prepared: fx.GraphModule, cfg: QuantConfig) -> fx.GraphModul
         graph.lint()
         prepared.recompile()
         update_graph_info(prepared, softmax_observers=(*info.softmax_observers, *names))
-    if cfg.attention_symmetric:  # the other operands of the attention matmuls: Q, K, V
+    if cfg.attention_symmetric is True:  # the other operands of the attention matmuls: Q, K, V ("measured" grids
+        # are chosen after calibration, by passes.choose_attention_grids)
         symmetric_attention_operands(prepared, cfg)
     return prepared
 
