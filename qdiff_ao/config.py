@@ -95,13 +95,15 @@ class QuantConfig:
             diffusion UNet, Q-Diffusion Sec. 3) and "none" otherwise (4-bit weights cannot saturate).
         timestep_aware: wrap activation observers in ``TimestepAwareObserver`` (per-step statistics).
         quantize_attention: quantize Q, K, V (act_bits) and softmax outputs (softmax_bits) of attention.
-        attention_symmetric: the grids of Q, K and V. ``"measured"`` (default): calibrated affine, then each
-            takes the symmetric grid of the same statistics where that costs at most half a bit of resolution
-            (``passes.choose_attention_grids``, run by ``qdiff_ao.quantize`` after calibration); ``True``:
-            symmetric from the start (``passes.symmetric_attention_operands``); ``False``: affine. A symmetric
-            grid has zero point 128 and is exported as INT8 with zero point 0, so the attention matmuls have no
-            zero-point terms and OpenVINO runs them in INT8: 8-10% faster on the CIFAR config, ~26% on an
-            SD-shaped UNet (README, speed). Configs recorded without the field read as ``False``.
+        attention_symmetric: the grids of Q, K and V. ``False`` (default): affine. ``"measured"``: calibrated
+            affine, then each takes the symmetric grid of the same statistics where that costs at most half a bit
+            of resolution (``passes.choose_attention_grids``, run by ``qdiff_ao.quantize`` after calibration);
+            ``True``: symmetric from the start (``passes.symmetric_attention_operands``). A symmetric grid has zero
+            point 128 and is exported as INT8 with zero point 0, so the attention matmuls have no zero-point
+            terms and OpenVINO runs them in INT8: 8-10% faster on the CIFAR config, ~26% on an SD-shaped UNet
+            (README, speed). Not the default: without reconstruction symmetric Q/K/V left shapes32's eps error
+            and FD unchanged, but after reconstruction its W4A8 FD was 0.17-0.31x FP worse on each of 3
+            reconstruction seeds (README, quality). Configs recorded without the field read as ``False``.
         weight_observer, act_observer: names from the observer registry overriding the built-in choice.
         reconstruction: settings of the reconstruction pass.
         keep_float: module names of Conv2d/Linear layers that stay in float (their weights and the activation
@@ -128,7 +130,7 @@ class QuantConfig:
     reduce_range: str = "auto"
     timestep_aware: bool = True
     quantize_attention: bool = True
-    attention_symmetric: bool | str = "measured"
+    attention_symmetric: bool | str = False
     weight_observer: str | None = None
     act_observer: str | None = None
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)

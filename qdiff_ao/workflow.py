@@ -4,8 +4,8 @@ fallback -> Q/K/V grids -> reconstruct -> timestep groups -> output correction -
 
 A user's own torch.ao calls work as well (README, "The raw torch.ao path"): ``prepare_fx`` with
 ``get_qconfig_mapping(cfg)`` / ``get_backend_config(cfg)`` and ``prepare_custom_config=prepare_custom_config()``,
-then ``passes.observe_softmax(prepared, cfg)``; after calibration ``passes.choose_attention_grids(prepared)`` (the
-default ``attention_symmetric="measured"``); before ``convert_fx`` (with ``convert_custom_config()``)
+then ``passes.observe_softmax(prepared, cfg)``; after calibration ``passes.choose_attention_grids(prepared)`` (for
+``attention_symmetric="measured"``); before ``convert_fx`` (with ``convert_custom_config()``)
 ``passes.freeze_wide_softmax_observers(prepared)``. The graph then carries the same graph info as one made here.
 
 Example:
@@ -179,8 +179,8 @@ def quantize(
         scheduler: the diffusers scheduler whose trajectory provides calibration data (default for a pipeline:
             its own).
         cfg: quantization settings (default W4A8, ``QuantConfig()``); ``cfg.reconstruction`` sets the
-            reconstruction iterations. With ``cfg.attention_symmetric == "measured"`` (the default) Q, K and V
-            take symmetric grids after calibration where they cost at most half a bit
+            reconstruction iterations. With ``cfg.attention_symmetric == "measured"`` (opt-in) Q, K and V take
+            symmetric grids after calibration where they cost at most half a bit
             (``qdiff_ao.passes.choose_attention_grids``; OpenVINO then runs attention in INT8).
         num_inference_steps, num_timesteps, samples_per_timestep, calibration_strategy: calibration data
             (see :func:`qdiff_ao.collect_calibration_data`); ignored when ``calib`` is given.

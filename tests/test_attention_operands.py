@@ -34,12 +34,14 @@ def test_attention_symmetric_gives_q_k_v_symmetric_observers_and_leaves_the_rest
     assert others and not any(is_symmetric_observer(prepared.get_submodule(n)) for n in others)
 
 
-def test_default_is_measured_and_configs_without_the_field_read_as_false() -> None:
-    """The default calibrates affine Q, K, V (the choice comes after calibration); old records read as False."""
-    cfg = qdiff_ao.QuantConfig()
-    assert cfg.attention_symmetric == "measured"
-    prepared = qdiff_ao.prepare(build_unet("attn"), cfg, unet_inputs("attn", 2))
-    assert not any(is_symmetric_observer(prepared.get_submodule(n)) for n in attention_operand_observers(prepared))
+def test_default_is_affine_measured_calibrates_affine_and_old_configs_read_as_false() -> None:
+    """The default keeps affine Q, K, V; "measured" calibrates affine ones too (the choice comes after
+    calibration); records without the field read as False."""
+    assert qdiff_ao.QuantConfig().attention_symmetric is False
+    cfg = qdiff_ao.QuantConfig(attention_symmetric="measured")
+    for c in (qdiff_ao.QuantConfig(), cfg):
+        prepared = qdiff_ao.prepare(build_unet("attn"), c, unet_inputs("attn", 2))
+        assert not any(is_symmetric_observer(prepared.get_submodule(n)) for n in attention_operand_observers(prepared))
     recorded = qdiff_ao.QuantConfig(attention_symmetric=True).to_dict()
     del recorded["attention_symmetric"]  # a checkpoint written before the field existed
     assert qdiff_ao.QuantConfig.from_dict(recorded).attention_symmetric is False
@@ -53,7 +55,7 @@ def test_default_is_measured_and_configs_without_the_field_read_as_false() -> No
 def test_measured_choice_gives_the_grids_a_symmetric_calibration_gives_where_cheap(family: str) -> None:
     """Choosing after calibration ends with exactly the qparams of Q, K, V observers that were symmetric from the
     start (same statistics), for every quantizer within the price; the others keep their affine grids."""
-    _, measured = calibrated_unet(family, qdiff_ao.QuantConfig())
+    _, measured = calibrated_unet(family, qdiff_ao.QuantConfig(attention_symmetric="measured"))
     _, symmetric = calibrated_unet(family, qdiff_ao.QuantConfig(attention_symmetric=True))
     affine = {n: measured.get_submodule(n).calculate_qparams() for n in attention_operand_observers(measured)}
     choices = choose_attention_grids(measured)
@@ -162,7 +164,7 @@ def test_symmetric_uint8_qdq_equals_its_int8_form(scale: float, values: list[flo
 @torch.no_grad()
 def test_openvino_runs_the_attention_matmuls_on_int8_operands() -> None:
     """With symmetric Q, K, V OpenVINO fuses each attention into a subgraph with three INT8 inputs (Q, K, V);
-    with affine ones it does not; the default's measured choice (all cheap on this model) gives the first."""
+    with the default affine ones it does not; the measured choice (all cheap on this model) gives the first."""
     pytest.importorskip("openvino")
     from qdiff_ao.deploy.openvino_runtime import OpenVINOGraph
 
@@ -182,8 +184,8 @@ def test_openvino_runs_the_attention_matmuls_on_int8_operands() -> None:
 
     attentions = len([n for n in build_unet("attn").modules() if type(n).__name__ == "Attention"])
     assert int8_attention_subgraphs(qdiff_ao.QuantConfig(attention_symmetric=True)) == attentions
-    assert int8_attention_subgraphs(qdiff_ao.QuantConfig(attention_symmetric=False)) == 0
-    assert int8_attention_subgraphs(qdiff_ao.QuantConfig()) == attentions
+    assert int8_attention_subgraphs(qdiff_ao.QuantConfig()) == 0
+    assert int8_attention_subgraphs(qdiff_ao.QuantConfig(attention_symmetric="measured")) == attentions
 
 
 @settings(max_examples=60, deadline=None)

@@ -35,14 +35,14 @@ def test_quantize_tiny_model_end_to_end(tmp_path, monkeypatch: pytest.MonkeyPatc
     out = tmp_path / "out"
     args = ["quantize", "--model", str(tmp_path / "model"), "--out", str(out), "--calibration-steps", "10",
             "--calibration-timesteps", "5", "--samples-per-timestep", "4", "--recon-iters", "0",
-            "--num-samples", "8", "--sampling-steps", "4", "--quiet"]
+            "--num-samples", "8", "--sampling-steps", "4", "--attention-grids", "measured", "--quiet"]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["scheme"] == "W4A8" and report["splits"] == 4
     assert report["checkpoint_bytes"] < report["fp32_safetensors_bytes"]
     assert report["precision_fallback"]["forwards"] > 0 and report["output_correction"]["method"] == "timestep_groups"
     assert report["sensitivity"]["rows"][0]["worst"] >= report["sensitivity"]["rows"][-1]["worst"]
-    grids = report["attention_grids"]  # the default measured choice: one entry per Q, K, V quantizer
+    grids = report["attention_grids"]  # the measured choice: one entry per Q, K, V quantizer
     assert report["config"]["attention_symmetric"] == "measured" and len(grids) == 3 * 4
     assert all(g["symmetric"] == (g["cost_bits"] <= 0.5) for g in grids)
     assert "Attention Q/K/V grids (measured)" in (out / "report.md").read_text()

@@ -34,12 +34,12 @@ import qdiff_ao
 from tests.unet_factory import build_unet, unet_inputs
 
 GOLDEN_FILE = Path(__file__).parent / "golden" / "golden.json"
-FAMILIES = ("attn", "class_embeds", "cross_attn", "attn+timestep_groups", "attn+defaults")
+FAMILIES = ("attn", "class_embeds", "cross_attn", "attn+timestep_groups", "attn+measured_grids")
 """The first three pin the recipe with one activation grid (``timestep_groups=1``: their values were recorded
 before timestep groups existed, on AVX2 and AVX-512); ``+timestep_groups`` pins it with 4 groups. These four run
-with affine Q, K, V (``attention_symmetric=False``, which checkpoints do not record), the default until
-2026-12-04, so their values hold on both capabilities. ``+defaults`` pins today's default recipe (4 groups,
-``attention_symmetric="measured"``); recorded on AVX-512 only so far (it skips on AVX2 until recorded there)."""
+with affine Q, K, V (``attention_symmetric=False``, the default, which checkpoints do not record), so their
+values hold on both capabilities. ``+measured_grids`` pins the recipe with 4 groups and the measured Q/K/V grids
+(``attention_symmetric="measured"``); recorded on AVX-512 only so far (it skips on AVX2 until recorded there)."""
 _TIMESTEPS = (900, 600, 300, 50)
 
 
@@ -80,7 +80,7 @@ def golden_values(family: str, workdir: Path) -> dict[str, str]:
         cfg = qdiff_ao.QuantConfig(
             weight_bits=4, act_bits=8,
             reconstruction=qdiff_ao.ReconstructionConfig(weight_iters=12, act_iters=6, batch_size=4),
-            **({} if extra == "defaults" else {"attention_symmetric": False}),
+            attention_symmetric="measured" if extra == "measured_grids" else False,
         )
         qunet = qdiff_ao.quantize(unet, DDIMScheduler(), cfg, calib=_calibration_set(family), batch_size=8,
                                   progress=False, timestep_groups=1 if extra == "" else 4)

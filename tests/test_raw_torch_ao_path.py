@@ -1,7 +1,8 @@
 """The raw torch.ao path of the README gives a graph that qdiff_ao's passes and checkpoints accept as they are.
 
     trace -> split_shortcut -> torch's prepare_fx (our mapping, backend config, prepare_custom_config())
-          -> observe_softmax -> calibrate -> reconstruct (no model=) -> torch's convert_fx (convert_custom_config())
+          -> observe_softmax -> calibrate -> choose_attention_grids -> reconstruct (no model=)
+          -> torch's convert_fx (convert_custom_config())
           -> QuantizedUNet.save_pretrained -> from_pretrained
 """
 
@@ -42,6 +43,8 @@ def test_raw_path_graph_is_accepted_like_ours(tmp_path: Path) -> None:
     assert dict(raw_info.module_types) == dict(our_info.module_types)
 
     qdiff_ao.calibrate(prepared, calib, progress=False)
+    grids = qdiff_ao.passes.choose_attention_grids(prepared)  # the default "measured" grids, config from the info
+    assert len(grids) == 3 * len(raw_info.softmax_observers) > 0
     assert qdiff_ao.passes.reconstruct(prepared, calib, progress=False) is prepared  # module types from the info
     assert set(qdiff_ao.graph_info(prepared).reconstruction["blocks"]) >= {"down_blocks.0.resnets.0"}
     qdiff_ao.passes.freeze_wide_softmax_observers(prepared)

@@ -53,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--correction-input", action="store_true",
                    help="let the output correction take the linear estimate from the quantized output and the "
                    "UNet's input (a y + c x - b) where held-back rows prefer it (see passes.correct_output)")
-    q.add_argument("--attention-grids", choices=["measured", "symmetric", "affine"], default="measured",
-                   help="grids of attention's Q, K, V: symmetric where that costs at most half a bit (measured, the "
-                   "default; OpenVINO then runs attention in INT8), always symmetric, or always affine (see "
+    q.add_argument("--attention-grids", choices=["affine", "measured", "symmetric"], default="affine",
+                   help="grids of attention's Q, K, V: affine (the default), symmetric where that costs at most half "
+                   "a bit (measured), or always symmetric; OpenVINO runs attention in INT8 on symmetric ones (see "
                    "passes.choose_attention_grids)")
     q.add_argument("--timestep-groups", type=int, default=4, metavar="G",
                    help="offer G groups of calibration timesteps their own activation grids, kept where held-back "
