@@ -229,3 +229,27 @@ def test_the_operand_walk_passes_scalings_but_not_a_reciprocal() -> None:
     first.target = operator.add  # no longer a matmul: only the one reading 1 / qa is left
     gm.recompile()
     assert attention_operand_quantizers(gm, is_quantizer) == []
+
+
+@pytest.mark.parametrize("mode", [True, "measured"])
+def test_reconstruction_keeps_the_calibrated_steps_of_symmetric_q_k_v(mode: bool | str) -> None:
+    """Learning the step sizes of symmetric Q, K, V cost shapes32 FD on every seed tried: reconstruction keeps their
+    calibrated steps (and zero point 128), while it still learns other activation steps (the softmax's here)."""
+    cfg = qdiff_ao.QuantConfig(attention_symmetric=mode, reconstruction=qdiff_ao.ReconstructionConfig(
+        weight_iters=10, act_iters=10, batch_size=4))
+    unet, prepared = calibrated_unet("attn", cfg)
+    if mode == "measured":
+        choose_attention_grids(prepared)
+    names = attention_operand_observers(prepared)
+    before = {n: prepared.get_submodule(n).calculate_qparams() for n in names}
+    rows = [unet_inputs("attn", 4, t=t, seed=30 + i) for i, t in enumerate((900, 300))]
+    calib = qdiff_ao.CalibrationSet(torch.cat([r["sample"] for r in rows]), torch.cat([r["timestep"] for r in rows]))
+    qdiff_ao.passes.reconstruct(prepared, calib, cfg.reconstruction, model=unet, progress=False)
+    learned = 0
+    for n in names:
+        scale, zp = prepared.get_submodule(n).calculate_qparams()
+        if is_softmax_observer(prepared.get_submodule(n)) or not torch.equal(before[n][1], torch.tensor(128)):
+            learned += int(not torch.equal(scale, before[n][0]))
+            continue
+        assert torch.equal(scale, before[n][0]) and int(zp) == 128, n
+    assert learned > 0  # the softmax steps were learned: step learning ran

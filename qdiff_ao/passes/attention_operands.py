@@ -20,6 +20,11 @@ graph, before calibration (the new observers start empty). :func:`choose_attenti
 symmetric grid of the same statistics must cost at most ``max_cost_bits`` of resolution, measured as
 ``log2(s_sym / s_aff)``, the ratio of the two grids' steps (each grid's own range search). A range centred on 0
 costs nothing; a one-sided range (all values >= 0) costs a whole bit and keeps its affine grid.
+
+Reconstruction keeps the calibrated step of a symmetric Q, K or V (``quantizers.simulation.FIXED_STEP_ATTR``)
+instead of learning it: paired on shapes32 W4A8 with the same reconstruction seeds, learning those steps made the
+FD 0.17-0.31x FP worse than affine Q/K/V on 3 of 3 seeds, while without step learning, or with only those steps
+kept, symmetric and affine scored alike (README, quality).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from qdiff_ao.observers.softmax import is_softmax_observer
 from qdiff_ao.observers.timestep import TimestepAwareObserver
 from qdiff_ao.qconfig import MATMUL_TARGETS, activation_observer
 from qdiff_ao.quantizers.qdq import ActivationQDQ
+from qdiff_ao.quantizers.simulation import FIXED_STEP_ATTR
 
 __all__ = ["AttentionGridChoice", "attention_operand_observers", "attention_operand_quantizers",
            "choose_attention_grids", "is_symmetric_observer", "mark_signed_attention_operands",
@@ -123,6 +129,7 @@ def symmetric_attention_operands(prepared: fx.GraphModule, cfg: QuantConfig) -> 
         if is_softmax_observer(module) or is_symmetric_observer(module):  # probabilities keep their grid
             continue
         new = factory()
+        setattr(new, FIXED_STEP_ATTR, True)  # reconstruction keeps its calibrated step (module docstring)
         device = next((b.device for b in module.buffers()), None)
         prepared.add_submodule(name, new if device is None else new.to(device))
         replaced.append(name)
@@ -191,6 +198,7 @@ def choose_attention_grids(prepared: fx.GraphModule, *, max_cost_bits: float = M
         cost = max(0.0, math.log2(s_sym / s_aff))
         take = cost <= max_cost_bits
         if take:
+            setattr(twin, FIXED_STEP_ATTR, True)  # reconstruction keeps its calibrated step (module docstring)
             prepared.add_submodule(name, twin)
         choices.append(AttentionGridChoice(name, cost, take))
     return choices
