@@ -103,8 +103,9 @@ class QuantConfig:
             terms and OpenVINO runs them in INT8: 8-10% faster on the CIFAR config, ~26% on an SD-shaped UNet
             (README, speed). Not the default: without reconstruction symmetric Q/K/V left shapes32's eps error
             and FD unchanged, but after reconstruction its W4A8 FD was 0.17-0.31x FP worse on each of 3
-            reconstruction seeds, a cost of learning their step sizes, which reconstruction now keeps at the
-            calibrated values (2 seeds measured since; README, quality). Configs recorded without the field read
+            reconstruction seeds, mostly a cost of learning their step sizes; reconstruction now keeps those at
+            the calibrated values, which halves the cost (1.256x vs 1.176x FP affine, mean of 3 seeds; README,
+            quality). Configs recorded without the field read
             as ``False``.
         weight_observer, act_observer: names from the observer registry overriding the built-in choice.
         reconstruction: settings of the reconstruction pass.

@@ -161,7 +161,8 @@ class SimActQuant(nn.Module):
 
 FIXED_STEP_ATTR = "qdiff_fixed_step"
 """Set to True on an activation observer whose calibrated step size reconstruction must keep (not learn): the
-symmetric Q, K, V of ``passes.attention_operands``, where learning the steps cost shapes32 0.17-0.31x FP in FD."""
+symmetric Q, K, V of ``passes.attention_operands``, where learning the steps cost shapes32 0.17-0.31x FP in FD
+(keeping them: about half of that)."""
 
 
 def _act_quant(observer: nn.Module, name: str) -> nn.Module | None:
