@@ -159,7 +159,8 @@ def choose_attention_grids(prepared: fx.GraphModule, *, max_cost_bits: float = M
     range and per-timestep statistics, and its own range search decides its step. Observers already symmetric,
     softmax observers and observers without data are left alone (the first are reported at cost 0).
 
-    Run after calibration and before reconstruction (which learns step sizes on the chosen grids); idempotent.
+    Run after calibration and before reconstruction, which keeps the calibrated steps of the symmetric grids it
+    chose (``FIXED_STEP_ATTR``) and learns the others; idempotent.
     ``qdiff_ao.quantize`` runs it when ``QuantConfig.attention_symmetric == "measured"``.
 
     Raises:
