@@ -114,6 +114,14 @@ def attention_operand_observers(gm: fx.GraphModule) -> list[str]:
     return attention_operand_quantizers(gm, lambda m: isinstance(m, ObserverBase))
 
 
+def _install_symmetric(prepared: fx.GraphModule, name: str, new: nn.Module, old: nn.Module) -> None:
+    """Put the symmetric observer ``new`` at ``name`` in place of ``old`` (on ``old``'s device), marked so that
+    reconstruction keeps its calibrated step (module docstring)."""
+    setattr(new, FIXED_STEP_ATTR, True)
+    device = next((b.device for b in old.buffers()), None)
+    prepared.add_submodule(name, new if device is None else new.to(device))
+
+
 def symmetric_attention_operands(prepared: fx.GraphModule, cfg: QuantConfig) -> list[str]:
     """Replace the observers of attention's Q, K and V by symmetric ones (module docstring); returns their names.
 
@@ -128,10 +136,7 @@ def symmetric_attention_operands(prepared: fx.GraphModule, cfg: QuantConfig) -> 
         module = prepared.get_submodule(name)
         if is_softmax_observer(module) or is_symmetric_observer(module):  # probabilities keep their grid
             continue
-        new = factory()
-        setattr(new, FIXED_STEP_ATTR, True)  # reconstruction keeps its calibrated step (module docstring)
-        device = next((b.device for b in module.buffers()), None)
-        prepared.add_submodule(name, new if device is None else new.to(device))
+        _install_symmetric(prepared, name, factory(), module)
         replaced.append(name)
     return replaced
 
@@ -186,8 +191,6 @@ def choose_attention_grids(prepared: fx.GraphModule, *, max_cost_bits: float = M
         if not getattr(base, "has_data", lambda: True)():  # attention that calibration never reached
             continue
         twin = factory()
-        device = next((b.device for b in module.buffers()), None)
-        twin = twin if device is None else twin.to(device)
         try:
             twin.load_state_dict(module.state_dict())
         except (RuntimeError, KeyError) as err:  # an observer whose state a symmetric twin cannot take
@@ -199,8 +202,7 @@ def choose_attention_grids(prepared: fx.GraphModule, *, max_cost_bits: float = M
         cost = max(0.0, math.log2(s_sym / s_aff))
         take = cost <= max_cost_bits
         if take:
-            setattr(twin, FIXED_STEP_ATTR, True)  # reconstruction keeps its calibrated step (module docstring)
-            prepared.add_submodule(name, twin)
+            _install_symmetric(prepared, name, twin, module)
         choices.append(AttentionGridChoice(name, cost, take))
     return choices
 
