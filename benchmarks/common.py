@@ -115,8 +115,8 @@ def interleaved_ratios(
 
 
 def quantize_plain(unet: torch.nn.Module, cfg: Any, batches: list[dict[str, torch.Tensor]]) -> torch.fx.GraphModule:
-    """qdiff_ao.prepare -> run every batch (plain calibration) -> Q/K/V grids (the default "measured" choice) ->
-    qdiff_ao.convert."""
+    """qdiff_ao.prepare -> run every batch (plain calibration) -> Q/K/V grids (for ``attention_symmetric="measured"``)
+    -> qdiff_ao.convert."""
     import qdiff_ao
 
     prepared = qdiff_ao.prepare(unet, cfg, batches[0])
