@@ -30,6 +30,7 @@ from qdiff_ao.capture.input_guards import check_graph_inputs, example_inputs_fro
 from qdiff_ao.deploy.checkpoint.archive import load_graph, save_graph
 from qdiff_ao.deploy.checkpoint.loader_options import check_loader_options
 from qdiff_ao.deploy.freezing import freeze_graph
+from qdiff_ao.deploy.integer_attention import lower_integer_attention
 from qdiff_ao.deploy.openvino_runtime import OpenVINOGraph
 from qdiff_ao.deploy.timestep_dispatch import group_graph, lowered_groups_of, without_groups
 
@@ -175,21 +176,28 @@ class QuantizedUNet(ModelMixin):
         *,
         backend: str = "torch",
         threads: int | None = None,
+        integer_attention: bool = True,
     ) -> QuantizedUNet:
         """Run the lowered graph without per-node Python dispatch; returns self.
 
         ``backend="torch"``: a frozen TorchScript module with the same ``quantized::*`` kernels and packed weights
-        (outputs bit-identical, checked on the example). ``backend="openvino"``: the graph's Q/DQ form compiled by
-        OpenVINO's CPU runtime (``pip install 'qdiff_ao[openvino]'``; see :mod:`qdiff_ao.deploy.openvino_runtime`),
-        the same integer weights and qparams on OpenVINO's INT8 kernels (outputs equal the fake-quant simulation up
-        to kernel rounding, not bit-identical to fbgemm). Either way inputs are still checked against the traced
-        signature, any batch size runs, and ``save_pretrained`` writes the same checkpoint.
+        (outputs bit-identical to the graph it froze, checked on the example; with ``integer_attention`` that graph
+        multiplies attention's codes in int32: f32 rounding, and a probability on a rounding tie may move one code).
+        ``backend="openvino"``:
+        the graph's Q/DQ form compiled by OpenVINO's CPU runtime (``pip install 'qdiff_ao[openvino]'``; see
+        :mod:`qdiff_ao.deploy.openvino_runtime`), the same integer weights and qparams on OpenVINO's INT8 kernels
+        (outputs equal the fake-quant simulation up to kernel rounding, not bit-identical to fbgemm). Either way
+        inputs are still checked against the traced signature, any batch size runs, and ``save_pretrained``
+        writes the same checkpoint.
 
         Args:
             example_inputs: graph inputs for tracing / export (default: one random sample at timestep 500, built
                 from the traced signature).
             backend: ``"torch"`` or ``"openvino"``.
             threads: OpenVINO inference threads (default: ``torch.get_num_threads()``); torch backend: ignored.
+            integer_attention: torch backend: run 8-bit quantized attention on integer matmuls
+                (:func:`~qdiff_ao.deploy.integer_attention.lower_integer_attention`; the same numbers up to f32
+                rounding of the sums). False keeps convert_fx's f32 matmuls on grid values. OpenVINO: ignored.
 
         Raises:
             ValueError: an unknown backend.
@@ -205,7 +213,8 @@ class QuantizedUNet(ModelMixin):
             graphs = [without_groups(gm) for gm in self._graphs] if self._groups is not None else self._graphs
             self._frozen = [OpenVINOGraph(gm, example_inputs, threads=threads) for gm in graphs]
         else:
-            self._frozen = [freeze_graph(gm, example_inputs) for gm in self._graphs]
+            graphs = [lower_integer_attention(gm) for gm in self._graphs] if integer_attention else self._graphs
+            self._frozen = [freeze_graph(gm, example_inputs) for gm in graphs]
         self._guards = guards
         self._backend = backend
         return self

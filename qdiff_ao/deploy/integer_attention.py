@@ -1,0 +1,272 @@
+"""Quantized attention on integer matmuls for the fbgemm/x86 lowering.
+
+``convert_fx`` lowers Q-Diffusion's quantized attention as float arithmetic on grid values: Q, K and V come out of
+their quantized linears as quint8 tensors and are dequantized, the two matmuls run in f32, and only the softmax
+output is quantized and dequantized in between:
+
+    Q̂, K̂, V̂ ─dequantize─ heads ─► (c·Q) Kᵀ ─► softmax ─► quantize(s_P, z_P) ─► dequantize ─► P V      (f32 matmuls)
+
+:func:`lower_integer_attention` replaces each such chain by one :class:`IntegerAttention` call that multiplies the
+codes. With ``x = s (q - z)`` on each operand's grid and the codes moved to int8 (``q' = q - 128``, ``z' = z - 128``):
+
+    S = s_Q s_K c · [q'k'ᵀ - z'_K Σ_d q' - z'_Q Σ_d k' + d z'_Q z'_K]                   (int32 matmul, exact)
+    P = quantize(softmax(S), s_P, z_P)                                                    (the graph's own grid)
+    O = s_P s_V · [p'v' - z'_V Σ_m p' - z'_P Σ_m v' + m z'_P z'_V]
+
+The same numbers as the f32 chain up to f32 rounding of the sums (a probability on a rounding tie may move one
+code); the matmuls run on ``torch._int_mm`` (oneDNN's int8 GEMM, VNNI where the CPU has it). The per-head loop is
+TorchScript, so :func:`~qdiff_ao.deploy.freezing.freeze_graph` keeps it as a loop and any batch size runs.
+
+Only 8-bit probabilities are lowered (16-bit softmax grids stay float: no 16-bit kernel), and only chains without a
+mask between the scores and the softmax; every other attention is left as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import math
+import operator
+import warnings
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from torch import fx, nn
+
+from qdiff_ao.capture.view_ops import is_view_op
+from qdiff_ao.qconfig import MATMUL_TARGETS
+
+__all__ = ["IntegerAttention", "integer_attention_kernel", "lower_integer_attention"]
+
+logger = logging.getLogger(__name__)
+
+_PREFIX = "qdiff_integer_attention_"
+
+BLOCK_ELEMENTS = 1 << 18
+"""Scores per block (1 MiB of f32), so the softmax, quantize and sum passes run in cache. Measured (2 threads,
+AVX-512 + VNNI, ``/work/runs/s14/block_sweep.py`` in the session note): 8 x 32 heads of 256 x 256 scores took
+99 ms as one block, 15.4 ms in blocks of 2^18 (34 ms at 2^14, 53 ms at 2^19); 2 x 8 heads of 1024 x 1024: 14.5 ms
+(58 ms at 2^14, 55 ms at 2^20)."""
+
+
+def _signed_codes(x: torch.Tensor) -> torch.Tensor:
+    """int8 codes ``q - 128`` of a quint8 tensor: the uint8 bits read as int8 (a wrapping cast), top bit flipped."""
+    return torch.bitwise_xor(x.int_repr().to(torch.int8), -128)
+
+
+def _kernel(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, factor: float, p_scale: float, p_zero: int,
+            block_elements: int) -> torch.Tensor:
+    """TorchScript body of :func:`integer_attention_kernel`."""
+    n, d, m, e = q.size(-2), q.size(-1), k_t.size(-1), v.size(-1)
+    lead = q.shape[:-2]
+    qi = _signed_codes(q).reshape(-1, n, d)
+    ki = _signed_codes(k_t).reshape(-1, d, m)
+    vi = _signed_codes(v).reshape(-1, m, e)
+    zq, zv, zp = q.q_zero_point() - 128, v.q_zero_point() - 128, p_zero - 128
+    groups = qi.size(0)
+    scale = q.q_scale() * k_t.q_scale() * factor
+    key_bias = ki.sum(-2, keepdim=True, dtype=torch.int32) * (-zq * scale)  # [G, 1, M] f32
+    value_offset = (zp * vi.sum(-2, keepdim=True, dtype=torch.int32) - m * zp * zv)  # [G, 1, e] int32
+    out_scale = p_scale * v.q_scale()
+    # Blocks of (heads, query rows) whose scores stay in cache: every pass below reads them again
+    rows = min(n, max(1, block_elements // m))
+    heads = max(1, block_elements // (n * m)) if rows == n else 1
+    out = torch.empty(groups, n, e)
+    for g0 in range(0, groups, heads):
+        g1 = min(groups, g0 + heads)
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            scores = torch.empty(g1 - g0, r1 - r0, m, dtype=torch.int32)
+            for g in range(g0, g1):
+                torch._int_mm(qi[g, r0:r1], ki[g], out=scores[g - g0])
+            probs = torch.softmax(torch.add(key_bias[g0:g1], scores, alpha=scale), -1)
+            # qint8 with the zero point moved by -128 stores exactly the quint8 codes minus 128
+            pi = torch.quantize_per_tensor(probs, p_scale, zp, torch.qint8).int_repr()
+            acc = torch.empty(g1 - g0, r1 - r0, e, dtype=torch.int32)
+            for g in range(g0, g1):
+                torch._int_mm(pi[g - g0], vi[g], out=acc[g - g0])
+            if zv != 0:
+                acc -= zv * pi.sum(-1, keepdim=True, dtype=torch.int32)
+            acc -= value_offset[g0:g1]
+            torch.mul(acc, out_scale, out=out[g0:g1, r0:r1])
+    shape = list(lead) + [n, e]
+    return out.reshape(shape)
+
+
+@functools.cache
+def _scripted_kernel() -> Any:
+    """:func:`_kernel` compiled by TorchScript once, on first use (so importing qdiff_ao compiles nothing):
+    scripted, its per-head loops stay loops when :func:`~qdiff_ao.deploy.freezing.freeze_graph` traces the graph,
+    so a frozen UNet runs any batch size."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
+        return torch.jit.script(_kernel)
+
+
+def integer_attention_kernel(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, factor: float, p_scale: float,
+                             p_zero: int, block_elements: int = BLOCK_ELEMENTS) -> torch.Tensor:
+    """``quantize(softmax(c Q Kᵀ), s_P, z_P) V`` on integer matmuls (module docstring), in f32.
+
+    Softmax ignores a constant added to a row, so of the zero-point terms of the scores only ``-z'_Q Σ_d k'`` (one
+    value per key) is applied, as the float bias of the single pass that scales the int32 scores. The scores are
+    made, normalised and quantized in blocks of ``block_elements`` (heads x query rows) that stay in cache.
+
+    Args:
+        q: quint8 [..., N, d]; k_t: quint8 [..., d, M] (K already transposed); v: quint8 [..., M, e].
+        factor: the scalar ``c`` the graph multiplies the scores by (e.g. 1/sqrt(d)).
+        p_scale, p_zero: the probabilities' 8-bit unsigned grid.
+        block_elements: scores per block (:data:`BLOCK_ELEMENTS`).
+    """
+    return cast(torch.Tensor, _scripted_kernel()(q, k_t, v, factor, p_scale, p_zero, block_elements))
+
+
+class IntegerAttention(nn.Module):
+    """One lowered attention: ``forward(q, k_t, v, p_scale, p_zero)`` -> f32 ``[..., N, e]``.
+
+    ``q``, ``k_t`` and ``v`` are the quantized operands in head layout (``k_t`` transposed); the probability grid is
+    read from the graph's own qparam buffers at call time, so each timestep group's graph keeps its own.
+    """
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, p_scale: torch.Tensor,
+                p_zero: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, _scripted_kernel()(q, k_t, v, self.factor, float(p_scale), int(p_zero),
+                                                     BLOCK_ELEMENTS))
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor}"
+
+
+@dataclass
+class _Match:
+    qk: fx.Node
+    softmax: fx.Node
+    quant: fx.Node
+    dequant: fx.Node
+    pv: fx.Node
+    factor: float
+    operands: tuple[tuple[fx.Node, list[fx.Node]], ...]  # (quantized source, view chain top-down) for q, k_t, v
+    walked: list[fx.Node]  # the operands' dequantize, shape and scalar nodes, erased once nothing reads them
+
+
+def _is_matmul(node: fx.Node) -> bool:
+    return node.op in ("call_function", "call_method") and node.target in MATMUL_TARGETS
+
+
+def _only_user(node: fx.Node, user: fx.Node) -> bool:
+    return list(node.users) == [user]
+
+
+def _operand(node: fx.Node, walked: list[fx.Node]) -> tuple[fx.Node, list[fx.Node], float] | None:
+    """Walk up from a matmul operand through shape-only ops and scalar multiplies to a ``dequantize``; returns
+    (the quantized tensor it dequantizes, the shape ops top-down, the product of the scalars)."""
+    chain: list[fx.Node] = []
+    factor = 1.0
+    while True:
+        walked.append(node)
+        if node.op == "call_method" and node.target == "dequantize" or (
+                node.op == "call_function" and node.target is torch.dequantize):
+            source = node.args[0]
+            return (source, chain[::-1], factor) if isinstance(source, fx.Node) else None
+        if is_view_op(node):
+            chain.append(node)
+        elif node.op == "call_function" and node.target in (operator.mul, torch.mul) and len(node.args) == 2:
+            a, b = node.args
+            scalar, tensor = (a, b) if isinstance(a, (int, float)) else (b, a)
+            if not isinstance(scalar, (int, float)) or not isinstance(tensor, fx.Node) or not math.isfinite(scalar):
+                return None
+            factor *= float(scalar)
+            node = tensor
+            continue
+        else:
+            return None
+        source = node.args[0]
+        if not isinstance(source, fx.Node):
+            return None
+        node = source
+
+
+def _softmax_dim_is_last(node: fx.Node) -> bool:
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    return isinstance(dim, int) and dim == -1 and "dtype" not in node.kwargs
+
+
+def _match(pv: fx.Node) -> _Match | None:
+    """``dequantize(quantize(softmax(qk))) @ V`` with both matmul operands traced back to quantized tensors."""
+    if not _is_matmul(pv) or len(pv.args) != 2 or pv.kwargs:
+        return None
+    dequant, v_node = pv.args
+    if not (isinstance(dequant, fx.Node) and isinstance(v_node, fx.Node)):
+        return None
+    if not (dequant.op == "call_method" and dequant.target == "dequantize" and _only_user(dequant, pv)):
+        return None
+    quant = dequant.args[0]
+    if not (isinstance(quant, fx.Node) and quant.target is torch.quantize_per_tensor and _only_user(quant, dequant)):
+        return None
+    if (quant.args[3] if len(quant.args) > 3 else quant.kwargs.get("dtype")) is not torch.quint8:
+        return None
+    softmax = quant.args[0]
+    if not (isinstance(softmax, fx.Node) and softmax.target in (torch.softmax, "softmax")
+            and _softmax_dim_is_last(softmax) and _only_user(softmax, quant)):
+        return None
+    qk = softmax.args[0]
+    if not (isinstance(qk, fx.Node) and _is_matmul(qk) and len(qk.args) == 2 and not qk.kwargs
+            and _only_user(qk, softmax)):
+        return None
+    walked: list[fx.Node] = []
+    found = [_operand(n, walked) for n in (qk.args[0], qk.args[1], v_node) if isinstance(n, fx.Node)]
+    if len(found) != 3 or any(f is None for f in found):
+        return None
+    (qs, qc, qf), (ks, kc, kf), (vs, vc, vf) = found  # type: ignore[misc]
+    if vf != 1.0:
+        return None
+    return _Match(qk, softmax, quant, dequant, pv, qf * kf, ((qs, qc), (ks, kc), (vs, vc)), walked)
+
+
+def _replay(graph: fx.Graph, source: fx.Node, chain: list[fx.Node]) -> fx.Node:
+    """The shape ops of ``chain`` applied to ``source`` (a quantized tensor) instead of its dequantized copy."""
+    node = source
+    for op in chain:
+        node = graph.create_node(op.op, op.target, (node, *op.args[1:]), dict(op.kwargs))
+    return node
+
+
+def lower_integer_attention(converted: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``converted`` whose 8-bit quantized attentions run on integer matmuls (:class:`IntegerAttention`).
+
+    The copy shares every submodule (packed weights) with ``converted``, which is left unchanged. Attentions that
+    do not match (float attention, 16-bit probabilities, masked scores, a scaled V) keep their float chain.
+
+    Raises:
+        TypeError: ``converted`` is not a GraphModule.
+    """
+    if not isinstance(converted, fx.GraphModule):
+        raise TypeError(f"lower_integer_attention needs a converted fx.GraphModule, got {type(converted).__name__}")
+    gm = fx.GraphModule(converted, copy.deepcopy(converted.graph))
+    gm.meta = dict(converted.meta)
+    matches = [m for m in (_match(n) for n in list(gm.graph.nodes)) if m is not None]
+    for index, m in enumerate(matches):
+        name = f"{_PREFIX}{index}"
+        gm.add_submodule(name, IntegerAttention(m.factor))
+        with gm.graph.inserting_before(m.pv):
+            q, k_t, v = (_replay(gm.graph, source, chain) for source, chain in m.operands)
+            scale, zero = m.quant.args[1], m.quant.args[2]
+            call = gm.graph.call_module(name, (q, k_t, v, scale, zero))
+        m.pv.replace_all_uses_with(call)
+        for dead in (m.pv, m.dequant, m.quant, m.softmax, m.qk):
+            gm.graph.erase_node(dead)
+        # the float operands' dequantize/shape nodes, last first; one still read elsewhere (e.g. a K that also
+        # feeds another op) stays
+        order = {node: i for i, node in enumerate(gm.graph.nodes)}
+        for node in sorted(set(m.walked), key=order.__getitem__, reverse=True):
+            if not node.users:
+                gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    logger.info("integer attention: %d of the graph's attentions lowered", len(matches))
+    return gm

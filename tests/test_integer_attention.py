@@ -1,0 +1,127 @@
+"""Quantized attention on integer matmuls (``qdiff_ao.deploy.integer_attention``): the kernel against the f32 chain
+that ``convert_fx`` emits, the graph rewrite on tiny UNets, and the frozen fbgemm path that uses it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import qdiff_ao
+from qdiff_ao.deploy.integer_attention import IntegerAttention, integer_attention_kernel, lower_integer_attention
+from tests.unet_factory import build_unet, calibrated_unet, unet_inputs
+
+
+def _quantized(shape: tuple[int, ...], scale: float, zero: int, seed: int) -> torch.Tensor:
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 40 * scale + (128 - zero) * scale
+    return torch.quantize_per_tensor(x, scale, zero, torch.quint8)
+
+
+def _float_chain(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, factor: float, p_scale: float,
+                 p_zero: int) -> torch.Tensor:
+    """What convert_fx's graph computes: f32 matmuls on the dequantized grids, 8-bit probabilities between."""
+    probs = torch.softmax(torch.matmul(q.dequantize() * factor, k_t.dequantize()), -1)
+    return torch.quantize_per_tensor(probs, p_scale, p_zero, torch.quint8).dequantize() @ v.dequantize()
+
+
+@settings(max_examples=40, deadline=None)
+@given(lead=st.lists(st.integers(1, 3), min_size=1, max_size=2), n=st.integers(1, 40), m=st.integers(1, 40),
+       d=st.integers(1, 24), e=st.integers(1, 24), zeros=st.tuples(*[st.integers(0, 255)] * 3),
+       scales=st.tuples(*[st.floats(1e-3, 0.1)] * 3), factor=st.floats(0.05, 2.0), p_bits=st.sampled_from([255, 127]),
+       block=st.sampled_from([1, 7, 1 << 18]), seed=st.integers(0, 2**16))
+def test_kernel_equals_the_float_chain(lead: list[int], n: int, m: int, d: int, e: int, zeros: tuple[int, ...],
+                                       scales: tuple[float, ...], factor: float, p_bits: int, block: int,
+                                       seed: int) -> None:
+    """Any shapes, zero points, scales and block sizes: the integer kernel equals the f32 chain up to f32
+    rounding, except that a probability on a rounding tie may land one code away (bounded by one code of P
+    times the largest |V|)."""
+    q = _quantized((*lead, n, d), scales[0], zeros[0], seed)
+    k_t = _quantized((*lead, m, d), scales[1], zeros[1], seed + 1).transpose(-1, -2)
+    v = _quantized((*lead, m, e), scales[2], zeros[2], seed + 2)
+    p_scale = 1.0 / p_bits
+    out = integer_attention_kernel(q, k_t, v, factor, p_scale, 0, block)
+    ref = _float_chain(q, k_t, v, factor, p_scale, 0)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    one_code = p_scale * float(v.dequantize().abs().max())
+    assert float((out - ref).abs().max()) <= one_code + 1e-5 * (1 + float(ref.abs().max()))
+    assert float((out - ref).abs().mean()) <= 1e-3 * one_code + 1e-5 * (1 + float(ref.abs().max()))
+
+
+def test_kernel_is_exact_up_to_f32_rounding_on_typical_operands() -> None:
+    """Affine Q/K (zero points away from 128), symmetric V, 256 keys: no probability changes code."""
+    q = _quantized((2, 4, 64, 16), 0.02, 110, 0)
+    k_t = _quantized((2, 4, 256, 16), 0.03, 150, 1).transpose(-1, -2)
+    v = _quantized((2, 4, 256, 16), 0.025, 128, 2)
+    out = integer_attention_kernel(q, k_t, v, 0.25, 1 / 255, 0)
+    ref = _float_chain(q, k_t, v, 0.25, 1 / 255, 0)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["attn", "cross_attn"])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_graph_rewrite_replaces_every_attention(family: str, symmetric: bool) -> None:
+    """Each softmax-quantized attention becomes one IntegerAttention; the matmuls are gone, the converted graph
+    is left as it was, and each call equals the f32 chain on the same operands (a probability on a rounding tie
+    may move one code: at most one code of P times the largest |V|, i.e. about half an LSB of an output grid
+    spanning the attention output)."""
+    cfg = qdiff_ao.QuantConfig(weight_bits=8, act_bits=8, attention_symmetric=symmetric)
+    _, prepared = calibrated_unet(family, cfg)
+    n_softmax = len(qdiff_ao.graph_info(prepared).softmax_observers)
+    converted = qdiff_ao.convert(prepared)
+    before = converted.code
+    lowered = lower_integer_attention(converted)
+    assert converted.code == before
+    calls = [n for n in lowered.graph.nodes if n.op == "call_module"
+             and isinstance(lowered.get_submodule(str(n.target)), IntegerAttention)]
+    assert len(calls) == n_softmax > 0
+    assert not any(n.target in (torch.matmul, torch.bmm, torch.softmax) for n in lowered.graph.nodes)
+    records: list[tuple[float, tuple[torch.Tensor, ...], torch.Tensor]] = []
+    for node in calls:
+        module = lowered.get_submodule(str(node.target))
+        module.register_forward_hook(lambda mod, args, out: records.append((mod.factor, args, out)))
+    inputs = unet_inputs(family, 3, t=500, seed=7)
+    with torch.no_grad():
+        a, b = converted(**inputs), lowered(**inputs)
+    assert len(records) == len(calls)
+    for factor, (q, k_t, v, p_scale, p_zero), out in records:
+        ref = _float_chain(q, k_t, v, factor, float(p_scale), int(p_zero))
+        one_code = float(p_scale) * float(v.dequantize().abs().max())
+        assert float((out - ref).abs().max()) <= one_code + 1e-5
+        assert float((out - ref).abs().mean()) <= 1e-3 * one_code + 1e-6
+    assert float((a - b).norm() / a.norm()) < 1e-3
+
+
+def test_float_and_16_bit_attention_are_left_alone() -> None:
+    for cfg in (qdiff_ao.QuantConfig(weight_bits=8, act_bits=8, quantize_attention=False),
+                qdiff_ao.QuantConfig(weight_bits=8, act_bits=8, softmax_bits=16)):
+        _, prepared = calibrated_unet("attn", cfg)
+        converted = qdiff_ao.convert(prepared)
+        lowered = lower_integer_attention(converted)
+        assert not any(isinstance(m, IntegerAttention) for m in lowered.modules())
+        inputs = unet_inputs("attn", 2, seed=4)
+        with torch.no_grad():
+            assert torch.equal(converted(**inputs), lowered(**inputs))
+
+
+def test_frozen_quantized_unet_uses_integer_attention_at_any_batch() -> None:
+    cfg = qdiff_ao.QuantConfig(weight_bits=8, act_bits=8)
+    unet, prepared = calibrated_unet("attn", cfg)
+    graph = qdiff_ao.convert(prepared)
+    eager = qdiff_ao.QuantizedUNet(graph, like=unet)
+    fast = qdiff_ao.QuantizedUNet(graph, like=unet).optimize_for_inference()
+    plain = qdiff_ao.QuantizedUNet(graph, like=unet).optimize_for_inference(integer_attention=False)
+    assert "aten::_int_mm" in str(fast._frozen[0].graph)
+    assert "aten::_int_mm" not in str(plain._frozen[0].graph)
+    for batch in (1, 5):  # the example batch is 1: the per-head loop must not be unrolled
+        x = unet_inputs("attn", batch, seed=batch)
+        with torch.no_grad():
+            ref = eager(x["sample"], x["timestep"]).sample
+            assert torch.equal(plain(x["sample"], x["timestep"]).sample, ref)
+            out = fast(x["sample"], x["timestep"]).sample
+        assert float((out - ref).norm() / ref.norm()) < 1e-3
+
+
+def test_refuses_what_is_not_a_graph_module() -> None:
+    with pytest.raises(TypeError, match="GraphModule"):
+        lower_integer_attention(build_unet("attn"))  # type: ignore[arg-type]
