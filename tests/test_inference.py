@@ -8,6 +8,7 @@ import torch
 import qdiff_ao
 from qdiff_ao.capture.input_guards import traced_input_guards
 from qdiff_ao.deploy.freezing import freeze_graph
+from qdiff_ao.deploy.integer_attention import lower_integer_attention
 from tests.unet_factory import build_unet, quantize_plain, unet_inputs
 
 _GRAPHS: dict[tuple[str, bool], tuple[torch.nn.Module, torch.fx.GraphModule]] = {}
@@ -26,13 +27,17 @@ def _qunet(family: str, quantize_attention: bool = True) -> tuple[torch.nn.Modul
 
 
 @pytest.mark.parametrize("family", ["attn", "cross_attn", "class_embeds", "skip_fourier"])
-def test_frozen_module_is_bit_identical(family: str) -> None:
-    _, qunet = _qunet(family)
+@pytest.mark.parametrize("integer_attention", [True, False])
+def test_frozen_module_is_bit_identical(family: str, integer_attention: bool) -> None:
+    """Frozen == the graph it froze, bit for bit: with integer attention that is the rewritten graph."""
+    unet, qunet = _qunet(family)
+    eager = qdiff_ao.QuantizedUNet(lower_integer_attention(qunet.graph_module), like=unet) if integer_attention \
+        else qunet
     cases = [unet_inputs(family, b, t, seed=10 + b) for b, t in ((1, 999), (3, 500), (5, 0))]
     with torch.no_grad():
-        expected = [qunet(**x).sample for x in cases]
+        expected = [eager(**x).sample for x in cases]
         assert not qunet.optimized
-        assert qunet.optimize_for_inference() is qunet and qunet.optimized
+        assert qunet.optimize_for_inference(integer_attention=integer_attention) is qunet and qunet.optimized
         for x, ref in zip(cases, expected):
             torch.testing.assert_close(qunet(**x).sample, ref, rtol=0, atol=0)
         # the diffusers calling conventions still work: int timestep, return_dict=False

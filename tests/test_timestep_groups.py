@@ -149,9 +149,14 @@ def test_mixed_timestep_batch_is_split_by_group_and_frozen_runs_agree(grouped: d
         together = qunet(**mixed).sample
         alone = torch.cat([qunet(**x).sample for x in xs])
         assert torch.equal(together, alone)
-        qunet.optimize_for_inference()
+        qunet.optimize_for_inference(integer_attention=False)  # the same kernels: bit-identical
         assert qunet.optimized and len(qunet._frozen) == len(qunet._graphs)
         assert torch.equal(qunet(**mixed).sample, together)
+        # Integer attention: f32 rounding of the sums can move a probability on a tie by one code, and through this
+        # random-weight UNet's requantizations that grows to ~1.5%: within test_lowering's kernel-rounding bound
+        qunet.optimize_for_inference()
+        fast = qunet(**mixed).sample
+        assert float((fast - together).norm() / together.norm()) < 0.05
 
 
 def test_checkpoint_round_trip_keeps_the_groups(grouped: dict[str, Any], tmp_path: Path) -> None:
