@@ -124,7 +124,7 @@ def build(unet: torch.nn.Module, workdir: Path, threads: int, compile_fp32: bool
             path = workdir / "ours.onnx"
             qdiff_ao.export_onnx(gm, path, calib[0])
             rows["ONNX Runtime INT8 on our export"] = ort_runner(path, threads)
-        if not quantize_attention or default:  # fbgemm runs attention matmuls in float: Q/K/V grids do not matter
+        if not quantize_attention or default:  # fbgemm: the integer attention takes any zero points, grids cost little
             fb = qdiff_ao.QuantizedUNet(gm, like=like).eval().optimize_for_inference()
             rows[f"ours W4A8 {label}, fbgemm"] = lambda x, m=fb: m(**x).sample
         if _have("openvino"):
