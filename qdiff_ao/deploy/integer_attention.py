@@ -61,15 +61,20 @@ def _kernel(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, factor: float, 
     """TorchScript body of :func:`integer_attention_kernel`."""
     n, d, m, e = q.size(-2), q.size(-1), k_t.size(-1), v.size(-1)
     lead = q.shape[:-2]
-    qi = _signed_codes(q).reshape(-1, n, d)
-    ki = _signed_codes(k_t).reshape(-1, d, m)
-    vi = _signed_codes(v).reshape(-1, m, e)
+    # row-major copies: torch._int_mm reads degenerate strides (a size-1 dimension of a transposed view) wrongly
+    qi = _signed_codes(q).reshape(-1, n, d).contiguous()
+    ki = _signed_codes(k_t).reshape(-1, d, m).contiguous()
+    vi = _signed_codes(v).reshape(-1, m, e).contiguous()
     zq, zv, zp = q.q_zero_point() - 128, v.q_zero_point() - 128, p_zero - 128
     groups = qi.size(0)
+    if zv != 0:  # a column of ones: the P V product then also yields each row's code sum, for the z'_V term
+        vi = torch.cat([vi, torch.ones(groups, m, 1, dtype=torch.int8)], -1)
     scale = q.q_scale() * k_t.q_scale() * factor
     key_bias = ki.sum(-2, keepdim=True, dtype=torch.int32) * (-zq * scale)  # [G, 1, M] f32
-    value_offset = (zp * vi.sum(-2, keepdim=True, dtype=torch.int32) - m * zp * zv)  # [G, 1, e] int32
+    value_offset = (zp * vi[:, :, :e].sum(-2, keepdim=True, dtype=torch.int32) - m * zp * zv)  # [G, 1, e] int32
     out_scale = p_scale * v.q_scale()
+    inv_p = 1.0 / p_scale
+    clamp = p_scale * (127 - zp) < 1.0  # else every probability in [0, 1] has a code in [zp, 127]
     # Blocks of (heads, query rows) whose scores stay in cache: every pass below reads them again
     rows = min(n, max(1, block_elements // m))
     heads = max(1, block_elements // (n * m)) if rows == n else 1
@@ -82,15 +87,17 @@ def _kernel(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, factor: float, 
             for g in range(g0, g1):
                 torch._int_mm(qi[g, r0:r1], ki[g], out=scores[g - g0])
             probs = torch.softmax(torch.add(key_bias[g0:g1], scores, alpha=scale), -1)
-            # qint8 with the zero point moved by -128 stores exactly the quint8 codes minus 128
-            pi = torch.quantize_per_tensor(probs, p_scale, zp, torch.qint8).int_repr()
-            acc = torch.empty(g1 - g0, r1 - r0, e, dtype=torch.int32)
+            # the quint8 codes minus 128, computed in place (round half to even, as quantize_per_tensor)
+            codes = probs.mul_(inv_p).round_().add_(zp)
+            pi = (codes.clamp_(-128, 127) if clamp else codes).to(torch.int8)
+            acc = torch.empty(g1 - g0, r1 - r0, vi.size(-1), dtype=torch.int32)
             for g in range(g0, g1):
                 torch._int_mm(pi[g - g0], vi[g], out=acc[g - g0])
+            body = acc[:, :, :e]
             if zv != 0:
-                acc -= zv * pi.sum(-1, keepdim=True, dtype=torch.int32)
-            acc -= value_offset[g0:g1]
-            torch.mul(acc, out_scale, out=out[g0:g1, r0:r1])
+                body -= zv * acc[:, :, e:]
+            body -= value_offset[g0:g1]
+            torch.mul(body, out_scale, out=out[g0:g1, r0:r1])
     shape = list(lead) + [n, e]
     return out.reshape(shape)
 
@@ -111,7 +118,9 @@ def integer_attention_kernel(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor
 
     Softmax ignores a constant added to a row, so of the zero-point terms of the scores only ``-z'_Q Σ_d k'`` (one
     value per key) is applied, as the float bias of the single pass that scales the int32 scores. The scores are
-    made, normalised and quantized in blocks of ``block_elements`` (heads x query rows) that stay in cache.
+    made, normalised and quantized in blocks of ``block_elements`` (heads x query rows) that stay in cache; the
+    probability codes are computed in place (``round(p / s_P) + z'_P``, clamped only where the grid ends below 1),
+    and ``Σ_m p'`` for the ``z'_V`` term comes out of the P V product itself, from a column of ones appended to V.
 
     Args:
         q: quint8 [..., N, d]; k_t: quint8 [..., d, M] (K already transposed); v: quint8 [..., M, e].
