@@ -30,14 +30,15 @@ def _float_chain(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, factor: fl
          seed=0)  # a size-1 head dimension: transposed code views whose strides _int_mm misread
 @given(lead=st.lists(st.integers(1, 3), min_size=1, max_size=2), n=st.integers(1, 40), m=st.integers(1, 40),
        d=st.integers(1, 24), e=st.integers(1, 24), zeros=st.tuples(*[st.integers(0, 255)] * 3),
-       scales=st.tuples(*[st.floats(1e-3, 0.1)] * 3), factor=st.floats(0.05, 2.0), p_bits=st.sampled_from([255, 127, 300]),
+       scales=st.tuples(*[st.floats(1e-3, 0.1)] * 3), factor=st.floats(0.05, 2.0),
+       p_bits=st.sampled_from([255, 127, 300]),
        block=st.sampled_from([1, 7, 1 << 18]), seed=st.integers(0, 2**16))
 def test_kernel_equals_the_float_chain(lead: list[int], n: int, m: int, d: int, e: int, zeros: tuple[int, ...],
                                        scales: tuple[float, ...], factor: float, p_bits: int, block: int,
                                        seed: int) -> None:
     """Any shapes, zero points, scales, block sizes and probability grids (1/300: probabilities near 1 clip, the
-    kernel's clamp path): the integer kernel equals the f32 chain up to f32 rounding, except that a probability on a rounding tie may land one code away (bounded by one code of P
-    times the largest |V|)."""
+    kernel's clamp path): the integer kernel equals the f32 chain up to f32 rounding, except that a probability on
+    a rounding tie may land one code away (bounded by one code of P times the largest |V|)."""
     q = _quantized((*lead, n, d), scales[0], zeros[0], seed)
     k_t = _quantized((*lead, m, d), scales[1], zeros[1], seed + 1).transpose(-1, -2)
     v = _quantized((*lead, m, e), scales[2], zeros[2], seed + 2)
