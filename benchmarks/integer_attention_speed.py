@@ -1,0 +1,139 @@
+"""Quantized attention on fbgemm with and without the integer-matmul kernel, against float attention.
+
+Model level (default): W4A8 plain calibration (4 batches), frozen TorchScript, ratio vs FP32 eager over
+interleaved rounds (``benchmarks.common.interleaved_ratios``):
+
+- ``fbgemm default``: ``convert_fx``'s f32 attention matmuls on grid values (``integer_attention=False``);
+- ``fbgemm default, integer attention``: ``deploy.integer_attention`` (the ``optimize_for_inference`` default);
+- ``fbgemm float attention``: ``QuantConfig(quantize_attention=False)`` (PyTorch's SDPA in f32).
+
+``--kernel``: the attention kernel alone on head layouts of the benchmark models (median ms), integer kernel vs
+the f32 chain vs f32 SDPA.
+
+Usage: ``python benchmarks/integer_attention_speed.py --model {cifar10,cifar10-32heads,sd-shaped} [--rounds 5]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import qdiff_ao  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    cifar10_ddpm_unet,
+    interleaved_ratios,
+    quantize_plain,
+    sd_shaped_unet,
+    unet_inputs,
+)
+from qdiff_ao.deploy.freezing import freeze_graph  # noqa: E402
+from qdiff_ao.deploy.integer_attention import integer_attention_kernel, lower_integer_attention  # noqa: E402
+
+MODELS = {"cifar10": lambda: cifar10_ddpm_unet(0), "cifar10-32heads": lambda: cifar10_ddpm_unet(0, heads32=True),
+          "sd-shaped": lambda: sd_shaped_unet(0)}
+KERNEL_SHAPES = {  # (batch, tokens, heads, head dim) of each model's largest self-attention
+    "cifar10": (8, 256, 1, 256), "cifar10-32heads": (8, 256, 32, 8), "sd-shaped": (2, 1024, 8, 16)}
+
+
+def _cpu_flags() -> str:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split()
+    except (OSError, IndexError):
+        return "unknown"
+    return " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "amx_int8") if f in flags)
+
+
+def model_table(name: str, rounds: int) -> None:
+    unet = MODELS[name]()
+    batch = 2 if name == "sd-shaped" else 4
+    calib = [unet_inputs(unet, batch, t, seed=i) for i, t in enumerate((950, 700, 400, 100))]
+    example = unet_inputs(unet, 1, 500, seed=3)
+    rows: dict[str, Any] = {"FP32 eager": lambda x: unet(**x).sample}
+    graph = quantize_plain(unet, qdiff_ao.QuantConfig(weight_bits=4, act_bits=8), calib)
+    f32_chain = freeze_graph(graph, example)
+    integer = freeze_graph(lower_integer_attention(graph), example)
+    float_attention = freeze_graph(
+        quantize_plain(unet, qdiff_ao.QuantConfig(weight_bits=4, act_bits=8, quantize_attention=False), calib), example)
+    rows["fbgemm default, f32 attention matmuls"] = lambda x: f32_chain(**x)
+    rows["fbgemm default, integer attention"] = lambda x: integer(**x)
+    rows["fbgemm float attention"] = lambda x: float_attention(**x)
+    with torch.no_grad():
+        x = unet_inputs(unet, 2, 500, seed=5)
+        a, b = f32_chain(**x), integer(**x)
+    print(f"integer vs f32 attention matmuls, rel. L2 at batch 2: {float((a - b).norm() / a.norm()):.4f} "
+          "(code-level differences grown through this random-weight UNet's requantizations)")
+    batches = [1, 2] if name == "sd-shaped" else [1, 8]
+    cells = interleaved_ratios(rows, unet, batches, rounds=rounds, iters=3)
+    print(f"\n| {name} | " + " | ".join(f"b{b}" for b in batches) + " |")
+    print("|---|" + "---:|" * len(batches))
+    for label, values in cells.items():
+        print(f"| {label} | " + " | ".join(values) + " |")
+
+
+def _median_ms(fn: Any, n: int = 7) -> float:
+    for _ in range(2):
+        fn()
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(samples)
+
+
+def _kernel_row(shape: tuple[int, int, int, int], g: torch.Generator) -> list[float]:
+    """(integer kernel, f32 chain, f32 SDPA) median ms on one attention of ``shape`` = (B, N, heads, d)."""
+    b, n, h, d = shape
+
+    def operand(scale: float, zero: int) -> torch.Tensor:
+        x = torch.quantize_per_tensor(torch.randn(b, n, h * d, generator=g), scale, zero, torch.quint8)
+        return x.view(b, n, h, d).transpose(1, 2)
+
+    q, k, v = operand(0.02, 120), operand(0.03, 140), operand(0.025, 131)
+    qf, kf, vf = q.dequantize(), k.dequantize(), v.dequantize()
+    factor = d ** -0.5
+
+    def chain() -> torch.Tensor:
+        probs = torch.softmax(torch.matmul(q.dequantize() * factor, k.dequantize().transpose(-1, -2)), -1)
+        return torch.quantize_per_tensor(probs, 1 / 255, 0, torch.quint8).dequantize() @ v.dequantize()
+
+    with torch.no_grad():
+        return [_median_ms(lambda: integer_attention_kernel(q, k.transpose(-1, -2), v, factor, 1 / 255, 0)),
+                _median_ms(chain),
+                _median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qf, kf, vf))]
+
+
+def kernel_table() -> None:
+    print("| model's attention (B, N, heads, d) | integer kernel (ms) | f32 chain (ms) | f32 SDPA (ms) |")
+    print("|---|---:|---:|---:|")
+    g = torch.Generator().manual_seed(0)
+    for name, shape in KERNEL_SHAPES.items():
+        cells = _kernel_row(shape, g)
+        print(f"| {name} {shape} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=list(MODELS), default="cifar10")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--kernel", action="store_true", help="time the attention kernel alone instead")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, CPU flags: {_cpu_flags()}")
+    if args.kernel:
+        kernel_table()
+    else:
+        model_table(args.model, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
