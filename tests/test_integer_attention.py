@@ -9,7 +9,13 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import qdiff_ao
-from qdiff_ao.deploy.integer_attention import IntegerAttention, integer_attention_kernel, lower_integer_attention
+from qdiff_ao.deploy import integer_attention
+from qdiff_ao.deploy.integer_attention import (
+    MIN_SCORES_PER_HEAD,
+    IntegerAttention,
+    integer_attention_kernel,
+    lower_integer_attention,
+)
 from tests.unet_factory import build_unet, calibrated_unet, unet_inputs
 
 
@@ -43,7 +49,7 @@ def test_kernel_equals_the_float_chain(lead: list[int], n: int, m: int, d: int, 
     k_t = _quantized((*lead, m, d), scales[1], zeros[1], seed + 1).transpose(-1, -2)
     v = _quantized((*lead, m, e), scales[2], zeros[2], seed + 2)
     p_scale = 1.0 / p_bits
-    out = integer_attention_kernel(q, k_t, v, factor, p_scale, 0, block)
+    out = integer_attention_kernel(q, k_t, v, factor, p_scale, 0, block, min_scores=0)  # integer path at any size
     ref = _float_chain(q, k_t, v, factor, p_scale, 0)
     assert out.shape == ref.shape and out.dtype == torch.float32
     one_code = p_scale * float(v.dequantize().abs().max())
@@ -56,18 +62,29 @@ def test_kernel_is_exact_up_to_f32_rounding_on_typical_operands() -> None:
     q = _quantized((2, 4, 64, 16), 0.02, 110, 0)
     k_t = _quantized((2, 4, 256, 16), 0.03, 150, 1).transpose(-1, -2)
     v = _quantized((2, 4, 256, 16), 0.025, 128, 2)
-    out = integer_attention_kernel(q, k_t, v, 0.25, 1 / 255, 0)
+    out = integer_attention_kernel(q, k_t, v, 0.25, 1 / 255, 0, min_scores=0)
     ref = _float_chain(q, k_t, v, 0.25, 1 / 255, 0)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_small_heads_keep_the_f32_chain() -> None:
+    """Below MIN_SCORES_PER_HEAD scores per head the kernel runs the f32 chain itself: bit-identical to it."""
+    q = _quantized((2, 4, 16, 8), 0.02, 110, 0)
+    k_t = _quantized((2, 4, 16, 8), 0.03, 150, 1).transpose(-1, -2)
+    v = _quantized((2, 4, 16, 8), 0.025, 140, 2)
+    assert 16 * 16 < MIN_SCORES_PER_HEAD
+    assert torch.equal(integer_attention_kernel(q, k_t, v, 0.5, 1 / 255, 0), _float_chain(q, k_t, v, 0.5, 1 / 255, 0))
+
+
 @pytest.mark.parametrize("family", ["attn", "cross_attn"])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_graph_rewrite_replaces_every_attention(family: str, symmetric: bool) -> None:
+def test_graph_rewrite_replaces_every_attention(family: str, symmetric: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each softmax-quantized attention becomes one IntegerAttention; the matmuls are gone, the converted graph
     is left as it was, and each call equals the f32 chain on the same operands (a probability on a rounding tie
     may move one code: at most one code of P times the largest |V|, i.e. about half an LSB of an output grid
-    spanning the attention output)."""
+    spanning the attention output). The tiny UNets' heads are below MIN_SCORES_PER_HEAD: the limit is lifted so
+    that every call takes the integer path."""
+    monkeypatch.setattr(integer_attention, "MIN_SCORES_PER_HEAD", 0)
     cfg = qdiff_ao.QuantConfig(weight_bits=8, act_bits=8, attention_symmetric=symmetric)
     _, prepared = calibrated_unet(family, cfg)
     n_softmax = len(qdiff_ao.graph_info(prepared).softmax_observers)

@@ -44,6 +44,12 @@ logger = logging.getLogger(__name__)
 
 _PREFIX = "qdiff_integer_attention_"
 
+MIN_SCORES_PER_HEAD = 1 << 16
+"""Heads with fewer scores than this (N x M) keep the f32 chain: a GEMM call per head costs ~13 us of dispatch,
+more than the int8 arithmetic saves on small heads. Measured (2 threads, AVX-512 + VNNI; f32 chain / integer time):
+8 x 8 heads of 64 x 64 scores 0.27, 8 x 8 heads of 128 x 128 0.99, 8 x 8 heads of 256 x 256 1.42, 1 x 8 heads of
+1,024 x 1,024 5.97 (the digits model's 8-head 8 x 8 attention ran 1.6x slower at batch 8 before this limit)."""
+
 BLOCK_ELEMENTS = 1 << 18
 """Scores per block (1 MiB of f32), so the softmax, quantize and sum passes run in cache. Measured (2 threads,
 AVX-512 + VNNI, ``/work/runs/s14/block_sweep.py`` in the session note): 8 x 32 heads of 256 x 256 scores took
@@ -57,9 +63,13 @@ def _signed_codes(x: torch.Tensor) -> torch.Tensor:
 
 
 def _kernel(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, factor: float, p_scale: float, p_zero: int,
-            block_elements: int) -> torch.Tensor:
+            block_elements: int, min_scores: int) -> torch.Tensor:
     """TorchScript body of :func:`integer_attention_kernel`."""
     n, d, m, e = q.size(-2), q.size(-1), k_t.size(-1), v.size(-1)
+    if n * m < min_scores:  # small heads: one batched f32 matmul beats a GEMM call per head
+        probs = torch.softmax(torch.matmul(q.dequantize() * factor, k_t.dequantize()), -1)
+        grid_probs = torch.quantize_per_tensor(probs, p_scale, p_zero, torch.quint8).dequantize()
+        return torch.matmul(grid_probs, v.dequantize())
     lead = q.shape[:-2]
     # row-major copies: torch._int_mm reads degenerate strides (a size-1 dimension of a transposed view) wrongly
     qi = _signed_codes(q).reshape(-1, n, d).contiguous()
@@ -113,7 +123,8 @@ def _scripted_kernel() -> Any:
 
 
 def integer_attention_kernel(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, factor: float, p_scale: float,
-                             p_zero: int, block_elements: int = BLOCK_ELEMENTS) -> torch.Tensor:
+                             p_zero: int, block_elements: int = BLOCK_ELEMENTS,
+                             min_scores: int = MIN_SCORES_PER_HEAD) -> torch.Tensor:
     """``quantize(softmax(c Q Kᵀ), s_P, z_P) V`` on integer matmuls (module docstring), in f32.
 
     Softmax ignores a constant added to a row, so of the zero-point terms of the scores only ``-z'_Q Σ_d k'`` (one
@@ -127,8 +138,9 @@ def integer_attention_kernel(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor
         factor: the scalar ``c`` the graph multiplies the scores by (e.g. 1/sqrt(d)).
         p_scale, p_zero: the probabilities' 8-bit unsigned grid.
         block_elements: scores per block (:data:`BLOCK_ELEMENTS`).
+        min_scores: heads with fewer scores (N x M) run convert_fx's f32 chain instead (:data:`MIN_SCORES_PER_HEAD`).
     """
-    return cast(torch.Tensor, _scripted_kernel()(q, k_t, v, factor, p_scale, p_zero, block_elements))
+    return cast(torch.Tensor, _scripted_kernel()(q, k_t, v, factor, p_scale, p_zero, block_elements, min_scores))
 
 
 class IntegerAttention(nn.Module):
@@ -145,7 +157,7 @@ class IntegerAttention(nn.Module):
     def forward(self, q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, p_scale: torch.Tensor,
                 p_zero: torch.Tensor) -> torch.Tensor:
         return cast(torch.Tensor, _scripted_kernel()(q, k_t, v, self.factor, float(p_scale), int(p_zero),
-                                                     BLOCK_ELEMENTS))
+                                                     BLOCK_ELEMENTS, MIN_SCORES_PER_HEAD))
 
     def extra_repr(self) -> str:
         return f"factor={self.factor}"
