@@ -17,8 +17,10 @@ The same numbers as the f32 chain up to f32 rounding of the sums (a probability 
 code); the matmuls run on ``torch._int_mm`` (oneDNN's int8 GEMM, VNNI where the CPU has it). The per-head loop is
 TorchScript, so :func:`~qdiff_ao.deploy.freezing.freeze_graph` keeps it as a loop and any batch size runs.
 
-Only 8-bit probabilities are lowered (16-bit softmax grids stay float: no 16-bit kernel), and only chains without a
-mask between the scores and the softmax; every other attention is left as it was.
+Heads with fewer than :data:`MIN_SCORES_PER_HEAD` scores run the f32 chain itself inside the kernel (a GEMM call
+per head costs more than it saves there); the choice is made per call from the shapes. Only 8-bit probabilities
+are lowered (16-bit softmax grids stay float: no 16-bit kernel), and only chains without a mask between the scores
+and the softmax; every other attention is left as it was.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from torch import fx, nn
 from qdiff_ao.capture.view_ops import is_view_op
 from qdiff_ao.qconfig import MATMUL_TARGETS
 
-__all__ = ["IntegerAttention", "integer_attention_kernel", "lower_integer_attention"]
+__all__ = ["BLOCK_ELEMENTS", "MIN_SCORES_PER_HEAD", "IntegerAttention", "integer_attention_kernel",
+           "lower_integer_attention"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,25 +94,40 @@ def _kernel(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, factor: float, 
     out = torch.empty(groups, n, e)
     for g0 in range(0, groups, heads):
         g1 = min(groups, g0 + heads)
-        for r0 in range(0, n, rows):
-            r1 = min(n, r0 + rows)
-            scores = torch.empty(g1 - g0, r1 - r0, m, dtype=torch.int32)
+        if g1 - g0 == 1:  # one head per block, rows at a time: 2-D ops, no per-head slicing
+            q_g, k_g, v_g, bias_g, offset_g = qi[g0], ki[g0], vi[g0], key_bias[g0], value_offset[g0]
+            for r0 in range(0, n, rows):
+                r1 = min(n, r0 + rows)
+                probs = torch.softmax(torch.add(bias_g, torch._int_mm(q_g[r0:r1], k_g), alpha=scale), -1)
+                acc = torch._int_mm(_probability_codes(probs, inv_p, zp, clamp), v_g)
+                torch.mul(_value_terms(acc, offset_g, zv, e), out_scale, out=out[g0, r0:r1])
+        else:  # several whole heads per block
+            scores = torch.empty(g1 - g0, n, m, dtype=torch.int32)
             for g in range(g0, g1):
-                torch._int_mm(qi[g, r0:r1], ki[g], out=scores[g - g0])
+                torch._int_mm(qi[g], ki[g], out=scores[g - g0])
             probs = torch.softmax(torch.add(key_bias[g0:g1], scores, alpha=scale), -1)
-            # the quint8 codes minus 128, computed in place (round half to even, as quantize_per_tensor)
-            codes = probs.mul_(inv_p).round_().add_(zp)
-            pi = (codes.clamp_(-128, 127) if clamp else codes).to(torch.int8)
-            acc = torch.empty(g1 - g0, r1 - r0, vi.size(-1), dtype=torch.int32)
+            pi = _probability_codes(probs, inv_p, zp, clamp)
+            acc = torch.empty(g1 - g0, n, vi.size(-1), dtype=torch.int32)
             for g in range(g0, g1):
                 torch._int_mm(pi[g - g0], vi[g], out=acc[g - g0])
-            body = acc[:, :, :e]
-            if zv != 0:
-                body -= zv * acc[:, :, e:]
-            body -= value_offset[g0:g1]
-            torch.mul(body, out_scale, out=out[g0:g1, r0:r1])
+            torch.mul(_value_terms(acc, value_offset[g0:g1], zv, e), out_scale, out=out[g0:g1])
     shape = list(lead) + [n, e]
     return out.reshape(shape)
+
+
+def _value_terms(acc: torch.Tensor, offset: torch.Tensor, zv: int, e: int) -> torch.Tensor:
+    """``p'v' - z'_V Σ_m p' - offset`` in int32 (exact) from the P V product, whose last column holds ``Σ_m p'``
+    when ``z'_V != 0``."""
+    if zv == 0:
+        return acc - offset
+    return acc.narrow(-1, 0, e) - acc.narrow(-1, e, 1) * zv - offset
+
+
+def _probability_codes(probs: torch.Tensor, inv_p: float, zp: int, clamp: bool) -> torch.Tensor:
+    """The probabilities' quint8 codes minus 128 as int8, computed in place on ``probs`` (round half to even, as
+    quantize_per_tensor does); clamped only where the grid ends below probability 1."""
+    codes = probs.mul_(inv_p).round_().add_(zp)
+    return (codes.clamp_(-128, 127) if clamp else codes).to(torch.int8)
 
 
 @functools.cache
