@@ -93,17 +93,21 @@ def _kernel_row(shape: tuple[int, int, int, int], g: torch.Generator) -> list[fl
     """(integer kernel, f32 chain, f32 SDPA) median ms on one attention of ``shape`` = (B, N, heads, d)."""
     b, n, h, d = shape
 
-    def operand(scale: float, zero: int) -> torch.Tensor:
-        x = torch.quantize_per_tensor(torch.randn(b, n, h * d, generator=g), scale, zero, torch.quint8)
+    def source(scale: float, zero: int) -> torch.Tensor:  # a projection's quantized output [B, N, heads * d]
+        return torch.quantize_per_tensor(torch.randn(b, n, h * d, generator=g), scale, zero, torch.quint8)
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
         return x.view(b, n, h, d).transpose(1, 2)
 
-    q, k, v = operand(0.02, 120), operand(0.03, 140), operand(0.025, 131)
+    q_src, k_src, v_src = source(0.02, 120), source(0.03, 140), source(0.025, 131)
+    q, k, v = heads(q_src), heads(k_src), heads(v_src)
     qf, kf, vf = q.dequantize(), k.dequantize(), v.dequantize()
     factor = d ** -0.5
 
-    def chain() -> torch.Tensor:
-        probs = torch.softmax(torch.matmul(q.dequantize() * factor, k.dequantize().transpose(-1, -2)), -1)
-        return torch.quantize_per_tensor(probs, 1 / 255, 0, torch.quint8).dequantize() @ v.dequantize()
+    def chain() -> torch.Tensor:  # as convert_fx's graph: dequantize the projection output, then the head views
+        probs = torch.softmax(torch.matmul(heads(q_src.dequantize()) * factor,
+                                           heads(k_src.dequantize()).transpose(-1, -2)), -1)
+        return torch.quantize_per_tensor(probs, 1 / 255, 0, torch.quint8).dequantize() @ heads(v_src.dequantize())
 
     with torch.no_grad():
         return [_median_ms(lambda: integer_attention_kernel(q, k.transpose(-1, -2), v, factor, 1 / 255, 0)),
