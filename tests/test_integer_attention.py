@@ -67,6 +67,17 @@ def test_kernel_is_exact_up_to_f32_rounding_on_typical_operands() -> None:
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_signed_operands_keep_the_f32_chain() -> None:
+    """qint8 operands (another backend's activations) are not reinterpreted as quint8 codes: the kernel runs the
+    f32 chain for them, even where the heads are large enough for the integer path."""
+    x = torch.randn(1, 2, 32, 8, generator=torch.Generator().manual_seed(3))
+    q = torch.quantize_per_tensor(x, 0.02, 0, torch.qint8)
+    k_t = torch.quantize_per_tensor(x.flip(2), 0.02, 0, torch.qint8).transpose(-1, -2)
+    v = torch.quantize_per_tensor(x * 0.5, 0.02, 0, torch.qint8)
+    ref = _float_chain(q, k_t, v, 0.5, 1 / 255, 0)
+    assert torch.equal(integer_attention_kernel(q, k_t, v, 0.5, 1 / 255, 0, min_scores=0), ref)
+
+
 def test_small_heads_keep_the_f32_chain() -> None:
     """Below MIN_SCORES_PER_HEAD scores per head the kernel runs the f32 chain itself: bit-identical to it."""
     q = _quantized((2, 4, 16, 8), 0.02, 110, 0)

@@ -69,7 +69,9 @@ def _kernel(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, factor: float, 
             block_elements: int, min_scores: int) -> torch.Tensor:
     """TorchScript body of :func:`integer_attention_kernel`."""
     n, d, m, e = q.size(-2), q.size(-1), k_t.size(-1), v.size(-1)
-    if n * m < min_scores:  # small heads: one batched f32 matmul beats a GEMM call per head
+    # small heads: one batched f32 matmul beats a GEMM call per head; other code types (qint8): the codes below
+    # assume quint8
+    if n * m < min_scores or q.dtype != torch.quint8 or k_t.dtype != torch.quint8 or v.dtype != torch.quint8:
         probs = torch.softmax(torch.matmul(q.dequantize() * factor, k_t.dequantize()), -1)
         grid_probs = torch.quantize_per_tensor(probs, p_scale, p_zero, torch.quint8).dequantize()
         return torch.matmul(grid_probs, v.dequantize())
