@@ -3,6 +3,8 @@ that ``convert_fx`` emits, the graph rewrite on tiny UNets, and the frozen fbgem
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import example, given, settings
@@ -156,3 +158,16 @@ def test_frozen_quantized_unet_uses_integer_attention_at_any_batch() -> None:
 def test_refuses_what_is_not_a_graph_module() -> None:
     with pytest.raises(TypeError, match="GraphModule"):
         lower_integer_attention(build_unet("attn"))  # type: ignore[arg-type]
+
+
+def test_a_loaded_checkpoint_gets_integer_attention_too(tmp_path: Path) -> None:
+    """The graph that from_pretrained rebuilds has the same attention chains: every one is rewritten."""
+    cfg = qdiff_ao.QuantConfig(weight_bits=4, act_bits=8)
+    unet, prepared = calibrated_unet("attn", cfg)
+    qunet = qdiff_ao.QuantizedUNet(qdiff_ao.convert(prepared), like=unet)
+    loaded = qdiff_ao.QuantizedUNet.from_pretrained(qunet.save_pretrained(tmp_path / "ckpt"))
+
+    def rewritten(graph: torch.fx.GraphModule) -> int:
+        return sum(isinstance(m, IntegerAttention) for m in lower_integer_attention(graph).modules())
+
+    assert rewritten(loaded.graph_module) == rewritten(qunet.graph_module) > 0
