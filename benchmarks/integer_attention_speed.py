@@ -34,6 +34,7 @@ from benchmarks.common import (  # noqa: E402
     sd_shaped_unet,
     unet_inputs,
 )
+from benchmarks.distributed_scaling import cpu_flags  # noqa: E402
 from qdiff_ao.deploy.freezing import freeze_graph  # noqa: E402
 from qdiff_ao.deploy.integer_attention import integer_attention_kernel, lower_integer_attention  # noqa: E402
 
@@ -41,14 +42,6 @@ MODELS = {"cifar10": lambda: cifar10_ddpm_unet(0), "cifar10-32heads": lambda: ci
           "sd-shaped": lambda: sd_shaped_unet(0)}
 KERNEL_SHAPES = {  # (batch, tokens, heads, head dim) of each model's largest self-attention
     "cifar10": (8, 256, 1, 256), "cifar10-32heads": (8, 256, 32, 8), "sd-shaped": (2, 1024, 8, 16)}
-
-
-def _cpu_flags() -> str:
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split()
-    except (OSError, IndexError):
-        return "unknown"
-    return " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "amx_int8") if f in flags)
 
 
 def model_table(name: str, rounds: int) -> None:
@@ -132,7 +125,7 @@ def main() -> None:
     parser.add_argument("--kernel", action="store_true", help="time the attention kernel alone instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, CPU flags: {_cpu_flags()}")
+    print(f"torch {torch.__version__}, {args.threads} threads, CPU flags: {cpu_flags()}")
     if args.kernel:
         kernel_table()
     else:

@@ -105,8 +105,7 @@ class QuantConfig:
             and FD unchanged, but after reconstruction its W4A8 FD was 0.17-0.31x FP worse on each of 3
             reconstruction seeds, mostly a cost of learning their step sizes; reconstruction now keeps those at
             the calibrated values, which halves the cost (1.256x vs 1.176x FP affine, mean of 3 seeds; README,
-            quality). Configs recorded without the field read
-            as ``False``.
+            quality). Configs recorded without the field read as ``False``.
         weight_observer, act_observer: names from the observer registry overriding the built-in choice.
         reconstruction: settings of the reconstruction pass.
         keep_float: module names of Conv2d/Linear layers that stay in float (their weights and the activation

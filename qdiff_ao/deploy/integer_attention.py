@@ -291,6 +291,7 @@ def lower_integer_attention(converted: fx.GraphModule) -> fx.GraphModule:
     gm = fx.GraphModule(converted, copy.deepcopy(converted.graph))
     gm.meta = dict(converted.meta)
     matches = [m for m in (_match(n) for n in list(gm.graph.nodes)) if m is not None]
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}  # graph order of the nodes the matches walked
     for index, m in enumerate(matches):
         name = f"{_PREFIX}{index}"
         gm.add_submodule(name, IntegerAttention(m.factor))
@@ -303,7 +304,6 @@ def lower_integer_attention(converted: fx.GraphModule) -> fx.GraphModule:
             gm.graph.erase_node(dead)
         # the float operands' dequantize/shape nodes, last first; one still read elsewhere (e.g. a K that also
         # feeds another op) stays
-        order = {node: i for i, node in enumerate(gm.graph.nodes)}
         for node in sorted(set(m.walked), key=order.__getitem__, reverse=True):
             if not node.users:
                 gm.graph.erase_node(node)

@@ -183,12 +183,11 @@ class QuantizedUNet(ModelMixin):
         ``backend="torch"``: a frozen TorchScript module with the same ``quantized::*`` kernels and packed weights
         (outputs bit-identical to the graph it froze, checked on the example; with ``integer_attention`` that graph
         multiplies attention's codes in int32: f32 rounding, and a probability on a rounding tie may move one code).
-        ``backend="openvino"``:
-        the graph's Q/DQ form compiled by OpenVINO's CPU runtime (``pip install 'qdiff_ao[openvino]'``; see
-        :mod:`qdiff_ao.deploy.openvino_runtime`), the same integer weights and qparams on OpenVINO's INT8 kernels
-        (outputs equal the fake-quant simulation up to kernel rounding, not bit-identical to fbgemm). Either way
-        inputs are still checked against the traced signature, any batch size runs, and ``save_pretrained``
-        writes the same checkpoint.
+        ``backend="openvino"``: the graph's Q/DQ form compiled by OpenVINO's CPU runtime (``pip install
+        'qdiff_ao[openvino]'``; see :mod:`qdiff_ao.deploy.openvino_runtime`), the same integer weights and qparams
+        on OpenVINO's INT8 kernels (outputs equal the fake-quant simulation up to kernel rounding, not
+        bit-identical to fbgemm). Either way inputs are still checked against the traced signature, any batch
+        size runs, and ``save_pretrained`` writes the same checkpoint.
 
         Args:
             example_inputs: graph inputs for tracing / export (default: one random sample at timestep 500, built

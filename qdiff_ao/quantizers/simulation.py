@@ -175,9 +175,8 @@ def _act_quant(observer: nn.Module, name: str) -> nn.Module | None:
     if qp.ch_axis is not None:  # per-channel activation qparams are not learned
         return FixedFakeQuantize(qp.scale, qp.zero_point, qp.quant_min, qp.quant_max, ch_axis=qp.ch_axis)
     # Codes wider than 8 bits (16-bit softmax) have no integer kernel and are frozen by lowering: keep fixed.
-    return LearnedStepQuant(qp.scale, qp.zero_point, qp.quant_min, qp.quant_max,
-                            learnable=qp.quant_max - qp.quant_min <= 255 and not getattr(observer, FIXED_STEP_ATTR,
-                                                                                         False))
+    learnable = qp.quant_max - qp.quant_min <= 255 and not getattr(observer, FIXED_STEP_ATTR, False)
+    return LearnedStepQuant(qp.scale, qp.zero_point, qp.quant_min, qp.quant_max, learnable=learnable)
 
 
 @dataclass
