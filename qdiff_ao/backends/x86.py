@@ -3,6 +3,7 @@
 Its QConfigMapping and BackendConfig are :func:`qdiff_ao.get_qconfig_mapping` / :func:`qdiff_ao.get_backend_config`
 (the same objects a user passes to their own ``prepare_fx``); after ``prepare_fx`` every attention softmax gets its
 unsigned output observer, and 16-bit ones are frozen to fixed fake-quant before ``convert_fx`` (no 16-bit kernel).
+A graph calibrated on a GPU is moved to the CPU before ``convert_fx`` (:func:`qdiff_ao.capture.devices.move_graph`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from torch import fx
 
 from qdiff_ao._compat import BackendConfig, QConfigMapping
 from qdiff_ao.backends.base import Backend
+from qdiff_ao.capture.devices import module_device, move_graph
 from qdiff_ao.config import QuantConfig
 from qdiff_ao.passes.softmax_observation import freeze_wide_softmax_observers, observe_softmax
 from qdiff_ao.qconfig import get_backend_config, get_qconfig_mapping
@@ -34,3 +36,5 @@ class X86Backend(Backend):
 
     def before_convert(self, prepared: fx.GraphModule) -> None:
         freeze_wide_softmax_observers(prepared)
+        if module_device(prepared).type != "cpu":  # calibrated on a GPU: the kernels run on the CPU
+            move_graph(prepared, "cpu")

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from qdiff_ao.capture.devices import module_device, to_device
 from qdiff_ao.capture.input_guards import is_input_guard
 from qdiff_ao.observers.timestep import TimestepAwareObserver
 
@@ -129,7 +130,7 @@ def plot_split_histograms(
         raise ValueError("no split convs found: run qdiff_ao.passes.split_shortcut on the traced graph first")
     try:
         with torch.no_grad():
-            model(**inputs)
+            model(**to_device(inputs, module_device(model)))
     finally:
         for h in hooks:
             h.remove()

@@ -38,6 +38,7 @@ from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from qdiff_ao.capture import _concrete_tracer
+from qdiff_ao.capture.devices import module_device, to_device
 from qdiff_ao.capture.graph_state import QDiffGraphInfo, TraceInfo, set_graph_info
 from qdiff_ao.capture.input_guards import _check_traced_input
 
@@ -109,6 +110,7 @@ def trace(
         raise TypeError(f"model must be a torch.nn.Module, received {type(model).__name__}")
     forward = type(model).forward
     input_names, frozen = _bind_inputs(model, forward, example_inputs)
+    example_inputs = to_device(example_inputs, module_device(model))  # e.g. CPU calibration rows, GPU model
     if model.training:
         log.warning(
             "tracing %s in training mode freezes training-mode control flow; call model.eval() "

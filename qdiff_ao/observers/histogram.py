@@ -63,8 +63,10 @@ def rebin_histogram(hist: torch.Tensor, bound: torch.Tensor, new_bound: torch.Te
     """
     has_data = bound > 0
     ratio = torch.where(has_data, new_bound / bound.clamp(min=2.0**_MIN_EXP), torch.ones_like(bound))
-    steps = torch.log2(ratio)
-    if bool((steps < 0).any()) or bool((steps != steps.round()).any()):
+    # ratio = 0.5 * 2**exponent exactly iff it is a power of two; frexp is exact where CUDA's log2 is not
+    mantissa, exponent = torch.frexp(ratio)
+    steps = exponent - 1
+    if bool((steps < 0).any()) or bool((mantissa != 0.5).any()):
         raise ValueError(f"rebin_histogram: new bounds {new_bound.tolist()} must be bounds {bound.tolist()} times a "
                          "power of two >= 1")
     n = hist.shape[1]

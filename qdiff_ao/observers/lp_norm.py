@@ -83,7 +83,7 @@ class _LpSearchObserver(RangeMinMaxObserver):
         occupied = (self.hist > 0).any(dim=0)  # bins empty in every row cost nothing in any candidate
         centers = bin_centers(self.bound, self.bins)[:, occupied].float()
         counts = self.hist[:, occupied].float()
-        best_err = torch.full(lo.shape, float("inf"))
+        best_err = torch.full(lo.shape, float("inf"), device=lo.device)
         best_ratio = torch.ones_like(lo)
         for i in range(self.num_candidates):
             ratio = 1.0 - self.shrink_step * i
@@ -106,8 +106,8 @@ class _LpSearchObserver(RangeMinMaxObserver):
     def reset_min_max_vals(self) -> None:
         self._cached = None
         super().reset_min_max_vals()
-        self.hist = torch.zeros(1, self.bins, dtype=torch.float64)
-        self.bound = torch.zeros(1, dtype=torch.float64)
+        self.hist = torch.zeros(1, self.bins, dtype=torch.float64, device=self.hist.device)
+        self.bound = torch.zeros(1, dtype=torch.float64, device=self.bound.device)
 
     def all_reduce_statistics(self, group: Any = None) -> None:
         """Merge over the ranks of ``group``: min/max, then the histograms exactly. The grids agree first (MAX of
@@ -119,8 +119,8 @@ class _LpSearchObserver(RangeMinMaxObserver):
         dist.all_gather_object(shapes, tuple(self.hist.shape), group=group)
         rows = max(shape[0] for shape in shapes)
         if tuple(self.hist.shape) != (rows, self.bins):  # a rank that saw no data still has the 1-row placeholder
-            self.hist = torch.zeros(rows, self.bins, dtype=torch.float64)
-            self.bound = torch.zeros(rows, dtype=torch.float64)
+            self.hist = torch.zeros(rows, self.bins, dtype=torch.float64, device=self.hist.device)
+            self.bound = torch.zeros(rows, dtype=torch.float64, device=self.bound.device)
         bound = self.bound.clone()
         dist.all_reduce(bound, op=dist.ReduceOp.MAX, group=group)
         self.hist = rebin_histogram(self.hist, self.bound, torch.where(self.bound > 0, bound, self.bound))

@@ -67,8 +67,8 @@ class RangeMinMaxObserver(QuantRangeObserver):
         return self.min_val, self.max_val
 
     def reset_min_max_vals(self) -> None:
-        self.min_val = torch.tensor(float("inf"))
-        self.max_val = torch.tensor(float("-inf"))
+        self.min_val = torch.tensor(float("inf"), device=self.min_val.device)
+        self.max_val = torch.tensor(float("-inf"), device=self.max_val.device)
 
     def all_reduce_statistics(self, group: Any = None) -> None:
         """Merge min/max over the ranks of ``group`` (``all_reduce`` MIN / MAX: exact in any order)."""

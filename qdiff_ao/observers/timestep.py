@@ -82,7 +82,8 @@ class TimestepAwareObserver(ObserverBase):
                 self.step_min[i] = torch.minimum(self.step_min[i], lo)
                 self.step_max[i] = torch.maximum(self.step_max[i], hi)
             else:
-                self.timesteps = torch.cat([self.timesteps, torch.tensor([float(t)], dtype=torch.float64)])
+                step = torch.tensor([float(t)], dtype=torch.float64, device=self.timesteps.device)
+                self.timesteps = torch.cat([self.timesteps, step])
                 self.step_min = torch.cat([self.step_min, lo.reshape(1)])
                 self.step_max = torch.cat([self.step_max, hi.reshape(1)])
         return out
@@ -101,9 +102,9 @@ class TimestepAwareObserver(ObserverBase):
     def reset_min_max_vals(self) -> None:
         if hasattr(self.base, "reset_min_max_vals"):
             cast(Callable[[], None], self.base.reset_min_max_vals)()
-        self.timesteps = torch.zeros(0, dtype=torch.float64)
-        self.step_min = torch.zeros(0)
-        self.step_max = torch.zeros(0)
+        self.timesteps = torch.zeros(0, dtype=torch.float64, device=self.timesteps.device)
+        self.step_min = torch.zeros(0, device=self.step_min.device)
+        self.step_max = torch.zeros(0, device=self.step_max.device)
 
     def all_reduce_statistics(self, group: Any = None) -> None:
         """Merge the per-step ranges over the ranks of ``group``: gathered, combined per timestep with min / max,
@@ -119,9 +120,10 @@ class TimestepAwareObserver(ObserverBase):
                 old = merged.get(t)
                 merged[t] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
         order = sorted(merged)
-        self.timesteps = torch.tensor(order, dtype=torch.float64)
-        self.step_min = torch.tensor([merged[t][0] for t in order], dtype=self.step_min.dtype)
-        self.step_max = torch.tensor([merged[t][1] for t in order], dtype=self.step_max.dtype)
+        device = self.timesteps.device
+        self.timesteps = torch.tensor(order, dtype=torch.float64, device=device)
+        self.step_min = torch.tensor([merged[t][0] for t in order], dtype=self.step_min.dtype, device=device)
+        self.step_max = torch.tensor([merged[t][1] for t in order], dtype=self.step_max.dtype, device=device)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         for name in ("timesteps", "step_min", "step_max"):

@@ -31,6 +31,7 @@ from torch import fx, nn
 
 from qdiff_ao._compat import ObserverBase
 from qdiff_ao.calibration.calibration_set import CalibrationSet
+from qdiff_ao.capture.devices import module_device, to_device
 from qdiff_ao.capture.graph_state import update_graph_info
 from qdiff_ao.quantizers.fixed import FixedFakeQuantize
 from qdiff_ao.quantizers.qparams import is_quantized_layer
@@ -173,8 +174,9 @@ def correct_output_bias(
     total, count, abs_total = None, 0, 0.0
     try:
         for _, inputs in calib.batches(batch_size):
-            sim.gm(**{str(n.target): inputs[str(n.target)] for n in sim.gm.graph.nodes if n.op == "placeholder"})
-            model(**inputs)
+            sim.gm(**to_device({str(n.target): inputs[str(n.target)] for n in sim.gm.graph.nodes
+                                if n.op == "placeholder"}, module_device(sim.gm)))
+            model(**to_device(inputs, module_device(model)))
             diff = q_out.pop() - fp_out.pop()
             q_out.clear()
             fp_out.clear()

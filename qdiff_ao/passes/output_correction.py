@@ -39,6 +39,7 @@ from torch import fx, nn
 from qdiff_ao.calibration.calibration_set import CalibrationSet
 from qdiff_ao.calibration.distributed import deal, sum_over_ranks, sum_tensor_over_ranks
 from qdiff_ao.calibration.sampler_view import RowGroup, timestep_rows
+from qdiff_ao.capture.devices import inputs_device, module_device, to_device
 from qdiff_ao.capture.graph_state import update_graph_info
 from qdiff_ao.capture.input_guards import is_input_guard
 from qdiff_ao.quantizers.simulation import build_simulation, output_tensor
@@ -265,6 +266,7 @@ def correct_output(
     offered = ("none", "offset") + (("gain",) if gain else ()) + (("input",) if input_term else ())
     sim = build_simulation(prepared)
     sim.gm.eval()
+    device = module_device(model)
     timesteps = [float(t) for t in calib.timesteps()]
     groups = contiguous_groups(timesteps, num_groups)
     group_of_t = {t: gi for gi, ts in enumerate(groups) for t in ts}
@@ -274,7 +276,7 @@ def correct_output(
         for start in range(0, len(group), batch_size):
             inputs = calib._rows(group.index[start:start + batch_size])
             y_q.append(sim.run(inputs))  # with timestep groups: the group's grids, as the lowered model runs
-            y_fp.append(output_tensor(model(**inputs)))
+            y_fp.append(output_tensor(model(**to_device(inputs, device))).to(inputs_device(inputs)))
             x.append(inputs["sample"])
         q, f, xs = (group.sampler_output(torch.cat(v)) for v in (y_q, y_fp, x))
         # guidance rows of a pair share x_t, so the guided combination of x is x: a y + c x - b on both rows

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from qdiff_ao._compat import ObserverBase
+from qdiff_ao.capture.devices import module_device
 from qdiff_ao.capture.graph_state import graph_info, has_graph_info, update_graph_info
 from qdiff_ao.config import QuantConfig
 from qdiff_ao.observers.softmax import is_softmax_observer
@@ -70,7 +71,7 @@ def observe_softmax(prepared: fx.GraphModule, cfg: QuantConfig) -> fx.GraphModul
         while hasattr(prepared, f"{_PREFIX}{index}"):
             index += 1
         name = f"{_PREFIX}{index}"
-        prepared.add_submodule(name, softmax_observer(cfg)())
+        prepared.add_submodule(name, softmax_observer(cfg)().to(module_device(prepared)))
         with graph.inserting_after(node):
             obs = graph.call_module(name, (node,))
         node.replace_all_uses_with(obs)

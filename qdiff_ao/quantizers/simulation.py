@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from qdiff_ao._compat import ObserverBase
+from qdiff_ao.capture.devices import inputs_device, module_device, to_device
 from qdiff_ao.capture.graph_state import graph_info, has_graph_info
 from qdiff_ao.quantizers.adaround import AdaRoundWeight, LearnedStepQuant
 from qdiff_ao.quantizers.fixed import FixedFakeQuantize
@@ -193,10 +194,14 @@ class Simulation:
         """The output tensor of the simulation on ``inputs`` (graph inputs by name; extra names are ignored).
 
         With timestep groups, the rows are split by the group of their timestep and each part runs with its
-        group's grids (rows are independent in a UNet), then put back in order.
+        group's grids (rows are independent in a UNet), then put back in order. The inputs move to the graph's
+        device; the output comes back on the inputs' device.
         """
         names = [str(n.target) for n in self.gm.graph.nodes if n.op == "placeholder"]
-        args = {k: inputs[k] for k in names if k in inputs}
+        args = to_device({k: inputs[k] for k in names if k in inputs}, module_device(self.gm))
+        return self._run(args).to(inputs_device(inputs))
+
+    def _run(self, args: dict[str, Any]) -> torch.Tensor:
         if self.groups is None or "timestep" not in args:
             return output_tensor(self.gm(**args))
         t = args["timestep"]

@@ -101,5 +101,5 @@ class TimestepGroupGrids:
 
     def group_of(self, timestep: torch.Tensor) -> torch.Tensor:
         """Group index of each timestep (flattened)."""
-        bounds = torch.tensor(self.boundaries, dtype=torch.float64)
+        bounds = torch.tensor(self.boundaries, dtype=torch.float64, device=timestep.device)
         return torch.bucketize(timestep.detach().reshape(-1).to(torch.float64), bounds, right=True)
