@@ -46,9 +46,10 @@ class Zoo(nn.Module):
         self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
         self.c1d = nn.Conv1d(8, 8, 3, padding=1)
         self.c3d = nn.Conv3d(8, 8, 1)
-        self.fc_ok = nn.Linear(8, 16)
-        self.fc_odd = nn.Linear(8, 10)
-        self.fc_3d = nn.Linear(8, 8)
+        self.fc_ok = nn.Linear(8, 16, bias=False)
+        self.fc_bias = nn.Linear(8, 16)
+        self.fc_odd = nn.Linear(8, 10, bias=False)
+        self.fc_3d = nn.Linear(8, 8, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = x.mean(dim=(2, 3))
@@ -56,7 +57,7 @@ class Zoo(nn.Module):
                  self.up)
         parts = [m(x).mean() for m in convs]
         parts += [self.c1d(x.flatten(2)).mean(), self.c3d(x.unsqueeze(2)).mean()]
-        parts += [self.fc_ok(pooled).mean(), self.fc_odd(pooled).mean()]
+        parts += [self.fc_ok(pooled).mean(), self.fc_bias(pooled).mean(), self.fc_odd(pooled).mean()]
         parts.append(self.fc_3d(x.flatten(2).transpose(1, 2)).mean())
         return torch.stack(parts).sum()
 
@@ -74,6 +75,7 @@ EXPECTED = {  # layer -> (kernel_ok, use_cudnn, phrase of the reason)
     "c1d": (True, False, "declares Conv2d and Linear only"),
     "c3d": (False, False, "no QuantizedCUDA quantized::conv3d"),
     "fc_ok": (True, True, ""),
+    "fc_bias": (False, False, "nonzero bias: torch's cuDNN quantized::linear drops it (MEASURED"),
     "fc_odd": (False, False, "out_features=10 not a multiple of 4 (GUESS"),
     "fc_3d": (False, False, "3-d input (2, 16, 8)"),
 }
@@ -116,13 +118,19 @@ def test_linear_input_shape_must_be_known() -> None:
 @pytest.mark.parametrize("dtype,ok", [(torch.float32, True), (torch.float64, False), (torch.float16, False)])
 def test_bias_dtype(dtype: torch.dtype, ok: bool) -> None:
     gm = traced_zoo()
-    for name in ("ok", "fc_ok"):
-        layer = gm.get_submodule(name)
-        layer.bias = nn.Parameter(layer.bias.detach().to(dtype))
-    decisions = {d.name: d for d in plan_cudnn_lowering(gm, CUDNN_CFG, log=False)}
-    for name in ("ok", "fc_ok"):
-        assert decisions[name].use_cudnn is ok
-        assert ok or f"bias is {dtype} (GUESS" in decisions[name].reasons[0]
+    layer = gm.get_submodule("ok")
+    layer.bias = nn.Parameter(layer.bias.detach().to(dtype))
+    decision = {d.name: d for d in plan_cudnn_lowering(gm, CUDNN_CFG, log=False)}["ok"]
+    assert decision.use_cudnn is ok
+    assert ok or f"bias is {dtype} (GUESS" in decision.reasons[0]
+
+
+def test_linear_with_zero_bias_qualifies() -> None:
+    """The linear rule is about the bias's value: an all-zero bias (nothing to drop) is lowered."""
+    gm = traced_zoo()
+    with torch.no_grad():
+        gm.get_submodule("fc_bias").bias.zero_()
+    assert {d.name: d for d in plan_cudnn_lowering(gm, CUDNN_CFG, log=False)}["fc_bias"].use_cudnn
 
 
 @pytest.mark.parametrize(
@@ -150,7 +158,7 @@ def test_one_log_line_per_fallback_layer(caplog: pytest.LogCaptureFixture) -> No
     for name, (_, lowered, phrase) in EXPECTED.items():
         if not lowered:
             assert any(line.startswith(f"cuDNN lowering: {name} (") and phrase in line for line in lines), name
-    assert any("4 of 14 conv/linear layers qualify" in r.getMessage() for r in caplog.records)
+    assert any("4 of 15 conv/linear layers qualify" in r.getMessage() for r in caplog.records)
 
 
 def test_qconfig_reuses_qdiff_observers_on_signed_int8() -> None:
@@ -176,7 +184,7 @@ class Small(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(4, 8, 3)
-        self.fc = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 8, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.conv(x).mean((2, 3)))
@@ -234,18 +242,21 @@ def test_plan_reads_observers_of_a_prepared_graph() -> None:
 
 
 def test_unet_prepare_convert_keeps_fallback_layers_float() -> None:
-    """Tiny UNet: the attention projections (3-d inputs) stay float; every conv (3-channel conv_in / conv_out and
-    split halves included) and the 2-d time-embedding linears get qint8 symmetric quantizers and become torch.ao
-    quantized modules; the plan agrees on the traced, prepared and converted graphs."""
+    """Tiny UNet: the attention projections (3-d inputs) and the linears with a bias (time embedding) stay float;
+    every conv (3-channel conv_in / conv_out and split halves included) gets qint8 symmetric quantizers and
+    becomes a torch.ao quantized module; the plan agrees on the traced, prepared and converted graphs."""
     family = "attn"
     unet = build_unet(family)
     prepared = qdiff_ao.prepare(unet, CUDNN_CFG, unet_inputs(family, 2), backend=CUDNN)
     decisions = list(qdiff_ao.graph_info(prepared).cudnn_decisions or ())
     fallback = {d.name for d in decisions if not d.use_cudnn}
-    assert fallback and all(name.split(".")[-1] in ("to_q", "to_k", "to_v", "0") and ".attentions." in name
-                            for name in fallback)
-    assert all("3-d input" in d.reasons[0] for d in decisions if not d.use_cudnn)
-    assert {"conv_in", "conv_out", "time_embedding.linear_1", "up_blocks.0.resnets.0.conv_shortcut.part0",
+    attention = {name for name in fallback if ".attentions." in name}
+    assert attention and all(name.split(".")[-1] in ("to_q", "to_k", "to_v", "0") for name in attention)
+    assert all(any("3-d input" in r for r in d.reasons) for d in decisions if d.name in attention)
+    biased = {d.name for d in decisions if any("nonzero bias" in r for r in d.reasons)}
+    assert "time_embedding.linear_1" in biased and fallback == attention | biased
+    assert all(d.op == "linear" for d in decisions if d.name in biased)
+    assert {"conv_in", "conv_out", "up_blocks.0.resnets.0.conv_shortcut.part0",
             "up_blocks.0.resnets.0.conv_shortcut.part1"} <= {d.name for d in decisions if d.use_cudnn}
     with torch.no_grad():
         for seed in range(2):
@@ -340,3 +351,20 @@ def test_cudnn_kernels_match_reference_on_gpu() -> None:
     with torch.no_grad():
         out, ref = lowered(**x), reference(**x)
     assert float((out - ref).norm() / ref.norm()) < 0.05
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_torch_cuda_quantized_linear_still_drops_its_bias() -> None:
+    """Canary for the MEASURED linear rule: torch's QuantizedCUDA linear returns the bias-free product. If this
+    fails, torch fixed the kernel and the rule in qdiff_ao.backends.cudnn_rules can be lifted."""
+    g = torch.Generator().manual_seed(0)
+    w, b, x = torch.randn(16, 32, generator=g) * 0.05, torch.randn(16, generator=g), torch.randn(4, 32, generator=g)
+    wq = torch.quantize_per_tensor(w, float(w.abs().max()) / 127, 0, torch.qint8)
+    xq = torch.quantize_per_tensor(x, float(x.abs().max()) / 127, 0, torch.qint8)
+    without_bias = torch.nn.functional.linear(xq.dequantize(), wq.dequantize())
+    scale = float(without_bias.abs().max()) / 100
+    layer = torch.ao.nn.quantized.Linear(32, 16).cuda()
+    layer.set_weight_bias(wq.cuda(), b.cuda())
+    layer.scale, layer.zero_point = scale, 0
+    out = layer(xq.cuda()).dequantize().cpu()
+    assert float((out - without_bias).abs().max()) <= scale  # one output LSB: the bias (std 1) is missing

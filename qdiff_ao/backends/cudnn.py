@@ -4,7 +4,8 @@ Before ``prepare_fx`` it plans the lowering layer by layer (:func:`~qdiff_ao.bac
 recorded as ``graph_info(gm).cudnn_decisions``); layers that break a kernel rule get qconfig None and stay float.
 Activations are symmetric qint8 (zero point 0), weights per-tensor symmetric qint8; no softmax observation (the
 attention matmuls are not cuDNN kernels). Build, calibrate and convert with the model and data on the CUDA
-device: ``convert_fx`` packs weights for the device they are on. Unverified here: no GPU on this machine.
+device: ``convert_fx`` packs weights for the device they are on. Run once on an H200 (README, "GPU"): convs
+match torch.ao's reference to one LSB; linears with a bias stay float (the kernel drops it, measured).
 
 Example:
     >>> import torch, qdiff_ao

@@ -25,13 +25,17 @@ torch's code (a cuDNN engine limit, unverified without a GPU).
     2-d input (rows, in_features)      linear        Linear.cpp: PackedLinearWeightCudnn::apply_impl
     in/out features multiple of 4      linear        GUESS: LinearPrepack.cpp does not pad (convs are padded
                                                      in ConvPrepack.cpp prepack and Conv.cpp apply_impl)
+    no bias (or an all-zero one)       linear        MEASURED on a GPU (torch 2.11.0+cu130, cuDNN 9.19): the
+                                                     kernel's output is the bias-free product; with the bias
+                                                     the error was 9-83% (convs add theirs correctly)
     fp32 bias or none                  conv, linear  GUESS beyond fp32: apply_impl_helper scales it in fp32
     add inputs of the same shape       add           BinaryOps.cpp: add (adds stay float in qdiff_ao)
 
 Supported without a rule: any conv channel count (torch pads to multiples of 4), stride, integer padding,
 contiguous or channels_last input (Conv.cpp apply_impl converts). ``conv2d_relu`` / ``linear_relu`` exist but
 are not declared (qdiff_ao's UNets use SiLU). A layer that breaks a rule stays float (qconfig None) and one log
-line gives the reason. Nothing here has run on a GPU.
+line gives the reason. GUESS rules have not been checked on a GPU; the MEASURED one was found on one
+(``benchmarks/cudnn_gpu.py`` and ``tests/test_lower_cudnn.py``, run on an H200 on 2026-12-04).
 
 Example:
     >>> import torch
@@ -235,7 +239,17 @@ def _linear_reasons(mod: nn.Module, shape: tuple[int, ...] | None, recorded: Lay
     if bad:
         reasons.append(f"{', '.join(bad)} not a multiple of 4 (GUESS: cuDNN int8 matmul alignment; unlike convs, "
                        "LinearPrepack.cpp does not pad)")
-    return reasons + _bias_reasons(mod)
+    return reasons + _bias_reasons(mod) + _linear_bias_reasons(mod)
+
+
+def _linear_bias_reasons(mod: nn.Module) -> list[str]:
+    """MEASURED: torch's QuantizedCUDA ``quantized::linear`` returns the bias-free result (see module docstring)."""
+    bias = getattr(mod, "bias", None)
+    bias = bias() if callable(bias) and not isinstance(bias, torch.Tensor) else bias  # quantized module: bias()
+    if isinstance(bias, torch.Tensor) and bool(bias.detach().ne(0).any()):
+        return ["nonzero bias: torch's cuDNN quantized::linear drops it (MEASURED on an H200, torch 2.11.0+cu130, "
+                "cuDNN 9.19: outputs equal the bias-free product to 1e-7; tests/test_lower_cudnn.py checks it)"]
+    return []
 
 
 def _add_decision(node: fx.Node) -> LayerDecision | None:
