@@ -10,8 +10,8 @@ converts (weights packed by cuDNN's prepack) and reports:
 - on the bundled digits DDPM: FD of DDIM-50 samples from the same noise, FP32 vs the INT8 model;
 - median forward time (CUDA events) of FP32, FP16 and the INT8 graph at several batch sizes.
 
-Not yet run: the session that wrote it (2026-12-04) was refused a GPU machine; parts ran on CPU with the
-reference graph in place of the kernels.
+Run once (2026-12-04, H200, torch 2.11.0+cu130), before the biased-linear rule of ``cudnn_rules`` existed: its
+figures are in README ("GPU"). The run found that rule; the run with it has not happened yet.
 
 Usage: ``python benchmarks/cudnn_gpu.py --out DIR [--calib digits_calib.safetensors]`` (the calibration set of the
 digits model, made with ``--make-calib PATH`` on any machine, so the GPU run needs no sampler pass).
