@@ -35,6 +35,24 @@ def test_histograms_merged_from_two_ranks_equal_one_histogram_of_all_data(a: lis
     assert torch.equal(bound, rall) and torch.equal(merged, hall)
 
 
+def test_the_group_is_gloo_on_gpu_machines_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rows and per-timestep sums are CPU tensors, which NCCL cannot carry: torchrun's environment gives a
+    gloo group whether or not CUDA is present."""
+    import torch.distributed as dist
+
+    from qdiff_ao.calibration import distributed
+
+    chosen: list[str] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: chosen.append(backend))
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.init_from_environment()
+    assert chosen == ["gloo"]
+
+
 def test_rebin_refuses_a_smaller_or_non_power_of_two_grid() -> None:
     hist, bound = update_histogram(torch.zeros(1, 8, dtype=torch.float64), torch.zeros(1, dtype=torch.float64),
                                    torch.tensor([[0.3, -0.7]]))

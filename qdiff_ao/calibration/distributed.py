@@ -2,8 +2,8 @@
 
 Without an initialised process group (and without torchrun's environment) everything here is the identity:
 rank 0 of a world of 1. Under ``torchrun --nproc_per_node=N`` the default group is initialised from the
-environment on first use (:func:`init_from_environment`: gloo on CPU, NCCL when CUDA is present; a timeout, so a
-rank that dies makes the others fail instead of waiting forever), and
+environment on first use (:func:`init_from_environment`: gloo, also on GPU machines; a timeout, so a rank that
+dies makes the others fail instead of waiting forever), and
 
 * calibration trajectories are cut into chunks of ``batch_size``; chunk ``c`` runs on rank ``c mod N`` from its
   own generator, seeded ``seed + c * 2**32`` (chunk 0: ``seed``, as one process always did), so the set does not
@@ -93,7 +93,10 @@ def init_from_environment() -> bool:
         timeout = -1.0
     if not timeout > 0:
         raise ValueError(f"QDIFF_AO_DIST_TIMEOUT_S must be a positive number of seconds, got {raw!r}")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # gloo even where CUDA exists: the calibration rows and the per-timestep sums are CPU tensors, which NCCL
+    # cannot reduce or broadcast, and gloo also all-reduces the CUDA tensors of a model on a GPU. A user who
+    # wants NCCL initialises the group before calling qdiff_ao (an initialised group is used as it is).
+    backend = "gloo"
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
     logger.info("process group: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
     return dist.get_world_size() > 1
