@@ -5,6 +5,8 @@ the kernels' only numerics) it prepares with :class:`qdiff_ao.backends.CudnnBack
 converts (weights packed by cuDNN's prepack) and reports:
 
 - how many layers the plan lowered and how many stayed float;
+- each lowered kernel against its reference module on its real input (``deploy.layer_check``: the worst layers,
+  and how many are off by more than one output step);
 - ``rel_l2 = |y_int8 - y_ref| / |y_ref|`` against ``convert_to_reference_fx`` of the same calibrated graph (the
   quantize -> float op -> quantize simulation of the same qparams), and against the FP model;
 - on the bundled digits DDPM: FD of DDIM-50 samples from the same noise, FP32 vs the INT8 model;
@@ -39,6 +41,7 @@ import qdiff_ao  # noqa: E402
 from benchmarks.common import cifar10_ddpm_unet, unet_inputs  # noqa: E402
 from qdiff_ao._compat import convert_to_reference_fx  # noqa: E402
 from qdiff_ao.backends import CudnnBackend  # noqa: E402
+from qdiff_ao.deploy.layer_check import check_lowered_layers  # noqa: E402
 
 CUDNN = CudnnBackend()
 W8A8 = qdiff_ao.QuantConfig(weight_bits=8, act_bits=8, act_symmetric=True, weight_granularity="per_tensor",
@@ -76,7 +79,10 @@ def lower(unet: torch.nn.Module, cfg: qdiff_ao.QuantConfig, batches: list[dict[s
     reference = convert_to_reference_fx(copy.deepcopy(prepared), backend_config=CUDNN.backend_config(cfg))
     lowered = qdiff_ao.convert(prepared)
     kinds = collections.Counter(f"{type(m).__module__}.{type(m).__name__}" for m in lowered.modules())
+    layers = check_lowered_layers(lowered, reference, batches[0])  # each kernel vs its reference module
     return {"reference": reference, "lowered": lowered,
+            "layers_over_1_step": sum(c.lsb > 1.0 + 1e-4 for c in layers),
+            "worst_layers": [dataclasses.asdict(c) for c in layers[:8]],
             "lowered_layers": sum(d.use_cudnn for d in decisions),
             "float_layers": sum(not d.use_cudnn and d.op != "add" for d in decisions),
             "quantized_modules": {k: v for k, v in kinds.items() if "quantized" in k}}

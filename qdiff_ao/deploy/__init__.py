@@ -2,6 +2,7 @@
 
 - ``quantized_unet``: :class:`QuantizedUNet` (``save_pretrained`` / ``from_pretrained``).
 - ``freezing``: TorchScript trace + freeze of a converted graph.
+- ``layer_check``: each lowered kernel against torch.ao's reference module, in output steps.
 - ``checkpoint/``: the compressed safetensors checkpoint format.
 - ``onnx/``: QDQ ONNX export for ONNX Runtime / TensorRT.
 """
