@@ -124,7 +124,7 @@ def plot_split_histograms(
     for name, mod in model.named_modules():
         if name.endswith((".part0", ".part1")) and isinstance(mod, torch.nn.Conv2d):
             def grab(_m: Any, args: tuple[Any, ...], _out: Any, key: str = name) -> None:
-                captured[key] = args[0].detach().float().flatten()
+                captured[key] = args[0].detach().float().flatten().cpu()  # numpy, for the plot
             hooks.append(mod.register_forward_hook(grab))
     if not hooks:
         raise ValueError("no split convs found: run qdiff_ao.passes.split_shortcut on the traced graph first")
