@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import qdiff_ao  # noqa: E402
 from qdiff_ao.app.main_job import speed_ratio  # noqa: E402
-from qdiff_ao.app.metrics import DigitsFD, noise_prediction_error  # noqa: E402
+from qdiff_ao.app.metrics import DigitsFD, frechet_distance, noise_prediction_error  # noqa: E402
 from qdiff_ao.app.model_source import load_model_folder  # noqa: E402
 from qdiff_ao.app.sampling import ddim_sample, initial_noise  # noqa: E402
 
@@ -64,18 +64,20 @@ class Subject:
     denoiser: Callable[[Any], Any]
     fd: Callable[[torch.Tensor], float]
     calib_kwargs: dict[str, Any]
+    features: Callable[[torch.Tensor], torch.Tensor]  # the yardstick's classifier features
 
 
 def load_subject(name: str) -> Subject:
     if name == "digits":
         unet, scheduler, _ = load_model_folder(None)
         metric = DigitsFD.from_bundled()
-        return Subject(name, unet, scheduler, lambda u: u, metric.fd, {})
+        return Subject(name, unet, scheduler, lambda u: u, metric.fd, {}, metric.features)
     from qdiff_ao.app.zoo.sampling import load_zoo
     from qdiff_ao.app.zoo.yardstick import ShapesFD
 
     zoo = load_zoo(name)
-    return Subject(name, zoo.unet, zoo.scheduler, zoo.denoiser, ShapesFD.for_zoo(name).fd, zoo.calibration_kwargs())
+    metric = ShapesFD.for_zoo(name)
+    return Subject(name, zoo.unet, zoo.scheduler, zoo.denoiser, metric.fd, zoo.calibration_kwargs(), metric.features)
 
 
 def rows() -> list[dict[str, Any]]:
@@ -113,8 +115,10 @@ def evaluate(label: str, model: Any, subject: Subject, args: argparse.Namespace,
              keep_images: list[torch.Tensor] | None = None) -> dict[str, Any]:
     """FD per noise seed, x FP, the eps error along the FP trajectory and, given the FP images of the same noise,
     how far this model's own trajectories end from them: ``image_rel_l2 = |x_q - x_fp| / |x_fp|`` over all
-    samples and ``contrast = std(x_q) / std(x_fp)`` (pixel standard deviation), means over seeds."""
-    fds, rel_l2, contrast = [], [], []
+    samples, ``contrast = std(x_q) / std(x_fp)`` (pixel standard deviation) and ``fd_to_fp``, the Frechet
+    distance between the two sample sets' features (0 for the same images; it does not depend on how far the
+    float model itself is from the data, which the FD ratio does), means over seeds."""
+    fds, rel_l2, contrast, fd_to_fp = [], [], [], []
     for i, noise in enumerate(noises):
         images = ddim_sample(subject.denoiser(model), subject.scheduler.config, noise, num_inference_steps=args.steps,
                              batch_size=100, progress=False)
@@ -125,6 +129,7 @@ def evaluate(label: str, model: Any, subject: Subject, args: argparse.Namespace,
             ref = fp_images[i]
             rel_l2.append(float((images - ref).norm() / ref.norm()))
             contrast.append(float(images.std() / ref.std()))
+            fd_to_fp.append(frechet_distance(subject.features(images), subject.features(ref)))
         if i == 0 and args.grids:
             from torchvision.utils import save_image
 
@@ -138,7 +143,8 @@ def evaluate(label: str, model: Any, subject: Subject, args: argparse.Namespace,
            "ratio_mean": statistics.mean(ratios), "ratio_std": statistics.pstdev(ratios),
            "eps_error": float(err.mean()), "eps_error_last5": float(err[-5:].mean())}
     if fp_images is not None:
-        out |= {"image_rel_l2": statistics.mean(rel_l2), "contrast": statistics.mean(contrast)}
+        out |= {"image_rel_l2": statistics.mean(rel_l2), "contrast": statistics.mean(contrast),
+                "fd_to_fp": statistics.mean(fd_to_fp)}
     return out
 
 
@@ -187,7 +193,7 @@ def main() -> None:
         unet.save_pretrained(tmp, safe_serialization=True)
         fp_bytes = _dir_bytes(Path(tmp))
     results = [{"label": "FP32", **fp, "size_bytes": fp_bytes, "latency_ratio": 1.0, "seconds": 0.0,
-                "keep_float": [], "image_rel_l2": 0.0, "contrast": 1.0}]
+                "keep_float": [], "image_rel_l2": 0.0, "contrast": 1.0, "fd_to_fp": 0.0}]
     print(f"[{args.model}] FP32: FD {fp['fd_mean']:.3f} ± {fp['fd_std']:.3f}", flush=True)
     c, s = unet.config.in_channels, unet.config.sample_size
     x8 = torch.randn(8, c, s, s)
@@ -211,7 +217,8 @@ def main() -> None:
             write_tables(args, results)
         print(f"[{args.model}] {label}: FD {res['fd_mean']:.3f} ± {res['fd_std']:.3f} = {res['ratio_mean']:.3f}x FP "
               f"(eps err {res['eps_error']:.4f}, last 5 {res['eps_error_last5']:.4f}; image rel. L2 "
-              f"{res['image_rel_l2']:.4f}, contrast {res['contrast']:.4f}; {seconds:.0f} s; float "
+              f"{res['image_rel_l2']:.4f}, contrast {res['contrast']:.4f}, FD to FP {res['fd_to_fp']:.2f}; "
+              f"{seconds:.0f} s; float "
               f"{res['keep_float']})", flush=True)
 
     for recon_seed in args.recon_seeds:
@@ -271,12 +278,13 @@ def write_tables(args: argparse.Namespace, results: list[dict[str, Any]]) -> Non
     """quality_<model>.md / .json in --out (rewritten after every row, so a stopped run keeps what it measured)."""
     fd_head = f"FD ↓ (mean ± std, {args.seeds} seeds × {args.num_samples} samples)"
     table = [f"| {args.model} | {fd_head} | x FP (per seed) | eps error | eps error, last 5 steps | image rel. L2 vs "
-             "FP | contrast vs FP | size (KiB) | latency vs FP32 (batch 8) | layers kept in float |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "FP | contrast vs FP | FD to FP samples | size (KiB) | latency vs FP32 (batch 8) | layers kept in float |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         table.append(f"| {r['label']} | {r['fd_mean']:.2f} ± {r['fd_std']:.2f} | {r['ratio_mean']:.3f} ± "
                      f"{r['ratio_std']:.3f} | {r['eps_error']:.4f} | {r['eps_error_last5']:.4f} | "
                      f"{r.get('image_rel_l2', float('nan')):.4f} | {r.get('contrast', float('nan')):.4f} | "
+                     f"{r.get('fd_to_fp', float('nan')):.2f} | "
                      f"{r['size_bytes'] / 1024:.0f} | {r['latency_ratio']:.2f}x | {', '.join(r['keep_float'])} |")
     spread = _recon_seed_spread(results)
     if spread:
