@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -104,6 +104,32 @@ def rows() -> list[dict[str, Any]]:
         dict(label="ours W8A8, reconstruction without the guided loss", cfg=qdiff_ao.QuantConfig(weight_bits=8),
              guided_only=True, kwargs=dict(guided_reconstruction=False)),
     ]
+
+
+def fp_floor_row(subject: Subject, args: argparse.Namespace, fp_images: list[torch.Tensor], fp_fds: list[float],
+                 cache: Path) -> dict[str, Any]:
+    """The float model again from other noise (seeds after the FP row's): how far a fresh draw moves the samples
+    in the yardstick's features (``fd_to_fp``) and its FD to the data, the scale a quantized row's ``fd_to_fp``
+    is read against. Cached next to the FP row."""
+    if cache.is_file():
+        return cast(dict[str, Any], json.loads(cache.read_text()))
+    fds, to_fp = [], []
+    for i, ref in enumerate(fp_images):
+        noise = initial_noise(subject.unet, args.num_samples, seed=1000 + args.seeds + i)
+        images = ddim_sample(subject.denoiser(subject.unet), subject.scheduler.config, noise,
+                             num_inference_steps=args.steps, batch_size=100, progress=False)
+        fds.append(subject.fd(images))
+        to_fp.append(frechet_distance(subject.features(images), subject.features(ref)))
+    ratios = [f / r for f, r in zip(fds, fp_fds, strict=True)]
+    row = {"label": "FP32, other noise (a fresh draw: the scale of FD to FP)", "fd_mean": statistics.mean(fds),
+           "fd_std": statistics.pstdev(fds), "fds": fds, "ratio_mean": statistics.mean(ratios),
+           "ratio_std": statistics.pstdev(ratios),
+           "eps_error": float("nan"), "eps_error_last5": float("nan"), "image_rel_l2": float("nan"),
+           "contrast": float("nan"), "fd_to_fp": statistics.mean(to_fp), "size_bytes": float("nan"),
+           "latency_ratio": float("nan"), "seconds": 0.0,
+           "keep_float": []}
+    cache.write_text(json.dumps(row, indent=2))
+    return row
 
 
 def _dir_bytes(path: Path) -> int:
@@ -195,6 +221,7 @@ def main() -> None:
     results = [{"label": "FP32", **fp, "size_bytes": fp_bytes, "latency_ratio": 1.0, "seconds": 0.0,
                 "keep_float": [], "image_rel_l2": 0.0, "contrast": 1.0, "fd_to_fp": 0.0}]
     print(f"[{args.model}] FP32: FD {fp['fd_mean']:.3f} ± {fp['fd_std']:.3f}", flush=True)
+    results.append(fp_floor_row(subject, args, fp_images, fp["fds"], fp_cache.with_suffix(".floor.json")))
     c, s = unet.config.in_channels, unet.config.sample_size
     x8 = torch.randn(8, c, s, s)
     speed_kwargs = {}
