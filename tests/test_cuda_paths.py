@@ -54,35 +54,22 @@ def test_observer_on_cuda_matches_cpu(name: str) -> None:
     assert all(b.device.type == "cuda" for b in gpu.buffers())
 
 
-def _eps_error(qunet: Any, unet: torch.nn.Module) -> float:
-    from tests.unet_factory import unet_inputs
-
-    errors = []
-    for t in (900, 500, 50):
-        inputs = unet_inputs("attn", 4, t=t)
-        with torch.no_grad():
-            ref = unet(**inputs).sample
-            out = qunet(**inputs).sample
-        errors.append(float((out - ref).norm() / ref.norm()))
-    return sum(errors) / len(errors)
-
-
 def test_quantize_recipe_on_cuda() -> None:
     """The default recipe (collection, fallback, reconstruction, timestep groups, output correction) with the
     float UNet on CUDA returns a CPU model (x86 kernels) about as accurate as the CPU run's."""
     from diffusers import DDPMScheduler
 
+    from tests.distributed_worker import RECON, eps_error
     from tests.unet_factory import build_unet
 
-    cfg = qdiff_ao.QuantConfig(reconstruction=qdiff_ao.ReconstructionConfig(weight_iters=30, act_iters=10,
-                                                                            batch_size=8))
+    cfg = qdiff_ao.QuantConfig(reconstruction=qdiff_ao.ReconstructionConfig(**RECON))
     collect = dict(num_inference_steps=6, num_timesteps=3, samples_per_timestep=8, batch_size=4, seed=3,
                    progress=False)
     unet = build_unet("attn")
     on_cpu = qdiff_ao.quantize(copy.deepcopy(unet), DDPMScheduler(num_train_timesteps=1000), cfg, **collect)
     on_gpu = qdiff_ao.quantize(copy.deepcopy(unet).cuda(), DDPMScheduler(num_train_timesteps=1000), cfg,
                                **collect)
-    err_cpu, err_gpu = _eps_error(on_cpu, unet), _eps_error(on_gpu, unet)
+    err_cpu, err_gpu = eps_error(on_cpu)[0], eps_error(on_gpu)[0]  # vs build_unet("attn"), the same float UNet
     print(f"eps error vs FP: cpu run {err_cpu:.4f}, cuda run {err_gpu:.4f}")
     assert err_gpu < 1.25 * err_cpu + 0.01
     assert on_gpu.quantization_info["reconstruction"] is not None

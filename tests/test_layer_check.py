@@ -10,17 +10,13 @@ import torch
 import qdiff_ao
 from qdiff_ao._compat import convert_to_reference_fx
 from qdiff_ao.deploy.layer_check import check_lowered_layers
-from tests.unet_factory import build_unet, unet_inputs
+from tests.unet_factory import calibrated_unet, unet_inputs
 
 CFG = qdiff_ao.QuantConfig(weight_bits=4, act_bits=8)
 
 
 def _lowered_and_reference(family: str) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
-    prepared = qdiff_ao.prepare(build_unet(family), CFG, unet_inputs(family, 2))
-    with torch.no_grad():
-        for seed in range(2):
-            with qdiff_ao.timestep_context(500):
-                prepared(**unet_inputs(family, 4, seed=seed))
+    _, prepared = calibrated_unet(family, CFG)
     reference = convert_to_reference_fx(copy.deepcopy(prepared), backend_config=qdiff_ao.get_backend_config(CFG))
     return qdiff_ao.convert(prepared), reference
 

@@ -176,11 +176,17 @@ def _scheme_reasons(s: _Scheme) -> list[str]:
     return reasons
 
 
+def _bias(mod: nn.Module) -> torch.Tensor | None:
+    """The bias of a float module, or of a torch.ao quantized one (there a method, ``bias()``)."""
+    bias = getattr(mod, "bias", None)
+    bias = bias() if callable(bias) and not isinstance(bias, torch.Tensor) else bias
+    return bias if isinstance(bias, torch.Tensor) else None
+
+
 def _bias_reasons(mod: nn.Module) -> list[str]:
     """GUESS beyond fp32: cudnn/Conv.cpp and Linear.cpp apply_impl_helper scale the bias with an fp32 tensor."""
-    bias = getattr(mod, "bias", None)
-    bias = bias() if callable(bias) and not isinstance(bias, torch.Tensor) else bias  # quantized module: bias()
-    if isinstance(bias, torch.Tensor) and bias.dtype != torch.float32:
+    bias = _bias(mod)
+    if bias is not None and bias.dtype != torch.float32:
         return [f"bias is {bias.dtype} (GUESS: only fp32 bias is exercised by torch's cuDNN kernels and tests)"]
     return []
 
@@ -244,9 +250,8 @@ def _linear_reasons(mod: nn.Module, shape: tuple[int, ...] | None, recorded: Lay
 
 def _linear_bias_reasons(mod: nn.Module) -> list[str]:
     """MEASURED: torch's QuantizedCUDA ``quantized::linear`` returns the bias-free result (see module docstring)."""
-    bias = getattr(mod, "bias", None)
-    bias = bias() if callable(bias) and not isinstance(bias, torch.Tensor) else bias  # quantized module: bias()
-    if isinstance(bias, torch.Tensor) and bool(bias.detach().ne(0).any()):
+    bias = _bias(mod)
+    if bias is not None and bool(bias.detach().ne(0).any()):
         return ["nonzero bias: torch's cuDNN quantized::linear drops it (MEASURED on an H200, torch 2.11.0+cu130, "
                 "cuDNN 9.19: outputs equal the bias-free product to 1e-7; tests/test_lower_cudnn.py checks it)"]
     return []

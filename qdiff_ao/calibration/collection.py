@@ -35,6 +35,7 @@ from qdiff_ao.calibration._plan import (
 )
 from qdiff_ao.calibration.calibration_set import CalibrationSet
 from qdiff_ao.calibration.distributed import chunk_seed, init_from_environment, rank_and_world
+from qdiff_ao.capture.devices import module_device, to_device
 from qdiff_ao.observers.merging import all_reduce_observers
 from qdiff_ao.observers.timestep_context import timestep_context
 
@@ -382,8 +383,7 @@ def calibrate(model: Any, calib: CalibrationSet, *, batch_size: int = 32, progre
                 f"model takes inputs {sorted(accepted)} (required {sorted(required)}) but the calibration set "
                 f"provides {sorted(keys)}; trace/prepare the model with calib.example_inputs() of this set"
             )
-    tensors = [*getattr(model, "parameters", list)(), *getattr(model, "buffers", list)()]
-    device = tensors[0].device if tensors else torch.device("cpu")
+    device = module_device(model) if isinstance(model, torch.nn.Module) else torch.device("cpu")
     init_from_environment()
     rank, world = rank_and_world()
     deal = world > 1 and "shard" not in calib.metadata
@@ -393,7 +393,7 @@ def calibrate(model: Any, calib: CalibrationSet, *, batch_size: int = 32, progre
         for b, (t, inputs) in enumerate(calib.batches(batch_size)):
             if not deal or b % world == rank:
                 with timestep_context(t):
-                    model(**{name: value.to(device) for name, value in inputs.items()})
+                    model(**to_device(inputs, device))
             bar.update(1)
     if world > 1 and isinstance(model, torch.nn.Module):
         all_reduce_observers(model)

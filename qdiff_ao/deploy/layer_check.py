@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from qdiff_ao.capture.devices import module_device, to_device
+
 __all__ = ["LayerCheck", "check_lowered_layers"]
 
 
@@ -94,10 +96,9 @@ def check_lowered_layers(lowered: fx.GraphModule, reference: fx.GraphModule,
         return hook
 
     handles = [m.register_forward_pre_hook(record(name)) for name, m in shared.items()]
-    device = next((t.device for t in (*lowered.parameters(), *lowered.buffers())), torch.device("cpu"))
     try:
         with torch.no_grad():
-            lowered(**{k: v.to(device) for k, v in inputs.items()})
+            lowered(**to_device(inputs, module_device(lowered)))
     finally:
         for h in handles:
             h.remove()

@@ -126,8 +126,7 @@ def add_output_correction(gm: fx.GraphModule, num_groups: int, channels: int,
                              f"({'with' if module.gain is not None else 'without'} gains, "
                              f"{'with' if module.input_gain is not None else 'without'} input gains)")
         return module
-    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    module = TimestepOutputCorrection(num_groups, channels, gain=gain, input_gain=input_gain).to(device)
+    module = TimestepOutputCorrection(num_groups, channels, gain=gain, input_gain=input_gain).to(module_device(gm))
     gm.add_submodule(OUTPUT_CORRECTION, module)
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     value, rebuild = _output_value(out_node)

@@ -243,7 +243,7 @@ def build_simulation(prepared: fx.GraphModule) -> Simulation:
     Raises:
         ValueError: if an activation observer has seen no data (calibrate first).
     """
-    device = next((p.device for p in prepared.parameters()), torch.device("cpu"))
+    device = module_device(prepared)
     graph = copy.deepcopy(prepared.graph)
     gm = fx.GraphModule(prepared, graph, class_name="ReconstructionSim")
     state = SimState()

@@ -57,6 +57,7 @@ from qdiff_ao._compat import ObserverBase, QConfig
 from qdiff_ao.calibration.calibration_set import CalibrationSet
 from qdiff_ao.calibration.distributed import rank_and_world
 from qdiff_ao.calibration.sampler_view import guidance_pairs, guidance_scale
+from qdiff_ao.capture.devices import module_device
 from qdiff_ao.capture.graph_state import graph_info, has_graph_info, update_graph_info
 from qdiff_ao.config import QuantConfig, ReconstructionConfig
 from qdiff_ao.observers.frozen import FrozenObserver
@@ -111,7 +112,7 @@ def _resolve_config(prepared: fx.GraphModule, rcfg: ReconstructionConfig | None)
 
 
 def _graph_inputs(sim: Simulation, calib: CalibrationSet, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-    device = next((p.device for p in sim.gm.parameters()), torch.device("cpu"))
+    device = module_device(sim.gm)
     sources = {name: getattr(calib, name) for name in _INPUT_SOURCES if getattr(calib, name) is not None}
     inputs = {}
     for node in sim.gm.graph.nodes:
