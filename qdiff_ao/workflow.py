@@ -207,7 +207,8 @@ def quantize(
         precision_fallback: measure which quantizers the model cannot afford (one quantizer alone causing most
             of the output error at some step, e.g. the input quantizer near ``t = 0`` under linear betas) and keep
             the layers reading them in float, within 5% of the quantized multiply-accumulates
-            (``qdiff_ao.passes.choose_float_layers``); the chosen names go to ``cfg.keep_float``.
+            (``qdiff_ao.passes.choose_float_layers``); the chosen names go to ``cfg.keep_float``. Runs for
+            weights-only configs too (``act_bits=None``: only weight quantizers are candidates).
         fallback_rounds: measurement rounds of the fallback: after each round that keeps new layers in float the
             model is prepared and calibrated again and measured again (a dominant quantizer hides the next one:
             the input quantizer's error near t = 0 dwarfs the rest until it is gone), until a round finds nothing
@@ -273,7 +274,7 @@ def quantize(
     calibrate(prepared, calib, batch_size=batch_size, progress=progress)
     timings["calibrate_s"] = time.perf_counter() - t0
     fallback = None
-    if precision_fallback and cfg.act_bits is not None:
+    if precision_fallback:  # weights-only too: a 4-bit output layer can carry most of the error alone
         t0 = time.perf_counter()
         fallback, cfg, prepared = _fallback_rounds(unet, cfg, prepared, calib, example_rows, split, batch_size,
                                                    progress, fallback_rounds)

@@ -150,6 +150,27 @@ def test_fallback_finds_nothing_on_benign_data_and_respects_the_budget() -> None
         choose_float_layers(prepared, late, share=0)
 
 
+def test_weights_only_config_gets_the_fallback_too() -> None:
+    """W4A32: no activation quantizer, but one layer's 4-bit weights can still carry the error alone (a planted
+    outlier ruins conv_out's grid for its first output channel); the fallback must find it there as well."""
+    from diffusers import DDIMScheduler
+
+    calib = _benign_calib(rows=4)
+    unet = build_unet()
+    with torch.no_grad():
+        unet.conv_out.weight[0, 0, 0, 0] = 50 * unet.conv_out.weight.abs().max()
+    cfg = qdiff_ao.QuantConfig(weight_bits=4, act_bits=None)
+    prepared = qdiff_ao.prepare(unet, cfg, calib.example_inputs(1))
+    qdiff_ao.calibrate(prepared, calib, progress=False)
+    decision = choose_float_layers(prepared, calib)
+    assert "conv_out" in decision.layers
+    assert decision.harmful and all(h["kind"] == "weight" for h in decision.harmful)
+    qunet = qdiff_ao.quantize(unet, DDIMScheduler(), cfg, calib=calib, reconstruct=False, batch_size=8,
+                              progress=False, fallback_rounds=1)
+    assert "conv_out" in qunet.quantization_info["precision_fallback"]["layers"]
+    assert type(qunet.graph_module.get_submodule("conv_out")) is nn.Conv2d
+
+
 def test_quantize_default_recipe_uses_the_fallback_and_records_it() -> None:
     from diffusers import DDIMScheduler
 
