@@ -174,8 +174,7 @@ def correct_output_bias(
     total, count, abs_total = None, 0, 0.0
     try:
         for _, inputs in calib.batches(batch_size):
-            sim.gm(**to_device({str(n.target): inputs[str(n.target)] for n in sim.gm.graph.nodes
-                                if n.op == "placeholder"}, module_device(sim.gm)))
+            sim.run(inputs)  # the hook on the quantized layer captures its output
             model(**to_device(inputs, module_device(model)))
             diff = q_out.pop() - fp_out.pop()
             q_out.clear()

@@ -36,8 +36,7 @@ from torch import fx, nn
 from qdiff_ao.calibration.calibration_set import CalibrationSet
 from qdiff_ao.calibration.distributed import sum_over_ranks
 from qdiff_ao.calibration.sampler_view import ErrorProbe
-from qdiff_ao.calibration.sensitivity import _layers_of, _observed_value, _output_tensor
-from qdiff_ao.capture.devices import inputs_device, module_device, to_device
+from qdiff_ao.calibration.sensitivity import _layers_of, _observed_value
 from qdiff_ao.quantizers.simulation import Simulation, build_simulation
 
 __all__ = ["FallbackDecision", "choose_float_layers"]
@@ -139,15 +138,12 @@ def choose_float_layers(
     sim = build_simulation(prepared)
     sim.gm.eval()
     probe = ErrorProbe(calib, rows_per_timestep)
-    names = [str(n.target) for n in sim.gm.graph.nodes if n.op == "placeholder"]
     forwards = 0
-    device = module_device(sim.gm)
 
     def run() -> torch.Tensor | None:
         nonlocal forwards
         forwards += 1
-        return probe.outputs(lambda batch: _output_tensor(
-            sim.gm(**to_device({k: batch[k] for k in names if k in batch}, device))).to(inputs_device(batch)))
+        return probe.outputs(sim.run)  # Simulation.run: graph inputs only, on the graph's device, output back
 
     with sim.full_precision():
         reference = run()
