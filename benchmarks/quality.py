@@ -97,6 +97,8 @@ def rows() -> list[dict[str, Any]]:
         dict(label="ours W4A8, no timestep groups (one activation grid)", cfg=w4a8, kwargs=dict(timestep_groups=1)),
         dict(label="ours W4A8, 3x reconstruction iterations (900 + 150 per block)", cfg=dataclasses.replace(
             w4a8, reconstruction=dataclasses.replace(w4a8.reconstruction, weight_iters=900, act_iters=150))),
+        dict(label="ours W4A8, every calibration row in reconstruction (4 GiB cache)", cfg=dataclasses.replace(
+            w4a8, reconstruction=dataclasses.replace(w4a8.reconstruction, max_cache_bytes=4 * 2**30))),
         dict(label="ours W4A8, no activation step-size learning", cfg=dataclasses.replace(
             w4a8, reconstruction=dataclasses.replace(w4a8.reconstruction, act_iters=0))),
         dict(label="ours W4A8, reconstruction without the guided loss", cfg=w4a8, guided_only=True,
