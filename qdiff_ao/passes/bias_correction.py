@@ -174,7 +174,10 @@ def correct_output_bias(
     total, count, abs_total = None, 0, 0.0
     try:
         for _, inputs in calib.batches(batch_size):
-            sim.run(inputs)  # the hook on the quantized layer captures its output
+            # sim.gm, not sim.run: with timestep groups run() splits a batch into one call per group, and the
+            # hook below would capture only the last part (this static correction measures the single grids)
+            sim.gm(**to_device({str(n.target): inputs[str(n.target)] for n in sim.gm.graph.nodes
+                                if n.op == "placeholder"}, module_device(sim.gm)))
             model(**to_device(inputs, module_device(model)))
             diff = q_out.pop() - fp_out.pop()
             q_out.clear()
