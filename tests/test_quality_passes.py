@@ -1,5 +1,5 @@
-"""Tests of the measured quality mechanisms: keep_float, the sensitivity report, the precision fallback and the
-per-timestep-group output correction."""
+"""Tests of the measured quality mechanisms: keep_float, the sensitivity report and the per-timestep-group output
+correction (the precision fallback: test_precision_fallback.py)."""
 
 from __future__ import annotations
 
@@ -17,52 +17,16 @@ from torch import nn
 import qdiff_ao
 from qdiff_ao.calibration.sensitivity import sensitivity
 from qdiff_ao.passes.output_correction import OUTPUT_CORRECTION, TimestepOutputCorrection, correct_output
-from qdiff_ao.passes.precision_fallback import choose_float_layers
-from tests.calibration_helpers import tiny_unet
-
-SHAPE = (3, 8, 8)
-
-
-def build_unet() -> nn.Module:
-    return tiny_unet(sample_size=SHAPE[-1])
-
-
-def unet_inputs(batch: int, t: int = 500, seed: int = 1) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {"sample": torch.randn(batch, *SHAPE, generator=g), "timestep": torch.full((batch,), t)}
-
-
-def _late_step_calib(rows: int = 8) -> qdiff_ao.CalibrationSet:
-    """Early steps with |x_t| ~ 4, late steps with |x_t| ~ 0.01: the linear-beta regime in which an 8-bit input grid
-    set by the early steps cannot see the late steps' input at all."""
-    g = torch.Generator().manual_seed(3)
-    early = torch.randn(rows, *SHAPE, generator=g) * 4.0
-    late = torch.randn(rows, *SHAPE, generator=g) * 0.01
-    t = torch.cat([torch.full((rows,), 900), torch.full((rows,), 10)])
-    return qdiff_ao.CalibrationSet(torch.cat([early, late]), t)
-
-
-def _benign_calib(rows: int = 8) -> qdiff_ao.CalibrationSet:
-    a, b = unet_inputs(rows, t=900, seed=1), unet_inputs(rows, t=10, seed=2)
-    return qdiff_ao.CalibrationSet(torch.cat([a["sample"], b["sample"]]), torch.cat([a["timestep"], b["timestep"]]))
-
-
-def _prepared(calib: qdiff_ao.CalibrationSet, cfg: qdiff_ao.QuantConfig | None = None
-              ) -> tuple[nn.Module, torch.fx.GraphModule]:
-    unet = build_unet()
-    prepared = qdiff_ao.prepare(unet, cfg or qdiff_ao.QuantConfig(weight_bits=8), calib.example_inputs(1))
-    qdiff_ao.calibrate(prepared, calib, progress=False)
-    return unet, prepared
-
+from tests.quality_fixtures import benign_calib, build_unet, calibrated_prepared, late_step_calib, unet_inputs
 
 # --- keep_float -------------------------------------------------------------------------------------------------
 
 def test_keep_float_layer_stays_float_through_convert() -> None:
-    calib = _benign_calib()
+    calib = benign_calib()
     cfg = qdiff_ao.QuantConfig(keep_float=["conv_in"])  # a list (as from JSON) becomes a tuple
     assert cfg.keep_float == ("conv_in",)
     assert qdiff_ao.QuantConfig.from_dict(cfg.to_dict()) == cfg
-    _, prepared = _prepared(calib, cfg)
+    _, prepared = calibrated_prepared(calib, cfg)
     assert type(prepared.get_submodule("conv_in")) is nn.Conv2d  # no weight fake-quant, no qconfig
     converted = qdiff_ao.convert(prepared)
     assert type(converted.get_submodule("conv_in")) is nn.Conv2d
@@ -83,8 +47,8 @@ def test_keep_float_rejects_bad_names(names: tuple, match: str) -> None:
 # --- sensitivity ------------------------------------------------------------------------------------------------
 
 def test_sensitivity_finds_the_invisible_late_step_input(tmp_path: Path) -> None:
-    calib = _late_step_calib()
-    _, prepared = _prepared(calib)
+    calib = late_step_calib()
+    _, prepared = calibrated_prepared(calib)
     report = sensitivity(prepared, calib, rows_per_timestep=2)
     assert report.timesteps == (10.0, 900.0)
     kinds = {r.kind for r in report.rows}
@@ -108,8 +72,8 @@ def test_sensitivity_finds_the_invisible_late_step_input(tmp_path: Path) -> None
 
 
 def test_sensitivity_leaves_the_prepared_graph_alone_and_checks_arguments() -> None:
-    calib = _benign_calib()
-    _, prepared = _prepared(calib)
+    calib = benign_calib()
+    _, prepared = calibrated_prepared(calib)
     x = calib.example_inputs(2)
     before = prepared(**x)
     sensitivity(prepared, calib, rows_per_timestep=1, kinds=("activation",))
@@ -120,77 +84,6 @@ def test_sensitivity_leaves_the_prepared_graph_alone_and_checks_arguments() -> N
         sensitivity(prepared, calib, rows_per_timestep=0)
     with pytest.raises(TypeError, match="CalibrationSet"):
         sensitivity(prepared, {"sample": x["sample"]})  # type: ignore[arg-type]
-
-
-# --- precision fallback -----------------------------------------------------------------------------------------
-
-def test_fallback_keeps_the_layer_reading_the_harmful_quantizer_in_float() -> None:
-    calib = _late_step_calib()
-    _, prepared = _prepared(calib)
-    decision = choose_float_layers(prepared, calib, rows_per_timestep=4)
-    assert "conv_in" in decision.layers
-    harmful = {h["value"]: h for h in decision.harmful}
-    assert set(harmful) == {"sample", "conv_in"}
-    assert harmful["sample"]["at_timestep"] == 10.0 and harmful["sample"]["kept"]
-    assert set(decision.layers) == {layer for h in decision.harmful for layer in h["layers"]}
-    assert 0 < decision.macs_fraction < 0.05
-    n_candidates = sum(1 for m in prepared.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
-    assert decision.forwards < n_candidates  # group testing, not one forward per quantizer
-
-
-def test_fallback_finds_nothing_on_benign_data_and_respects_the_budget() -> None:
-    calib = _benign_calib()
-    _, prepared = _prepared(calib)
-    assert "sample" not in {h["value"] for h in choose_float_layers(prepared, calib).harmful}
-    late = _late_step_calib()
-    _, prepared = _prepared(late)
-    none_allowed = choose_float_layers(prepared, late, max_macs_fraction=0.0)
-    assert none_allowed.layers == () and not any(h["kept"] for h in none_allowed.harmful)
-    with pytest.raises(ValueError, match="share"):
-        choose_float_layers(prepared, late, share=0)
-
-
-def test_weights_only_config_gets_the_fallback_too() -> None:
-    """W4A32: no activation quantizer, but one layer's 4-bit weights can still carry the error alone (a planted
-    outlier ruins conv_out's grid for its first output channel); the fallback must find it there as well."""
-    from diffusers import DDIMScheduler
-
-    calib = _benign_calib(rows=4)
-    unet = build_unet()
-    with torch.no_grad():
-        unet.conv_out.weight[0, 0, 0, 0] = 50 * unet.conv_out.weight.abs().max()
-    cfg = qdiff_ao.QuantConfig(weight_bits=4, act_bits=None)
-    prepared = qdiff_ao.prepare(unet, cfg, calib.example_inputs(1))
-    qdiff_ao.calibrate(prepared, calib, progress=False)
-    decision = choose_float_layers(prepared, calib)
-    assert "conv_out" in decision.layers
-    assert decision.harmful and all(h["kind"] == "weight" for h in decision.harmful)
-    qunet = qdiff_ao.quantize(unet, DDIMScheduler(), cfg, calib=calib, reconstruct=False, batch_size=8,
-                              progress=False, fallback_rounds=1)
-    assert "conv_out" in qunet.quantization_info["precision_fallback"]["layers"]
-    assert type(qunet.graph_module.get_submodule("conv_out")) is nn.Conv2d
-
-
-def test_quantize_default_recipe_uses_the_fallback_and_records_it() -> None:
-    from diffusers import DDIMScheduler
-
-    calib = _late_step_calib(rows=4)
-    qunet = qdiff_ao.quantize(build_unet(), DDIMScheduler(), qdiff_ao.QuantConfig(weight_bits=8), calib=calib,
-                              reconstruct=False, batch_size=8, progress=False)
-    info = qunet.quantization_info
-    fallback = info["precision_fallback"]
-    assert "conv_in" in fallback["layers"]
-    assert "conv_in" in info["config"]["keep_float"]
-    assert type(qunet.graph_module.get_submodule("conv_in")) is nn.Conv2d
-    # rounds: measured again after each round that kept new layers, the last round finding nothing new (or the
-    # round limit); the 5% budget is shared by all rounds
-    assert 2 <= fallback["rounds"] <= 3 and 0 < fallback["macs_fraction"] <= 0.05
-    assert sorted(fallback["layers"]) == sorted(info["config"]["keep_float"])
-    assert {h["round"] for h in fallback["harmful"]} <= set(range(1, fallback["rounds"] + 1))
-    single = qdiff_ao.quantize(build_unet(), DDIMScheduler(), qdiff_ao.QuantConfig(weight_bits=8), calib=calib,
-                               reconstruct=False, batch_size=8, progress=False, fallback_rounds=1)
-    assert single.quantization_info["precision_fallback"]["rounds"] == 1
-    assert set(single.quantization_info["precision_fallback"]["layers"]) <= set(fallback["layers"])
 
 
 # --- output correction ------------------------------------------------------------------------------------------
@@ -214,7 +107,7 @@ def test_correction_group_is_the_interval_holding_t(bounds: list[float], ts: lis
 
 def test_output_correction_is_kept_only_where_it_helps_held_back_rows() -> None:
     calib = _calibration_over_steps()
-    unet, prepared = _prepared(calib, qdiff_ao.QuantConfig())
+    unet, prepared = calibrated_prepared(calib, qdiff_ao.QuantConfig())
     correct_output(prepared, calib, unet, num_groups=3, gain=True, input_term=True)  # every candidate offered
     report = qdiff_ao.graph_info(prepared).bias_correction
     assert report["method"] == "timestep_groups" and len(report["groups"]) == 3
@@ -234,7 +127,7 @@ def test_output_correction_is_kept_only_where_it_helps_held_back_rows() -> None:
 
 def test_offsets_only_correction_has_no_gain_buffers_and_ignores_the_other_candidates() -> None:
     calib = _calibration_over_steps()
-    unet, prepared = _prepared(calib, qdiff_ao.QuantConfig())
+    unet, prepared = calibrated_prepared(calib, qdiff_ao.QuantConfig())
     correct_output(prepared, calib, unet, num_groups=3)  # the default: offsets only
     module = getattr(prepared, OUTPUT_CORRECTION)
     assert module.gain is None and "gain" not in dict(module.named_buffers())
@@ -251,7 +144,7 @@ def test_input_term_is_offered_and_lowered_as_a_y_plus_c_x_minus_b() -> None:
     from qdiff_ao.quantizers.simulation import output_tensor
 
     calib = _calibration_over_steps()
-    unet, prepared = _prepared(calib, qdiff_ao.QuantConfig())
+    unet, prepared = calibrated_prepared(calib, qdiff_ao.QuantConfig())
     plain = copy.deepcopy(prepared)
     correct_output(prepared, calib, unet, num_groups=3, input_term=True)
     assert all(row["mse_input"] is not None for row in qdiff_ao.graph_info(prepared).bias_correction["groups"])
@@ -319,7 +212,7 @@ def _calibration_over_steps() -> qdiff_ao.CalibrationSet:
 @torch.no_grad()
 def test_corrected_model_converts_saves_and_reloads_bit_identical(tmp_path: Path) -> None:
     calib = _calibration_over_steps()
-    unet, prepared = _prepared(calib, qdiff_ao.QuantConfig())
+    unet, prepared = calibrated_prepared(calib, qdiff_ao.QuantConfig())
     correct_output(prepared, calib, unet, num_groups=3, gain=True)
     module = getattr(prepared, OUTPUT_CORRECTION)
     module.bias.copy_(torch.tensor([[0.0], [1.0], [2.0]]).expand_as(module.bias))  # distinct, visible offsets
@@ -345,7 +238,7 @@ def test_corrected_model_converts_saves_and_reloads_bit_identical(tmp_path: Path
 def test_offsets_only_checkpoint_keeps_the_layout_without_gains(tmp_path: Path) -> None:
     """Checkpoints written before gains existed have no gain tensor and no "gain" record; that layout stays."""
     calib = _calibration_over_steps()
-    unet, prepared = _prepared(calib, qdiff_ao.QuantConfig())
+    unet, prepared = calibrated_prepared(calib, qdiff_ao.QuantConfig())
     correct_output(prepared, calib, unet, num_groups=3, gain=False, input_term=False)
     qunet = qdiff_ao.QuantizedUNet(qdiff_ao.convert(prepared), like=unet)
     qunet.save_pretrained(tmp_path / "ckpt")
@@ -364,7 +257,7 @@ def test_input_gains_round_trip_through_a_version_3_checkpoint(tmp_path: Path) -
     from qdiff_ao.passes.output_correction import add_output_correction
 
     calib = _calibration_over_steps()
-    unet, prepared = _prepared(calib, qdiff_ao.QuantConfig())
+    unet, prepared = calibrated_prepared(calib, qdiff_ao.QuantConfig())
     channels = unet.config.out_channels
     module = add_output_correction(prepared, 2, channels, gain=True, input_gain=True)
     module.boundaries.fill_(500.0)
@@ -387,8 +280,8 @@ def test_input_gains_round_trip_through_a_version_3_checkpoint(tmp_path: Path) -
 
 
 def test_output_correction_needs_two_rows_per_timestep() -> None:
-    calib = _benign_calib(rows=1)
-    unet, prepared = _prepared(calib)
+    calib = benign_calib(rows=1)
+    unet, prepared = calibrated_prepared(calib)
     with pytest.raises(ValueError, match=">= 2 trajectories"):
         correct_output(prepared, calib, unet)
 
@@ -396,8 +289,8 @@ def test_output_correction_needs_two_rows_per_timestep() -> None:
 def test_static_bias_correction_refuses_a_float_output_layer() -> None:
     from qdiff_ao.passes.bias_correction import find_output_layer
 
-    calib = _benign_calib()
-    _, prepared = _prepared(calib, qdiff_ao.QuantConfig(keep_float=("conv_out",)))
+    calib = benign_calib()
+    _, prepared = calibrated_prepared(calib, qdiff_ao.QuantConfig(keep_float=("conv_out",)))
     with pytest.raises(ValueError, match="kept in float"):
         find_output_layer(prepared)
 
@@ -408,7 +301,7 @@ def test_checkpoint_of_a_model_loaded_from_a_path_object(tmp_path: Path) -> None
     unet.save_pretrained(tmp_path / "fp")
     loaded = type(unet).from_pretrained(tmp_path / "fp").eval()
     assert not isinstance(loaded.config["_name_or_path"], str)
-    calib = _benign_calib(rows=2)
+    calib = benign_calib(rows=2)
     qunet = qdiff_ao.quantize(loaded, None, calib=calib, reconstruct=False, precision_fallback=False,
                               bias_correction=False, progress=False)
     qunet.save_pretrained(tmp_path / "q")

@@ -8,12 +8,12 @@ import qdiff_ao
 from benchmarks.timestep_group_ranges import GroupGrids, probe_groups
 from qdiff_ao.calibration.sampler_view import ErrorProbe
 from qdiff_ao.quantizers.simulation import build_simulation
-from tests.test_quality_passes import _late_step_calib, _prepared
+from tests.quality_fixtures import calibrated_prepared, late_step_calib
 
 
 def test_one_group_holding_every_timestep_keeps_the_recipes_grid() -> None:
-    calib = _late_step_calib()
-    _, prepared = _prepared(calib)
+    calib = late_step_calib()
+    _, prepared = calibrated_prepared(calib)
     sim = build_simulation(prepared)
     probe = ErrorProbe(calib, 4)
     names = [str(n.target) for n in sim.gm.graph.nodes if n.op == "placeholder"]
@@ -32,8 +32,8 @@ def test_one_group_holding_every_timestep_keeps_the_recipes_grid() -> None:
 def test_a_group_of_its_own_lets_the_late_steps_see_their_input() -> None:
     # Early rows |x_t| ~ 4, late rows ~ 0.01: with one grid the late rows fall inside one step of the input
     # quantizer; a group of their own gives them a grid of their range.
-    calib = _late_step_calib()
-    _, prepared = _prepared(calib, qdiff_ao.QuantConfig(weight_bits=8))
+    calib = late_step_calib()
+    _, prepared = calibrated_prepared(calib, qdiff_ao.QuantConfig(weight_bits=8))
     result = probe_groups(prepared, calib, [1, 2], rows_per_timestep=4)
     assert [float(t) for t in result["timesteps"]] == [10.0, 900.0]
     one, two = (row["errors"] for row in result["rows"])
@@ -49,8 +49,8 @@ def _simulated(prepared: torch.fx.GraphModule, x: dict[str, torch.Tensor]) -> to
 
 
 def test_probe_leaves_the_prepared_graphs_quantizers_unchanged() -> None:
-    calib = _late_step_calib()
-    _, prepared = _prepared(calib)
+    calib = late_step_calib()
+    _, prepared = calibrated_prepared(calib)
     x = {k: v for k, v in calib.example_inputs(2).items() if k in ("sample", "timestep")}
     before = _simulated(prepared, x)
     probe_groups(prepared, calib, [1, 2], rows_per_timestep=2)

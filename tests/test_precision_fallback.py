@@ -1,0 +1,80 @@
+"""Tests of the measured precision fallback (``passes.choose_float_layers`` and its use in ``quantize``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import qdiff_ao
+from qdiff_ao.passes.precision_fallback import choose_float_layers
+from tests.quality_fixtures import benign_calib, build_unet, calibrated_prepared, late_step_calib
+
+
+def test_fallback_keeps_the_layer_reading_the_harmful_quantizer_in_float() -> None:
+    calib = late_step_calib()
+    _, prepared = calibrated_prepared(calib)
+    decision = choose_float_layers(prepared, calib, rows_per_timestep=4)
+    assert "conv_in" in decision.layers
+    harmful = {h["value"]: h for h in decision.harmful}
+    assert set(harmful) == {"sample", "conv_in"}
+    assert harmful["sample"]["at_timestep"] == 10.0 and harmful["sample"]["kept"]
+    assert set(decision.layers) == {layer for h in decision.harmful for layer in h["layers"]}
+    assert 0 < decision.macs_fraction < 0.05
+    n_candidates = sum(1 for m in prepared.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert decision.forwards < n_candidates  # group testing, not one forward per quantizer
+
+
+def test_fallback_finds_nothing_on_benign_data_and_respects_the_budget() -> None:
+    calib = benign_calib()
+    _, prepared = calibrated_prepared(calib)
+    assert "sample" not in {h["value"] for h in choose_float_layers(prepared, calib).harmful}
+    late = late_step_calib()
+    _, prepared = calibrated_prepared(late)
+    none_allowed = choose_float_layers(prepared, late, max_macs_fraction=0.0)
+    assert none_allowed.layers == () and not any(h["kept"] for h in none_allowed.harmful)
+    with pytest.raises(ValueError, match="share"):
+        choose_float_layers(prepared, late, share=0)
+
+
+def test_weights_only_config_gets_the_fallback_too() -> None:
+    """W4A32: no activation quantizer, but one layer's 4-bit weights can still carry the error alone (a planted
+    outlier ruins conv_out's grid for its first output channel); the fallback must find it there as well."""
+    from diffusers import DDIMScheduler
+
+    calib = benign_calib(rows=4)
+    unet = build_unet()
+    with torch.no_grad():
+        unet.conv_out.weight[0, 0, 0, 0] = 50 * unet.conv_out.weight.abs().max()
+    cfg = qdiff_ao.QuantConfig(weight_bits=4, act_bits=None)
+    prepared = qdiff_ao.prepare(unet, cfg, calib.example_inputs(1))
+    qdiff_ao.calibrate(prepared, calib, progress=False)
+    decision = choose_float_layers(prepared, calib)
+    assert "conv_out" in decision.layers
+    assert decision.harmful and all(h["kind"] == "weight" for h in decision.harmful)
+    qunet = qdiff_ao.quantize(unet, DDIMScheduler(), cfg, calib=calib, reconstruct=False, batch_size=8,
+                              progress=False, fallback_rounds=1)
+    assert "conv_out" in qunet.quantization_info["precision_fallback"]["layers"]
+    assert type(qunet.graph_module.get_submodule("conv_out")) is nn.Conv2d
+
+
+def test_quantize_default_recipe_uses_the_fallback_and_records_it() -> None:
+    from diffusers import DDIMScheduler
+
+    calib = late_step_calib(rows=4)
+    qunet = qdiff_ao.quantize(build_unet(), DDIMScheduler(), qdiff_ao.QuantConfig(weight_bits=8), calib=calib,
+                              reconstruct=False, batch_size=8, progress=False)
+    info = qunet.quantization_info
+    fallback = info["precision_fallback"]
+    assert "conv_in" in fallback["layers"]
+    assert "conv_in" in info["config"]["keep_float"]
+    assert type(qunet.graph_module.get_submodule("conv_in")) is nn.Conv2d
+    # rounds: measured again after each round that kept new layers, the last round finding nothing new (or the
+    # round limit); the 5% budget is shared by all rounds
+    assert 2 <= fallback["rounds"] <= 3 and 0 < fallback["macs_fraction"] <= 0.05
+    assert sorted(fallback["layers"]) == sorted(info["config"]["keep_float"])
+    assert {h["round"] for h in fallback["harmful"]} <= set(range(1, fallback["rounds"] + 1))
+    single = qdiff_ao.quantize(build_unet(), DDIMScheduler(), qdiff_ao.QuantConfig(weight_bits=8), calib=calib,
+                               reconstruct=False, batch_size=8, progress=False, fallback_rounds=1)
+    assert single.quantization_info["precision_fallback"]["rounds"] == 1
+    assert set(single.quantization_info["precision_fallback"]["layers"]) <= set(fallback["layers"])
