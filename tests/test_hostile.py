@@ -1,6 +1,6 @@
 """Hostile but realistic input (issue 16): each case ends in a clear error of the documented type, never a silent
 wrong result. Cases fixed so far: non-finite inputs, out-of-range / boolean timesteps, conditioning a graph does
-not take, one calibration sample per timestep, non-finite tensors in a re-signed checkpoint, a damaged
+not take, one calibration sample per timestep, non-finite tensors in a re-signed checkpoint, inputs on another device, a damaged
 calibration file, and byte-identical checkpoints across processes with different hash seeds."""
 
 from __future__ import annotations
@@ -69,6 +69,19 @@ def test_bad_timesteps_are_refused(plain_unet: Any, timestep: Any, error: type[E
     x = _inputs("plain", 2, seed=4)
     with pytest.raises(error, match=match):
         plain_unet(x["sample"], timestep)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("where", ["sample", "timestep"])
+def test_inputs_on_another_device_are_refused(plain_unet: Any, frozen_unet: Any, frozen: bool, where: str) -> None:
+    """A pipeline left on a GPU feeds CUDA tensors; the CPU kernels would fail deep inside a quantized op. The
+    "meta" device stands in for CUDA here (same check: device type other than cpu); tests/test_cuda_pipelines.py
+    runs the real case."""
+    model = frozen_unet if frozen else plain_unet
+    x = _inputs("plain", 2, seed=4)
+    x[where] = x[where].to("meta")
+    with pytest.raises(ValueError, match=f"INT8 kernels on the CPU, but {where} is on meta"):
+        model(**x)
 
 
 def test_conditioning_the_graph_does_not_take_is_refused(plain_unet: Any) -> None:

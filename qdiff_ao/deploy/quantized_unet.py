@@ -50,6 +50,17 @@ def graph_input_spec(gm: fx.GraphModule) -> dict[str, tuple[int, torch.dtype]]:
     return spec
 
 
+def _check_on_cpu(**inputs: Any) -> None:
+    """Refuse inputs on another device: the integer kernels run on the CPU, and a CUDA tensor would otherwise
+    fail deep inside a quantized op (or, for ``quantize_per_tensor``, run there and fail one op later)."""
+    for name, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+            raise ValueError(
+                f"QuantizedUNet runs INT8 kernels on the CPU, but {name} is on {value.device}. Run the pipeline "
+                "on the CPU (pipe.to('cpu'); a GPU can still be used to quantize, see README) or pass CPU tensors"
+            )
+
+
 class QuantizedUNet(ModelMixin):
     """Drop-in UNet for diffusers pipelines around a (quantized) traced GraphModule.
 
@@ -282,6 +293,8 @@ class QuantizedUNet(ModelMixin):
             if value is not None and name not in self._spec:
                 raise TypeError(f"this UNet was traced without {name}, so it would ignore it; pass None (an "
                                 f"unconditional UNet) or quantize a UNet traced with {name}")
+        _check_on_cpu(sample=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                      class_labels=class_labels)
         if self.check_finite:
             for name, value in (("sample", sample), ("encoder_hidden_states", encoder_hidden_states)):
                 # NaN and Inf propagate into the sum, so a finite sum proves a finite tensor with one cheap
