@@ -38,7 +38,7 @@ def test_quantize_tiny_model_end_to_end(tmp_path, monkeypatch: pytest.MonkeyPatc
             "--num-samples", "8", "--sampling-steps", "4", "--attention-grids", "measured", "--quiet"]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["scheme"] == "W4A8" and report["splits"] == 4
+    assert report["scheme"] == "W4A8" and report["splits"] == 4 and report["calibration_device"] == "cpu"
     assert report["checkpoint_bytes"] < report["fp32_safetensors_bytes"]
     assert report["precision_fallback"]["forwards"] > 0 and report["output_correction"]["method"] == "timestep_groups"
     assert report["sensitivity"]["rows"][0]["worst"] >= report["sensitivity"]["rows"][-1]["worst"]
@@ -78,6 +78,9 @@ def test_quantize_tiny_model_end_to_end(tmp_path, monkeypatch: pytest.MonkeyPatc
     ("--seed", "-1", "--seed must be >= 0"),
     ("--calibration-timesteps", "500", "cannot exceed --calibration-steps"),
     ("--weight-bits", "1", "weight_bits"),
+    ("--device", "mps", "calibration runs on cpu or cuda"),
+    ("--device", "no such device", "--device must name a torch device"),
+    *([("--device", "cuda", "sees no CUDA device")] if not torch.cuda.is_available() else []),
 ])
 def test_bad_options_fail_before_any_work(tmp_path, capsys: pytest.CaptureFixture[str], option: str, value: str,
                                           phrase: str) -> None:

@@ -106,3 +106,31 @@ def test_text_to_image_pipeline_quantized_on_cuda(tmp_path: Path) -> None:
     err_cpu, err_gpu = _text_to_image_case("cuda", tmp_path / "sd")
     print(f"text-to-image pipeline, eps error vs FP: cpu run {err_cpu:.4f}, cuda run {err_gpu:.4f}")
     assert err_gpu < 1.25 * err_cpu + 0.01
+
+
+@pytest.mark.parametrize("kind", ["unconditional", "text-to-image"])
+def test_cli_calibrates_on_cuda(tmp_path: Path, kind: str) -> None:
+    """``qdiff-ao quantize --device cuda``: the float model is calibrated on the GPU (memory was allocated there),
+    the report says so, and the output pipeline folder loads and samples on the CPU."""
+    import json
+
+    from diffusers import DiffusionPipeline
+
+    from qdiff_ao.app.cli import main
+    from tests.pipeline_factory import save_text_to_image_pipeline, save_unconditional_pipeline
+
+    save = save_unconditional_pipeline if kind == "unconditional" else save_text_to_image_pipeline
+    source = save(tmp_path / "model")
+    torch.cuda.reset_peak_memory_stats()
+    out = tmp_path / "out"
+    assert main(["quantize", "--model", str(source), "--out", str(out), "--device", "cuda", "--calibration-steps",
+                 "6", "--calibration-timesteps", "3", "--samples-per-timestep", "2", "--recon-iters", "10",
+                 "--num-samples", "2", "--sampling-steps", "3", "--quiet"]) == 0
+    assert torch.cuda.max_memory_allocated() > 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration_device"] == "cuda"
+    pipe = DiffusionPipeline.from_pretrained(str(out / "pipeline"))
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
+    images = pipe(batch_size=1, **call).images if kind == "unconditional" else pipe("a red square", **call).images
+    assert np.isfinite(images).all()

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace the output of an earlier run in --out")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    q.add_argument("--device", default="cpu",
+                   help="where the float model is calibrated and reconstructed: cpu (default) or cuda[:N] (under "
+                        "torchrun, cuda = each rank's own GPU); the quantized model is the CPU INT8 model either way")
     q.add_argument("--backend", choices=["torch", "openvino"], default="torch",
                    help="what runs the quantized UNet for the report's samples and speed: frozen TorchScript on "
                         "fbgemm (torch) or OpenVINO's INT8 runtime on our Q/DQ export (pip install "

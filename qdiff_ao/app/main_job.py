@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from qdiff_ao import workflow
 from qdiff_ao.app import bundled, metrics
+from qdiff_ao.app.device_option import calibration_device
 from qdiff_ao.app.model_card import model_card
 from qdiff_ao.app.model_source import MainJobError, ModelSource, load_model_source
 from qdiff_ao.app.output_folder import StagedOutput, check_output_target
@@ -76,6 +77,7 @@ def check_args(args: argparse.Namespace, check_output: bool = True) -> None:
     if getattr(args, "backend", "torch") == "openvino" and not openvino_available():
         raise MainJobError("--backend openvino needs the openvino package: pip install 'qdiff_ao[openvino]' (or drop "
                            "--backend to run the quantized UNet on torch's fbgemm kernels)")
+    calibration_device(getattr(args, "device", "cpu"))
     if args.prompts is not None:
         read_prompts(args.prompts)  # an empty or unreadable file fails here, before any model loads
     try:
@@ -193,9 +195,12 @@ def _quantize(args: argparse.Namespace, source: ModelSource, cfg: QuantConfig, t
     """(quantized UNet, seconds): the part every rank of a process group runs; afterwards the group is left."""
     rank, world = rank_and_world()
     t_start = time.perf_counter()
+    device = calibration_device(getattr(args, "device", "cpu"))
+    model = source.pipeline if text is not None else source.unet
     try:
+        model.to(device)  # the float model, for calibration and reconstruction; the report runs on the CPU
         qunet = workflow.quantize(
-            source.pipeline if text is not None else source.unet, source.scheduler, cfg,
+            model, source.scheduler, cfg,
             num_inference_steps=args.calibration_steps, num_timesteps=args.calibration_timesteps,
             samples_per_timestep=args.samples_per_timestep, calibration_strategy=args.calibration_strategy,
             split=not args.no_split, reconstruct=args.recon_iters != 0, bias_correction=not args.no_bias_correction,
@@ -210,9 +215,12 @@ def _quantize(args: argparse.Namespace, source: ModelSource, cfg: QuantConfig, t
         # gloo reports a dead peer ("Connection closed by peer") or a timeout as a plain RuntimeError
         raise MainJobError(f"rank {rank} of the torch.distributed group of {world} stopped: {err} (another rank "
                            "failed or timed out; see its log). Nothing was written") from None
+    finally:
+        model.to("cpu")
     if world > 1:
         dist.destroy_process_group()  # every rank holds the same model; rank 0 alone reports and writes
     qunet.quantization_info["world_size"] = world
+    qunet.quantization_info["calibration_device"] = str(device)
     return qunet, time.perf_counter() - t_start
 
 
@@ -281,6 +289,7 @@ def _quantize_and_report(args: argparse.Namespace, source: ModelSource, cfg: Qua
         "kind": source.kind, "pipeline_class": source.pipeline_class, "scheme": cfg.name, "config": cfg.to_dict(),
         "calibration": calibration, "quantize_seconds": round(quantize_s, 1),
         "world_size": qunet.quantization_info["world_size"],
+        "calibration_device": qunet.quantization_info["calibration_device"],
         "timings": qunet.quantization_info["timings"], "splits": len(qunet.quantization_info["splits"]),
         "checkpoint_bytes": q_bytes, "fp32_safetensors_bytes": fp_bytes, "size_ratio": q_bytes / fp_bytes,
         "speed_ratio_vs_fp32": speed, "inference_backend": backend, "num_samples": num_samples,
@@ -325,7 +334,7 @@ def _markdown(r: dict[str, Any]) -> str:
         f"{speed['batch_1']:.2f}x / {speed['batch_n']:.2f}x |",
         f"| mean relative noise-prediction error along the FP DDIM trajectory | 0 | "
         f"{r['noise_prediction_error_mean']:.4f} |",
-        "", f"Quantization took {r['quantize_seconds']} s ({timings}"
+        "", f"Quantization took {r['quantize_seconds']} s on {r.get('calibration_device', 'cpu')} ({timings}"
         f"{'; ' + str(r['world_size']) + ' processes (torch.distributed)' if r.get('world_size', 1) > 1 else ''}); "
         f"{r['splits']} skip concats split. Samples: {r['sampling']}, same initial noise for both models.", "",
         f"Quantized pipeline: `{r['pipeline']}/` (`DiffusionPipeline.from_pretrained` loads it; model card in "
