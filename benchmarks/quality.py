@@ -185,7 +185,8 @@ def main() -> None:
     parser.add_argument("--calib-steps", type=int, default=100)
     parser.add_argument("--calib-timesteps", type=int, default=20)
     parser.add_argument("--samples-per-timestep", type=int, default=32)
-    parser.add_argument("--only", nargs="*", default=None, help="row labels to run (substring match)")
+    parser.add_argument("--only", nargs="*", default=None, help="row labels to run (substring match; "
+                        "a leading '=' asks for the exact label, e.g. '=ours W8A8')")
     parser.add_argument("--out", default="docs/quality")
     parser.add_argument("--grids", action="store_true", help="write a sample grid per row")
     parser.add_argument("--threads", type=int, default=2)
@@ -255,7 +256,7 @@ def main() -> None:
         for row in rows():
             variants = row.get("variants", {})
             wanted = [label for label in (row["label"], *variants)
-                      if not args.only or any(o in label for o in args.only)]
+                      if not args.only or any(label == o[1:] if o.startswith("=") else o in label for o in args.only)]
             if not wanted or (row.get("guided_only") and calib.guidance_pair is None):  # same as defaults w/o CFG
                 continue
             cfg = dataclasses.replace(row["cfg"], reconstruction=dataclasses.replace(
