@@ -1,7 +1,8 @@
 """Hostile but realistic input (issue 16): each case ends in a clear error of the documented type, never a silent
 wrong result. Cases fixed so far: non-finite inputs, out-of-range / boolean timesteps, conditioning a graph does
-not take, one calibration sample per timestep, non-finite tensors in a re-signed checkpoint, inputs on another device, a damaged
-calibration file, and byte-identical checkpoints across processes with different hash seeds."""
+not take, inputs on another device, one calibration sample per timestep, non-finite tensors in a re-signed
+checkpoint, a damaged calibration file, and byte-identical checkpoints across processes with different hash
+seeds."""
 
 from __future__ import annotations
 
