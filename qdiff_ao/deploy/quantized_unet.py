@@ -30,6 +30,7 @@ from qdiff_ao.capture.input_guards import check_graph_inputs, example_inputs_fro
 from qdiff_ao.deploy.checkpoint.archive import load_graph, save_graph
 from qdiff_ao.deploy.checkpoint.loader_options import check_loader_options
 from qdiff_ao.deploy.freezing import freeze_graph
+from qdiff_ao.deploy.identity_ops import without_identity_arithmetic
 from qdiff_ao.deploy.integer_attention import lower_integer_attention
 from qdiff_ao.deploy.openvino_runtime import OpenVINOGraph
 from qdiff_ao.deploy.timestep_dispatch import group_graph, lowered_groups_of, without_groups
@@ -224,6 +225,7 @@ class QuantizedUNet(ModelMixin):
             self._frozen = [OpenVINOGraph(gm, example_inputs, threads=threads) for gm in graphs]
         else:
             graphs = [lower_integer_attention(gm) for gm in self._graphs] if integer_attention else self._graphs
+            graphs = [without_identity_arithmetic(gm, example_inputs) for gm in graphs]  # exact: x / 1.0 is x
             self._frozen = [freeze_graph(gm, example_inputs) for gm in graphs]
         self._guards = guards
         self._backend = backend
