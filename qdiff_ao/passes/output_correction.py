@@ -9,23 +9,19 @@ last steps near ``t = 0``. Here the timesteps of the calibration set are cut int
 * nothing: ``y' = y``;
 * an offset: ``y' = y - b_{g,c}`` with ``b_{g,c} = mean(y_q - y_fp)`` over the group's rows and positions;
 * a gain and an offset (PTQD's view, inverted): the least-squares line ``y_fp ~ a_{g,c} y_q + d_{g,c}``,
-
       a = cov(y_q, y_fp) / var(y_q),   d = mean(y_fp) - a mean(y_q),   y' = a y - b  with  b = -d
 
   (so ``1 + k = 1 / a``: the gain undoes the scaled-down or scaled-up copy of ``eps`` in ``eps_q``),
-
 with ``y_q`` the fake-quant simulation's output and ``y_fp`` the float model's, both as the sampler uses them
 (with classifier-free guidance, the guided combination ``u + s (c - u)`` of each trajectory's two rows: the
 weights ``1 - s`` and ``s`` add up to 1, so applying ``a y - b`` to both rows applies it to the guided output).
 Rows of every timestep are split by trajectory into a fitting half and a held-back half: each candidate is
 fitted on the first and the one with the lowest mean squared error ``|y' - y_fp|^2`` on the second is chosen
-(nothing wins ties); chosen corrections are then re-estimated on all rows of the group. So the correction never
-makes a group worse on data it was not fitted on.
+(nothing wins ties), then re-estimated on all rows of the group: it never makes a group worse on held-back data.
 
 Lowering: a :class:`TimestepOutputCorrection` node after the graph's output computes ``a[g(t)] y - b[g(t)]``
-(without gains, ``y - b[g(t)]``) with ``g(t)`` = the group whose timestep interval holds ``t`` (boundaries
-half-way between adjacent groups); it runs in float after the last dequantize, a ``(B, C)`` gather, one multiply
-and one subtraction, and is saved in checkpoints like any float tensor.
+with ``g(t)`` = the group whose timestep interval holds ``t`` (boundaries half-way between adjacent groups), in
+float after the last dequantize; checkpoints save it like any float tensor.
 """
 
 from __future__ import annotations
@@ -42,6 +38,7 @@ from qdiff_ao.calibration.sampler_view import RowGroup, timestep_rows
 from qdiff_ao.capture.devices import inputs_device, module_device, to_device
 from qdiff_ao.capture.graph_state import update_graph_info
 from qdiff_ao.capture.input_guards import is_input_guard
+from qdiff_ao.passes.denoised_view import PREDICTION_TYPES, alpha_bar_at, rescale_x0_spread
 from qdiff_ao.quantizers.simulation import build_simulation, output_tensor
 from qdiff_ao.quantizers.timestep_grids import contiguous_groups, group_boundaries
 
@@ -57,26 +54,54 @@ class TimestepOutputCorrection(nn.Module):
     """``gain[g(t)] * y + input_gain[g(t)] * x - bias[g(t)]`` with ``g(t) = #{boundaries <= t}``
     (``torch.bucketize(t, boundaries, right=True)``) and ``x`` the UNet's input ``sample``; without gains
     (``gain=False``, the layout of checkpoints before gains existed) the first term is ``y``, without input gains
-    (``input_gain=False``, the layout before they existed) the second is absent.
+    (``input_gain=False``, the layout before they existed) the second is absent. With ``spread`` (the model's
+    prediction type) the result ``y`` then has its denoised estimate's spread set, ``x0 -> m + s (x0 - m)`` with
+    ``s = spread_gain[g(t)]``, ``m = spread_centre[g(t)]`` per channel
+    (:func:`~qdiff_ao.passes.denoised_view.rescale_x0_spread`, ``alpha_bar`` from the ``alphas_cumprod`` buffer;
+    fitted by :func:`~qdiff_ao.passes.prediction_spread.match_prediction_spread`).
 
     Buffers: ``boundaries`` ``(G - 1,)`` ascending timesteps, ``bias`` ``(G, C)``, ``gain`` ``(G, C)`` (ones
     where a group keeps no gain) when ``gain=True``, ``input_gain`` ``(G, C)`` (zeros where a group keeps none)
-    when ``input_gain=True``.
+    when ``input_gain=True``; with ``spread``: ``spread_gain`` ``(G, C)`` (ones: no change), ``spread_centre``
+    ``(G, C)`` and ``alphas_cumprod`` ``(num_train_timesteps,)``.
     """
 
     boundaries: torch.Tensor
     bias: torch.Tensor
     gain: torch.Tensor | None
     input_gain: torch.Tensor | None
+    spread_gain: torch.Tensor | None
+    spread_centre: torch.Tensor | None
+    alphas_cumprod: torch.Tensor | None
 
-    def __init__(self, num_groups: int, channels: int, gain: bool = False, input_gain: bool = False) -> None:
+    def __init__(self, num_groups: int, channels: int, gain: bool = False, input_gain: bool = False,
+                 spread: str | None = None, num_train_timesteps: int = 1000) -> None:
         super().__init__()
-        if num_groups < 1 or channels < 1:
-            raise ValueError(f"need num_groups >= 1 and channels >= 1, got {num_groups}, {channels}")
+        if num_groups < 1 or channels < 1 or num_train_timesteps < 1:
+            raise ValueError(f"need num_groups >= 1, channels >= 1 and num_train_timesteps >= 1, got {num_groups}, "
+                             f"{channels}, {num_train_timesteps}")
+        if spread is not None and spread not in PREDICTION_TYPES:
+            raise ValueError(f"spread must be None or a prediction type {PREDICTION_TYPES}, got {spread!r}")
+        self.prediction_type = spread
         self.register_buffer("boundaries", torch.zeros(num_groups - 1))
         self.register_buffer("bias", torch.zeros(num_groups, channels))
         self.register_buffer("gain", torch.ones(num_groups, channels) if gain else None)
         self.register_buffer("input_gain", torch.zeros(num_groups, channels) if input_gain else None)
+        with_spread = spread is not None
+        self.register_buffer("spread_gain", torch.ones(num_groups, channels) if with_spread else None)
+        self.register_buffer("spread_centre", torch.zeros(num_groups, channels) if with_spread else None)
+        self.register_buffer("alphas_cumprod", torch.ones(num_train_timesteps) if with_spread else None)
+
+    def layout(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this module's layout (checkpoints record them)."""
+        return {"num_groups": int(self.bias.shape[0]), "channels": int(self.bias.shape[1]),
+                "gain": self.gain is not None, "input_gain": self.input_gain is not None,
+                "spread": self.prediction_type,
+                "num_train_timesteps": int(self.alphas_cumprod.shape[0]) if self.alphas_cumprod is not None else 1000}
+
+    def needs_sample(self) -> bool:
+        """Whether forward reads the UNet's input ``sample``."""
+        return self.input_gain is not None or self.spread_gain is not None
 
     def group_of(self, timestep: torch.Tensor) -> torch.Tensor:
         """Group index of each timestep."""
@@ -85,13 +110,18 @@ class TimestepOutputCorrection(nn.Module):
     def forward(self, y: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor | None = None) -> torch.Tensor:
         g = self.group_of(timestep)
         shape = (g.shape[0], self.bias.shape[1], *([1] * (y.dim() - 2)))
+        if self.needs_sample() and sample is None:
+            raise ValueError("this output correction reads the UNet's input: call it with the input sample")
         if self.gain is not None:
             y = y * self.gain[g].view(shape)
         if self.input_gain is not None:
-            if sample is None:
-                raise ValueError("this output correction has input gains: call it with the UNet's input sample")
-            y = y + self.input_gain[g].view(shape) * sample
-        return y - self.bias[g].view(shape)
+            y = y + self.input_gain[g].view(shape) * cast(torch.Tensor, sample)
+        y = y - self.bias[g].view(shape)
+        if self.spread_gain is not None and self.spread_centre is not None and self.alphas_cumprod is not None:
+            a = alpha_bar_at(self.alphas_cumprod, timestep, y)
+            y = rescale_x0_spread(y, cast(torch.Tensor, sample), a, self.spread_gain[g].view(shape),
+                                  self.spread_centre[g].view(shape), cast(str, self.prediction_type))
+        return y
 
 
 def _output_value(out_node: fx.Node) -> tuple[fx.Node, Any]:
@@ -116,28 +146,43 @@ def _input_node(gm: fx.GraphModule, name: str) -> fx.Node:
 
 
 def add_output_correction(gm: fx.GraphModule, num_groups: int, channels: int,
-                          gain: bool = False, input_gain: bool = False) -> TimestepOutputCorrection:
-    """Insert an identity :class:`TimestepOutputCorrection` before the graph output (once); returns it."""
+                          gain: bool = False, input_gain: bool = False, spread: str | None = None,
+                          num_train_timesteps: int = 1000) -> TimestepOutputCorrection:
+    """Insert an identity :class:`TimestepOutputCorrection` before the graph output (once); returns it.
+
+    A graph that already has one keeps it when the layout matches; a request for ``spread`` on a correction
+    without it replaces the module by one with the same buffers plus identity spread buffers (the graph node then
+    also reads ``sample``). Any other mismatch raises ``ValueError``."""
+    wanted = TimestepOutputCorrection(num_groups, channels, gain=gain, input_gain=input_gain, spread=spread,
+                                      num_train_timesteps=num_train_timesteps).to(module_device(gm))
     if hasattr(gm, OUTPUT_CORRECTION):
         module = cast(TimestepOutputCorrection, getattr(gm, OUTPUT_CORRECTION))
-        if (tuple(module.bias.shape) != (num_groups, channels) or (module.gain is not None) != gain
-                or (module.input_gain is not None) != input_gain):
-            raise ValueError(f"the graph already has an output correction of shape {tuple(module.bias.shape)} "
-                             f"({'with' if module.gain is not None else 'without'} gains, "
-                             f"{'with' if module.input_gain is not None else 'without'} input gains)")
-        return module
-    module = TimestepOutputCorrection(num_groups, channels, gain=gain, input_gain=input_gain).to(module_device(gm))
-    gm.add_submodule(OUTPUT_CORRECTION, module)
+        have, want = module.layout(), wanted.layout()
+        if have == want:
+            return module
+        same = all(have[k] == want[k] for k in ("num_groups", "channels", "gain", "input_gain"))
+        if not same or have["spread"]:
+            raise ValueError(f"the graph already has an output correction with layout {have}, not {want}")
+        for name in ("boundaries", "bias", "gain", "input_gain"):
+            if getattr(module, name) is not None:
+                getattr(wanted, name).copy_(getattr(module, name))
+        gm.delete_submodule(OUTPUT_CORRECTION)
+        gm.add_submodule(OUTPUT_CORRECTION, wanted)
+        node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == OUTPUT_CORRECTION)
+        node.args = (*node.args[:2], _input_node(gm, "sample"))
+        gm.recompile()
+        return wanted
+    gm.add_submodule(OUTPUT_CORRECTION, wanted)
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     value, rebuild = _output_value(out_node)
     args: tuple[fx.Node, ...] = (value, _input_node(gm, "timestep"))
-    if input_gain:
+    if wanted.needs_sample():
         args = (*args, _input_node(gm, "sample"))
     with gm.graph.inserting_before(out_node):
         corrected = gm.graph.call_module(OUTPUT_CORRECTION, args)
     out_node.args = (rebuild(corrected),)
     gm.recompile()
-    return module
+    return wanted
 
 
 _FEATURES = 4  # per channel: q (quantized output), x (the UNet input), f (float output), 1

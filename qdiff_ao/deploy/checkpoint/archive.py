@@ -45,6 +45,7 @@ from qdiff_ao.deploy.checkpoint.tensor_layout import (
     import_tensors,
 )
 from qdiff_ao.deploy.timestep_dispatch import lowered_groups_of
+from qdiff_ao.passes.denoised_view import PREDICTION_TYPES
 from qdiff_ao.passes.output_correction import OUTPUT_CORRECTION, add_output_correction
 from qdiff_ao.passes.shortcut_split import split_shortcut
 from qdiff_ao.quantizers.timestep_grids import TimestepGroupGrids
@@ -173,6 +174,9 @@ def save_graph(
             body["output_correction"]["gain"] = True
         if correction.input_gain is not None:  # version 3: an older reader would rebuild the graph without them
             body["output_correction"]["input_gain"] = True
+        if correction.prediction_type is not None:  # version 4, as above
+            body["output_correction"]["spread"] = correction.prediction_type
+            body["output_correction"]["num_train_timesteps"] = correction.layout()["num_train_timesteps"]
     groups = lowered_groups_of(gm)
     if groups is not None and groups.lowered is not None:
         body["format_version"] = 2
@@ -183,7 +187,9 @@ def save_graph(
             tensors.update({f"{_GROUP_PREFIX}{g}.{k}": v.contiguous() for k, v in entries.items()})
         body["num_tensors"] = len(tensors)
     if correction is not None and correction.input_gain is not None:
-        body["format_version"] = FORMAT_VERSION
+        body["format_version"] = 3
+    if correction is not None and correction.prediction_type is not None:
+        body["format_version"] = 4
     return write_checkpoint(path, body, tensors, overwrite=overwrite)
 
 
@@ -311,9 +317,18 @@ def _rebuild(
                     if not isinstance(correction.get(flag, False), bool):
                         raise CheckpointError(f"{where}: field 'output_correction.{flag}' must be true or false, "
                                               f"got {correction[flag]!r}")
+                spread = correction.get("spread")
+                if spread is not None and spread not in PREDICTION_TYPES:
+                    raise CheckpointError(f"{where}: field 'output_correction.spread' must be one of "
+                                          f"{PREDICTION_TYPES}, got {spread!r}")
+                steps = correction.get("num_train_timesteps", 1000)
+                if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+                    raise CheckpointError(f"{where}: field 'output_correction.num_train_timesteps' must be a "
+                                          f"positive integer, got {steps!r}")
                 add_output_correction(prepared, correction["num_groups"], correction["channels"],
                                       gain=correction.get("gain", False),
-                                      input_gain=correction.get("input_gain", False))
+                                      input_gain=correction.get("input_gain", False), spread=spread,
+                                      num_train_timesteps=steps)
             with torch.no_grad():
                 prepared(**inputs)
             quantized = _BACKEND.convert(prepared)

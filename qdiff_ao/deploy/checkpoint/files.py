@@ -41,12 +41,13 @@ __all__ = ["CONFIG_FILE", "FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "TENS
 logger = logging.getLogger(__name__)
 
 FORMAT = "qdiff_ao.checkpoint"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """Version 2 adds timestep groups (``config.json`` field ``timestep_groups`` and their qparam tensors); version 3
 an output correction with input gains (``output_correction.input_gain``, read by no earlier version, which would
-rebuild the graph without them). Each checkpoint is written with the lowest version that describes it, so older
-readers keep reading what they can."""
-READABLE_VERSIONS = (1, 2, 3)
+rebuild the graph without them); version 4 one with a denoised-spread term (``output_correction.spread``, the
+prediction type, and ``num_train_timesteps``). Each checkpoint is written with the lowest version that describes
+it, so older readers keep reading what they can."""
+READABLE_VERSIONS = (1, 2, 3, 4)
 CONFIG_FILE = "config.json"
 TENSORS_FILE = "model.safetensors"
 _OUR_FILES = {CONFIG_FILE, TENSORS_FILE}
