@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import inspect
 import json
 import statistics
 import sys
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+from diffusers import DDIMScheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -52,6 +54,8 @@ from qdiff_ao.app.model_source import load_model_folder  # noqa: E402
 from qdiff_ao.app.sampling import ddim_sample, initial_noise  # noqa: E402
 
 MODELS = ("digits", "shapes32", "shapes16-cond")
+SPREAD_BY_DEFAULT = inspect.signature(qdiff_ao.quantize).parameters["prediction_spread"].default
+"""Whether quantize's defaults include the denoised-spread correction (the correction variants re-fit it)."""
 
 
 @dataclass
@@ -84,8 +88,11 @@ def rows() -> list[dict[str, Any]]:
     w4a8 = qdiff_ao.QuantConfig()
     return [
         dict(label="ours W8A8", cfg=qdiff_ao.QuantConfig(weight_bits=8, act_bits=8)),
+        dict(label="ours W8A8, no denoised-spread correction", cfg=qdiff_ao.QuantConfig(weight_bits=8, act_bits=8),
+             kwargs=dict(prediction_spread=False)),
         dict(label="ours W4A8 (defaults)", cfg=w4a8, variants={
             "ours W4A8 (defaults)": "offsets",
+            "ours W4A8, no denoised-spread correction": "no spread",
             "ours W4A8, output correction with the input term (a y + c x - b)": "input",
             "ours W4A8, output correction with PTQD gains as well": "gains",
             "ours W4A8, static output bias instead of grouped correction": "static",
@@ -190,6 +197,8 @@ def main() -> None:
     parser.add_argument("--out", default="docs/quality")
     parser.add_argument("--grids", action="store_true", help="write a sample grid per row")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-floor", action="store_true", help="skip the row of float samples from other noise "
+                        "(the scale of FD to FP; it samples the float model once more)")
     parser.add_argument("--recon-seeds", type=int, nargs="+", default=[0],
                         help="reconstruction seeds; more than one repeats every quantized row with each")
     parser.add_argument("--backends", nargs="+", choices=["torch", "openvino"], default=["torch"],
@@ -224,7 +233,8 @@ def main() -> None:
     results = [{"label": "FP32", **fp, "size_bytes": fp_bytes, "latency_ratio": 1.0, "seconds": 0.0,
                 "keep_float": [], "image_rel_l2": 0.0, "contrast": 1.0, "fd_to_fp": 0.0}]
     print(f"[{args.model}] FP32: FD {fp['fd_mean']:.3f} ± {fp['fd_std']:.3f}", flush=True)
-    results.append(fp_floor_row(subject, args, fp_images, fp["fds"], fp_cache.with_suffix(".floor.json")))
+    if not args.no_floor:
+        results.append(fp_floor_row(subject, args, fp_images, fp["fds"], fp_cache.with_suffix(".floor.json")))
     c, s = unet.config.in_channels, unet.config.sample_size
     x8 = torch.randn(8, c, s, s)
     speed_kwargs = {}
@@ -270,8 +280,9 @@ def main() -> None:
             kwargs = dict(row.get("kwargs", {}))
             if variants:  # every correction variant, the defaults included, starts from the uncorrected graph
                 kwargs["bias_correction"] = False
+                kwargs["prediction_spread"] = False  # fitted after the variant's correction, as quantize does
             qunet = qdiff_ao.quantize(unet, scheduler, cfg, calib=calib, progress=False,
-                                      on_prepared=capture if variants else None, **kwargs)
+                                      on_prepared=capture if variants else None, **kwargs, **subject.calib_kwargs)
             seconds = time.perf_counter() - t0
             if not variants:
                 finish(row["label"] + tag, qunet, seconds)
@@ -280,11 +291,15 @@ def main() -> None:
                     continue
                 prepared = copy.deepcopy(captured["prepared"])
                 try:
-                    if variant in ("offsets", "input", "gains"):
+                    if variant in ("offsets", "no spread", "input", "gains"):
                         qdiff_ao.passes.correct_output(prepared, calib, unet, gain=variant == "gains",
                                                        input_term=variant == "input")
                     elif variant == "static":
                         qdiff_ao.passes.correct_output_bias(prepared, calib, unet)
+                    if variant != "no spread" and SPREAD_BY_DEFAULT:
+                        qdiff_ao.passes.match_prediction_spread(  # on DDIM runs, as quantize fits it
+                            prepared, calib, unet, DDIMScheduler.from_config(scheduler.config), seed=0,
+                            **subject.calib_kwargs)
                 except ValueError as err:  # e.g. the output layer was kept in float: no bias to fold into
                     print(f"[{args.model}] {label}: skipped ({err})", flush=True)
                     continue

@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from diffusers import DDIMScheduler
 from torch import fx, nn
 
 from qdiff_ao.backends.base import Backend
@@ -50,6 +51,7 @@ from qdiff_ao.deploy.timestep_dispatch import lower_groups
 from qdiff_ao.passes.attention_operands import choose_attention_grids
 from qdiff_ao.passes.output_correction import correct_output
 from qdiff_ao.passes.precision_fallback import choose_float_layers
+from qdiff_ao.passes.prediction_spread import SAMPLER_ARGUMENTS, match_prediction_spread
 from qdiff_ao.passes.reconstruction.runner import reconstruct as run_reconstruction
 from qdiff_ao.passes.shortcut_split import split_shortcut
 from qdiff_ao.passes.timestep_groups import choose_timestep_groups
@@ -163,6 +165,7 @@ def quantize(
     correction_gain: bool = False,
     correction_input: bool = False,
     timestep_groups: int = 4,
+    prediction_spread: bool = True,
     calib: CalibrationSet | None = None,
     batch_size: int = 32,
     seed: int = 0,
@@ -197,6 +200,10 @@ def quantize(
             (``qdiff_ao.passes.choose_timestep_groups``); the lowered model runs one graph per kept group, sharing
             the packed weights (default 4; ``1``: one grid for every timestep). Measured W4A8, one seed,
             1,000 samples: FD 1.231x -> 0.973x FP on shapes16-cond, unchanged on shapes32 (README, quality).
+        prediction_spread: fit, on sampler runs of the float model and the simulation from the same noise, a
+            per-timestep-group spread of the denoised estimate ``x0`` that keeps the quantized sampler's per-channel
+            spread equal to the float sampler's, kept only where held-back runs say it helps
+            (``qdiff_ao.passes.match_prediction_spread``); needs the scheduler (skipped with a warning without one).
         correction_gain: let a group of the output correction take a per-channel gain as well as an offset
             (PTQD's ``eps_q ~ (1 + k_t) eps + b_t``), where that fits the held-back rows best (off by default:
             no FD gain measured, see docs/DESIGN.md).
@@ -309,6 +316,25 @@ def quantize(
                            input_term=correction_input, batch_size=batch_size)
             bias_report = graph_info(prepared).bias_correction
             timings["bias_correction_s"] = time.perf_counter() - t0
+    spread_report = None
+    if prediction_spread:
+        t0 = time.perf_counter()
+        if scheduler is None:
+            logger.warning("prediction spread skipped: it samples with the scheduler, and none was given")
+        else:
+            sampler_kwargs = {k: v for k, v in collect_kwargs.items() if k in SAMPLER_ARGUMENTS}
+            # fitted on DDIM (eta 0) runs: deterministic, so float and quantized runs pair exactly
+            ddim = DDIMScheduler.from_config(scheduler.config)
+            recorded = str(calib.metadata.get("num_inference_steps", ""))
+            steps = min(50, int(recorded) if recorded.isdigit() else num_inference_steps)
+            try:
+                match_prediction_spread(prepared, calib, calibration_model, ddim, num_groups=correction_groups,
+                                        num_inference_steps=steps, seed=seed, **sampler_kwargs)
+            except ValueError as err:  # e.g. a conditional UNet with a ready calib but no conditioning given
+                logger.warning("prediction spread skipped: %s", err)
+            else:
+                spread_report = graph_info(prepared).prediction_spread
+                timings["prediction_spread_s"] = time.perf_counter() - t0
     if on_prepared is not None:
         on_prepared(prepared, calib)
     t0 = time.perf_counter()
@@ -326,6 +352,7 @@ def quantize(
         "reconstruction": recon_report,
         "bias_correction": bias_report,
         "timestep_groups": groups_report,
+        "prediction_spread": spread_report,
         "precision_fallback": fallback,
         "attention_grids": attention_grids,
     }

@@ -46,6 +46,9 @@ def test_quantize_tiny_model_end_to_end(tmp_path, monkeypatch: pytest.MonkeyPatc
     assert report["config"]["attention_symmetric"] == "measured" and len(grids) == 3 * 4
     assert all(g["symmetric"] == (g["cost_bits"] <= 0.5) for g in grids)
     assert "Attention Q/K/V grids (measured)" in (out / "report.md").read_text()
+    spread = report["prediction_spread"]  # fitted on DDIM runs of min(50, calibration steps) = 10 steps
+    assert spread["num_inference_steps"] == 10 and isinstance(spread["kept"], bool)
+    assert "Denoised-spread correction: " in (out / "report.md").read_text()
     for name in ("samples_fp.png", "samples_quantized.png", "activation_ranges.png", "split_histograms.png",
                  "sensitivity.png", "report.md"):
         assert (out / name).stat().st_size > 0, name
@@ -141,3 +144,21 @@ def test_output_moved_aside_by_a_killed_publish_is_put_back(tmp_path) -> None:
         check_output_target(out, overwrite=False)  # the earlier output is back, so it needs --overwrite
     assert (out / "report.json").read_text() == "{}"
     assert not aside.exists() and not stale.exists() and (mine / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(("flag", "expected"), [((), True), (("--no-prediction-spread",), False)])
+def test_prediction_spread_flag_reaches_quantize(tmp_path, monkeypatch: pytest.MonkeyPatch, flag: tuple[str, ...],
+                                                 expected: bool) -> None:
+    seen: dict[str, object] = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(*_: object, **kwargs: object) -> None:
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr("qdiff_ao.app.main_job.workflow.quantize", record)
+    with pytest.raises(Stop):
+        main(["quantize", "--out", str(tmp_path / "out"), "--quiet", *flag])
+    assert seen["prediction_spread"] is expected

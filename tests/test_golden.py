@@ -34,12 +34,14 @@ import qdiff_ao
 from tests.unet_factory import build_unet, unet_inputs
 
 GOLDEN_FILE = Path(__file__).parent / "golden" / "golden.json"
-FAMILIES = ("attn", "class_embeds", "cross_attn", "attn+timestep_groups", "attn+measured_grids")
+FAMILIES = ("attn", "class_embeds", "cross_attn", "attn+timestep_groups", "attn+measured_grids", "attn+spread")
 """The first three pin the recipe with one activation grid (``timestep_groups=1``: their values were recorded
 before timestep groups existed, on AVX2 and AVX-512); ``+timestep_groups`` pins it with 4 groups. These four run
 with affine Q, K, V (``attention_symmetric=False``, the default, which checkpoints do not record), so their
 values hold on both capabilities. ``+measured_grids`` pins the recipe with 4 groups and the measured Q/K/V grids
-(``attention_symmetric="measured"``); recorded on AVX-512 only so far (it skips on AVX2 until recorded there)."""
+(``attention_symmetric="measured"``); recorded on AVX-512 only so far (it skips on AVX2 until recorded there).
+All but ``+spread`` run without the denoised-spread correction (``prediction_spread=False``: their values were
+recorded before it existed); ``+spread`` pins the recipe with it and 4 groups, recorded on AVX-512 only so far."""
 _TIMESTEPS = (900, 600, 300, 50)
 
 
@@ -83,7 +85,8 @@ def golden_values(family: str, workdir: Path) -> dict[str, str]:
             attention_symmetric="measured" if extra == "measured_grids" else False,
         )
         qunet = qdiff_ao.quantize(unet, DDIMScheduler(), cfg, calib=_calibration_set(family), batch_size=8,
-                                  progress=False, timestep_groups=1 if extra == "" else 4)
+                                  progress=False, timestep_groups=1 if extra == "" else 4,
+                                  prediction_spread=extra == "spread")
         path = qunet.save_pretrained(workdir / family)
         with torch.no_grad():
             x = unet_inputs(base, 3, t=400, seed=7)

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--timestep-groups", type=int, default=4, metavar="G",
                    help="offer G groups of calibration timesteps their own activation grids, kept where held-back "
                    "rows say they help (see passes.choose_timestep_groups; default 4); 1 = one grid")
+    q.add_argument("--no-prediction-spread", action="store_true",
+                   help="skip the denoised-spread correction fitted on sampler runs (see "
+                   "passes.match_prediction_spread)")
     q.add_argument("--no-precision-fallback", action="store_true",
                    help="quantize every layer, even those whose quantizers the sensitivity measurement finds "
                    "harmful (see passes.choose_float_layers)")

@@ -205,7 +205,7 @@ def _quantize(args: argparse.Namespace, source: ModelSource, cfg: QuantConfig, t
             samples_per_timestep=args.samples_per_timestep, calibration_strategy=args.calibration_strategy,
             split=not args.no_split, reconstruct=args.recon_iters != 0, bias_correction=not args.no_bias_correction,
             correction_gain=args.correction_gain, correction_input=args.correction_input,
-            timestep_groups=args.timestep_groups,
+            timestep_groups=args.timestep_groups, prediction_spread=not getattr(args, "no_prediction_spread", False),
             precision_fallback=not args.no_precision_fallback, seed=args.seed, progress=not args.quiet,
             on_prepared=on_prepared, **(text.collect_kwargs() if text is not None else {}),
         )
@@ -298,6 +298,7 @@ def _quantize_and_report(args: argparse.Namespace, source: ModelSource, cfg: Qua
         "precision_fallback": qunet.quantization_info["precision_fallback"],
         "output_correction": qunet.quantization_info["bias_correction"],
         "timestep_groups": qunet.quantization_info.get("timestep_groups"),
+        "prediction_spread": qunet.quantization_info.get("prediction_spread"),
         "attention_grids": qunet.quantization_info.get("attention_grids"),
         "noise_prediction_error_mean": float(noise_err.mean()), **extra,
     }
@@ -365,6 +366,12 @@ def _markdown(r: dict[str, Any]) -> str:
         lines += [f"Timestep groups: {groups['num_groups_kept']} of {len(groups['groups'])} groups kept their own "
                   f"activation grids (timesteps {', '.join(kept_t) or 'none'}; each only where it lowers the error "
                   "on held-back calibration rows).", ""]
+    spread = r.get("prediction_spread")
+    if spread is not None:
+        lines += [f"Denoised-spread correction: {'kept' if spread['kept'] else 'not kept'} (held-back sampler runs: "
+                  f"spread mismatch to FP {spread['held_mismatch_before']:.4f} -> {spread['held_mismatch_after']:.4f}, "
+                  f"rel. L2 to FP samples {spread['held_rel_l2_before']:.4f} -> {spread['held_rel_l2_after']:.4f}).",
+                  ""]
     grids = r.get("attention_grids")
     if grids:
         sym = [g for g in grids if g["symmetric"]]

@@ -105,6 +105,7 @@ class QDiffGraphInfo:
         timestep_groups: per-timestep-group activation grids
             (``qdiff_ao.quantizers.timestep_grids.TimestepGroupGrids``) of ``passes.choose_timestep_groups``; after
             ``qdiff_ao.convert`` also their lowered qparam entries.
+        prediction_spread: the report of ``passes.match_prediction_spread``.
     """
 
     trace: TraceInfo | None
@@ -117,6 +118,7 @@ class QDiffGraphInfo:
     bias_correction: Mapping[str, Any] | None = None
     cudnn_decisions: tuple[Any, ...] | None = None
     timestep_groups: Any = None
+    prediction_spread: Mapping[str, Any] | None = None
 
 
 def has_graph_info(gm: fx.GraphModule) -> bool:

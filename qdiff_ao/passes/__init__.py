@@ -10,6 +10,7 @@ bias_correction).
 - :func:`choose_float_layers`: find, by measurement, the few layers whose quantizers the model cannot afford.
 - :func:`choose_timestep_groups`: activation grids per group of timesteps, where held-back rows say they help.
 - :func:`correct_output`: subtract the output's mean quantization error per timestep group, where it helps.
+- :func:`match_prediction_spread`: keep the quantized sampler's denoised-estimate spread equal to the float one's.
 - :func:`correct_output_bias`: fold the mean quantization error of the model output into the output layer's bias.
 """
 
@@ -19,6 +20,7 @@ from qdiff_ao.passes.attention_operands import AttentionGridChoice, choose_atten
 from qdiff_ao.passes.bias_correction import correct_output_bias, find_output_layer
 from qdiff_ao.passes.output_correction import TimestepOutputCorrection, add_output_correction, correct_output
 from qdiff_ao.passes.precision_fallback import FallbackDecision, choose_float_layers
+from qdiff_ao.passes.prediction_spread import match_prediction_spread
 from qdiff_ao.passes.reconstruction import module_types_of, reconstruct
 from qdiff_ao.passes.shortcut_split import SplitConv2d, SplitRecord, SplitShortcutPass, split_shortcut
 from qdiff_ao.passes.softmax_observation import freeze_wide_softmax_observers, is_softmax_observer, observe_softmax
@@ -42,6 +44,7 @@ __all__ = [
     "find_output_layer",
     "freeze_wide_softmax_observers",
     "is_softmax_observer",
+    "match_prediction_spread",
     "module_types_of",
     "observe_softmax",
     "reconstruct",
