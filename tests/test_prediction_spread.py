@@ -4,6 +4,7 @@ planted spread loss on sampler runs."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -75,6 +76,34 @@ def test_spread_is_added_to_an_existing_correction_and_survives_a_checkpoint(tmp
         assert torch.equal(loaded(**x).sample, qunet(**x).sample)
     with pytest.raises(ValueError, match="already has an output correction"):
         add_output_correction(prepared, 2, channels, spread="v_prediction")
+
+
+def test_spread_runs_on_openvino_as_on_fbgemm() -> None:
+    """The exported correction node (alphas gathered at the runtime timestep) does on OpenVINO what it does on
+    fbgemm: the change the spread makes to the output agrees within the engines' kernel differences."""
+    pytest.importorskip("openvino")
+    calib = qdiff_ao.CalibrationSet(torch.randn(8, 3, 8, 8), torch.tensor([900] * 4 + [10] * 4))
+    unet, prepared = calibrated_prepared(calib, qdiff_ao.QuantConfig())
+    module = add_output_correction(prepared, 2, unet.config.out_channels, spread="epsilon")
+    module.boundaries.fill_(500.0)
+    module.alphas_cumprod.copy_(_scheduler().alphas_cumprod)
+    module.spread_gain[1].fill_(1.5)  # t >= 500 only
+    x = unet_inputs(4, t=950)
+    x["timestep"] = torch.tensor([950, 950, 10, 10])
+    outs = {}
+    for spread in (1.5, 1.0):
+        module.spread_gain[1].fill_(spread)
+        for backend in ("torch", "openvino"):
+            qunet = qdiff_ao.QuantizedUNet(qdiff_ao.convert(copy.deepcopy(prepared)), like=unet)
+            qunet.optimize_for_inference(backend=backend)
+            with torch.no_grad():
+                outs[spread, backend] = qunet(**x).sample
+    for backend in ("torch", "openvino"):
+        effect = outs[1.5, backend] - outs[1.0, backend]
+        assert effect[2:].abs().max() == 0  # the t = 10 rows are in the group without a spread
+        assert effect[:2].norm() > 0.1 * outs[1.0, backend][:2].norm()
+    effects = [outs[1.5, b] - outs[1.0, b] for b in ("torch", "openvino")]
+    assert (effects[1] - effects[0]).norm() < 0.1 * effects[0].norm()
 
 
 def test_fit_finds_a_planted_spread_loss_on_sampler_runs() -> None:
