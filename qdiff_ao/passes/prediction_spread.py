@@ -169,9 +169,8 @@ def match_prediction_spread(
         generator = torch.Generator().manual_seed(seed + offset)
         return torch.randn((num_trajectories, *plan.sample_shape), generator=generator)
 
-    def x0_of(t: torch.Tensor, x_in: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a = alpha_bar_at(alphas.to(out.device), t.reshape(1), out)
-        return a, predicted_x0(out, x_in, a, kind)
+    def x0_of(t: torch.Tensor, x_in: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return predicted_x0(out, x_in, alpha_bar_at(alphas.to(out.device), t.reshape(1), out), kind)
 
     def group(t: torch.Tensor) -> int:
         return int(torch.bucketize(t.reshape(1).float().cpu(), boundaries, right=True))
@@ -180,7 +179,7 @@ def match_prediction_spread(
     fp_spread: list[torch.Tensor] = []
 
     def record(i: int, t: torch.Tensor, x_in: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        fp_spread.append(_channel_moments(x0_of(t, x_in, out)[1])[1])
+        fp_spread.append(_channel_moments(x0_of(t, x_in, out))[1])
         return out
 
     _sample(plan, fp, noise(0), record, seed)
@@ -198,7 +197,7 @@ def match_prediction_spread(
 
     def fitting(i: int, t: torch.Tensor, x_in: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         g = group(t)
-        mean, std = _channel_moments(x0_of(t, x_in, out)[1])
+        mean, std = _channel_moments(x0_of(t, x_in, out))
         ratio_sum[g] += fp_spread[i] / std
         centre_sum[g] += mean
         count[g] += 1
