@@ -165,11 +165,13 @@ def evaluate(label: str, model: Any, subject: Subject, args: argparse.Namespace,
             rel_l2.append(float((images - ref).norm() / ref.norm()))
             contrast.append(float(images.std() / ref.std()))
             fd_to_fp.append(frechet_distance(subject.features(images), subject.features(ref)))
+        safe = "".join(c if c.isalnum() else "_" for c in label)
         if i == 0 and args.grids:
             from torchvision.utils import save_image
 
-            safe = "".join(c if c.isalnum() else "_" for c in label)
             save_image(images[:64] * 0.5 + 0.5, Path(args.out) / f"samples_{subject.name}_{safe}.png", nrow=8)
+        if i == 0 and args.save_samples:
+            torch.save(images, Path(args.out) / f"samples_{subject.name}_{safe}.pt")
     err = noise_prediction_error(subject.denoiser(subject.unet), subject.denoiser(model), subject.scheduler,
                                  num_samples=32, num_inference_steps=args.steps,
                                  sample_shape=tuple(noises[0].shape[1:]), seed=0)
@@ -196,6 +198,8 @@ def main() -> None:
                         "a leading '=' asks for the exact label, e.g. '=ours W8A8')")
     parser.add_argument("--out", default="docs/quality")
     parser.add_argument("--grids", action="store_true", help="write a sample grid per row")
+    parser.add_argument("--save-samples", action="store_true", help="write each row's samples of the first noise "
+                        "seed to samples_<model>_<row>.pt (for offline analysis, e.g. per-class accuracy)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-floor", action="store_true", help="skip the row of float samples from other noise "
                         "(the scale of FD to FP; it samples the float model once more)")
