@@ -171,6 +171,53 @@ def test_adaround_beats_nearest_rounding_at_w3(monkeypatch: pytest.MonkeyPatch) 
     assert total_after < 0.95 * total_before
 
 
+def _sabotaged_rounding(monkeypatch: pytest.MonkeyPatch, runs_to_spoil: int) -> None:
+    """Make the first ``runs_to_spoil`` AdaRound runs of every block end with every weight rounded the other way
+    (V -> -V flips [h(V) >= 1/2]): a run that clearly loses to nearest rounding."""
+    real = recon_module.BlockTrainer.learn_rounding
+    runs: dict[tuple[int, ...], int] = {}
+
+    def learn(self: Any, layers: list[Any], acts: list[Any], bar: Any) -> float:
+        seconds = real(self, layers, acts, bar)
+        key = tuple(id(layer) for layer in layers)
+        runs[key] = runs.get(key, 0) + 1
+        if runs[key] <= runs_to_spoil:
+            for layer in layers:
+                layer.quant.v = torch.nn.Parameter(-layer.quant.v.detach())
+        return seconds
+
+    monkeypatch.setattr(recon_module.BlockTrainer, "learn_rounding", learn)
+
+
+def test_a_lost_rounding_is_learned_once_more_and_the_better_one_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """First run spoiled, retry normal: every block ends with the retried rounding, better than nearest."""
+    unet = tiny_unet()
+    calib = calib_for(unet)
+    prepared = prepared_for(unet, calib, weight_bits=3, act_bits=None)
+    _sabotaged_rounding(monkeypatch, runs_to_spoil=1)
+    report, _ = run(prepared, calib, unet, monkeypatch, weight_iters=100, weight_lr=1e-2, act_iters=0)
+    big = {n: b for n, b in report["blocks"].items() if b["kind"] != "layer"}
+    assert big
+    for name, b in big.items():
+        assert b["rounding"] == "adaround, retried", name
+        assert b["lp_retried_rounding"] < b["lp_before"] < b["lp_first_rounding"], name
+        assert b["lp_after"] == pytest.approx(b["lp_retried_rounding"]), name
+
+
+def test_two_lost_roundings_fall_back_to_nearest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both runs spoiled: the block keeps round-to-nearest and its error is the one before reconstruction."""
+    unet = tiny_unet()
+    calib = calib_for(unet)
+    prepared = prepared_for(unet, calib, weight_bits=3, act_bits=None)
+    _sabotaged_rounding(monkeypatch, runs_to_spoil=2)
+    report, _ = run(prepared, calib, unet, monkeypatch, weight_iters=20, weight_lr=1e-2, act_iters=0)
+    for name, b in report["blocks"].items():
+        if b["weight_iters"]:  # a block with a loss output
+            assert b["rounding"] == "nearest", name
+            assert b["lp_first_rounding"] > b["lp_before"] and b["lp_retried_rounding"] > b["lp_before"], name
+            assert b["lp_after"] == pytest.approx(b["lp_before"], rel=1e-5), name
+
+
 def test_baked_weights_survive_convert_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
     """convert's integer weights are AdaRound's hard codes, and the converted model computes the simulation."""
     unet = tiny_unet()

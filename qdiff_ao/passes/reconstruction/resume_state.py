@@ -11,15 +11,21 @@ so it ends with exactly the result an uninterrupted run gives.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from typing import Any
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-__all__ = ["ReconstructionState"]
+if TYPE_CHECKING:
+    from qdiff_ao.calibration.calibration_set import CalibrationSet
+    from qdiff_ao.config import ReconstructionConfig
+
+__all__ = ["ReconstructionState", "run_fingerprint"]
 
 _FORMAT = "reconstruction_state"
 
@@ -83,3 +89,13 @@ class ReconstructionState:
 
     def act(self, name: str) -> torch.Tensor | None:
         return self.tensors.get(f"act/{name}")
+
+
+def run_fingerprint(rcfg: ReconstructionConfig, blocks: list[list[Any]], calib: CalibrationSet, rows: int,
+                    guidance: float | None) -> str:
+    """Identifies a run for resuming: settings, rows, calibration data and the blocks ``[name, layers]``."""
+    data: dict[str, Any] = {"config": asdict(rcfg), "rows": rows,
+                            "calib": [len(calib), float(calib.sample.double().sum())], "blocks": blocks}
+    if guidance is not None:  # (absent otherwise: state files of runs without guidance stay valid)
+        data["guidance"] = guidance
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
