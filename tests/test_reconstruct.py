@@ -171,9 +171,14 @@ def test_adaround_beats_nearest_rounding_at_w3(monkeypatch: pytest.MonkeyPatch) 
     assert total_after < 0.95 * total_before
 
 
-def _sabotaged_rounding(monkeypatch: pytest.MonkeyPatch, runs_to_spoil: int) -> None:
-    """Make the first ``runs_to_spoil`` AdaRound runs of every block end with every weight rounded the other way
-    (V -> -V flips [h(V) >= 1/2]): a run that clearly loses to nearest rounding."""
+def _reconstruct_with_spoiled_runs(monkeypatch: pytest.MonkeyPatch, runs_to_spoil: int,
+                                   weight_iters: int) -> dict[str, Any]:
+    """Weights-only W3 reconstruction of the tiny UNet in which the first ``runs_to_spoil`` AdaRound runs of every
+    block end with every weight rounded the other way (V -> -V flips [h(V) >= 1/2]): runs that clearly lose to
+    nearest rounding. Returns the report."""
+    unet = tiny_unet()
+    calib = calib_for(unet)
+    prepared = prepared_for(unet, calib, weight_bits=3, act_bits=None)
     real = recon_module.BlockTrainer.learn_rounding
     runs: dict[tuple[int, ...], int] = {}
 
@@ -187,15 +192,12 @@ def _sabotaged_rounding(monkeypatch: pytest.MonkeyPatch, runs_to_spoil: int) -> 
         return seconds
 
     monkeypatch.setattr(recon_module.BlockTrainer, "learn_rounding", learn)
+    return run(prepared, calib, unet, monkeypatch, weight_iters=weight_iters, weight_lr=1e-2, act_iters=0)[0]
 
 
 def test_a_lost_rounding_is_learned_once_more_and_the_better_one_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     """First run spoiled, retry normal: every block ends with the retried rounding, better than nearest."""
-    unet = tiny_unet()
-    calib = calib_for(unet)
-    prepared = prepared_for(unet, calib, weight_bits=3, act_bits=None)
-    _sabotaged_rounding(monkeypatch, runs_to_spoil=1)
-    report, _ = run(prepared, calib, unet, monkeypatch, weight_iters=100, weight_lr=1e-2, act_iters=0)
+    report = _reconstruct_with_spoiled_runs(monkeypatch, runs_to_spoil=1, weight_iters=100)
     big = {n: b for n, b in report["blocks"].items() if b["kind"] != "layer"}
     assert big
     for name, b in big.items():
@@ -206,11 +208,7 @@ def test_a_lost_rounding_is_learned_once_more_and_the_better_one_kept(monkeypatc
 
 def test_two_lost_roundings_fall_back_to_nearest(monkeypatch: pytest.MonkeyPatch) -> None:
     """Both runs spoiled: the block keeps round-to-nearest and its error is the one before reconstruction."""
-    unet = tiny_unet()
-    calib = calib_for(unet)
-    prepared = prepared_for(unet, calib, weight_bits=3, act_bits=None)
-    _sabotaged_rounding(monkeypatch, runs_to_spoil=2)
-    report, _ = run(prepared, calib, unet, monkeypatch, weight_iters=20, weight_lr=1e-2, act_iters=0)
+    report = _reconstruct_with_spoiled_runs(monkeypatch, runs_to_spoil=2, weight_iters=20)
     for name, b in report["blocks"].items():
         if b["weight_iters"]:  # a block with a loss output
             assert b["rounding"] == "nearest", name
