@@ -24,11 +24,6 @@ from qdiff_ao.app.zoo.shapes import SHAPE_CLASSES  # noqa: E402
 from qdiff_ao.app.zoo.yardstick import ShapesFD  # noqa: E402
 
 
-def predicted_classes(metric: ShapesFD, images: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([metric.classifier(c) for c in images.float().split(200)]).argmax(-1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="shapes16-cond")
@@ -41,7 +36,7 @@ def main() -> None:
     fp = fp[0] if isinstance(fp, list) else fp
     k = len(SHAPE_CLASSES)
     labels = torch.arange(fp.shape[0]) % args.batch_size % k
-    pred_fp = predicted_classes(metric, fp)
+    pred_fp = metric.predicted_classes(fp)
 
     def per_class(pred: torch.Tensor) -> str:
         return ", ".join(f"{name} {float((pred[labels == c] == c).float().mean()):.2f}"
@@ -50,7 +45,7 @@ def main() -> None:
     print(f"FP: accuracy {float((pred_fp == labels).float().mean()):.3f} ({per_class(pred_fp)})")
     for path in args.samples:
         images = torch.load(path)
-        pred = predicted_classes(metric, images)
+        pred = metric.predicted_classes(images)
         moves = Counter((SHAPE_CLASSES[a], SHAPE_CLASSES[b]) for a, b in zip(pred_fp.tolist(), pred.tolist()) if a != b)
         print(f"{Path(path).name}: accuracy {float((pred == labels).float().mean()):.3f} ({per_class(pred)}); "
               f"same class as FP {float((pred == pred_fp).float().mean()):.3f}; most common moves (FP -> this): "

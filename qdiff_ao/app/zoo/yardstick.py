@@ -101,6 +101,9 @@ class ShapesFD:
                                                 self.ref_sigma)
 
     @torch.no_grad()
+    def predicted_classes(self, images: torch.Tensor) -> torch.Tensor:
+        """The classifier's class index (into ``SHAPE_CLASSES``) of each image, int64 ``(N,)``."""
+        return torch.cat([self.classifier(c) for c in images.float().split(self.batch_size)]).argmax(-1)
+
     def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:
-        pred = torch.cat([self.classifier(c) for c in images.float().split(self.batch_size)]).argmax(-1)
-        return float((pred == labels).float().mean())
+        return float((self.predicted_classes(images) == labels).float().mean())
