@@ -29,19 +29,18 @@ How (fitted on sampler runs, checked on others):
 
 from __future__ import annotations
 
-import inspect
 import logging
-from collections.abc import Callable
 from typing import Any, cast
 
 import torch
 from torch import fx, nn
 
-from qdiff_ao.calibration._plan import SamplerPlan, plan_sampler
+from qdiff_ao.calibration._plan import plan_sampler
 from qdiff_ao.calibration.calibration_set import CalibrationSet
 from qdiff_ao.capture.graph_state import update_graph_info
 from qdiff_ao.passes.denoised_view import PREDICTION_TYPES, alpha_bar_at, predicted_x0, rescale_x0_spread
 from qdiff_ao.passes.output_correction import OUTPUT_CORRECTION, TimestepOutputCorrection, add_output_correction
+from qdiff_ao.passes.sampler_runs import run_sampler
 from qdiff_ao.quantizers.simulation import build_simulation
 from qdiff_ao.quantizers.timestep_grids import contiguous_groups, group_boundaries
 
@@ -53,37 +52,10 @@ SAMPLER_ARGUMENTS = {"prompts": None, "guidance_scale": 7.5, "negative_prompt": 
                      "negative_encoder_hidden_states": None, "class_labels": None, "sample_shape": None}
 """The conditioning arguments of ``collect_calibration_data`` that the sampler runs take, with their defaults."""
 
-Denoise = Callable[[dict[str, torch.Tensor]], torch.Tensor]
-Hook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
 def _channel_moments(x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (dim 1) mean and standard deviation over every other dimension."""
     flat = x0.transpose(0, 1).reshape(x0.shape[1], -1).double()
     return flat.mean(1), flat.std(1, unbiased=False).clamp_min(1e-12)
-
-
-@torch.no_grad()
-def _sample(plan: SamplerPlan, denoise: Denoise, noise: torch.Tensor, hook: Hook | None, seed: int) -> torch.Tensor:
-    """Run the plan's sampler on ``noise`` with ``denoise``; ``hook(i, t, x_in, guided)`` may replace each step's
-    (guided) output; a stochastic sampler draws its step noise from ``seed``. Returns the final sample."""
-    scheduler = plan.fresh_scheduler()
-    # a stochastic sampler draws the same step noise in every run: runs from the same noise stay paired
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-    x = noise.to(plan.device, plan.dtype) * scheduler.init_noise_sigma
-    extra = plan.unet_kwargs(0, noise.shape[0])
-    for i, t in enumerate(scheduler.timesteps):
-        model_in = scheduler.scale_model_input(torch.cat([x, x]) if plan.cfg else x, t)
-        out = denoise({"sample": model_in, "timestep": t.reshape(1).repeat(model_in.shape[0]), **extra})
-        if plan.cfg:
-            uncond, cond = out.chunk(2)
-            out = uncond + plan.guidance_scale * (cond - uncond)
-        x_in = model_in[: x.shape[0]]
-        if hook is not None:
-            out = hook(i, t, x_in, out)
-        x = scheduler.step(out, t, x, **step_kwargs, return_dict=False)[0]
-    return x
 
 
 def _spread_mismatch(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -182,7 +154,7 @@ def match_prediction_spread(
         fp_spread.append(_channel_moments(x0_of(t, x_in, out))[1])
         return out
 
-    _sample(plan, fp, noise(0), record, seed)
+    run_sampler(plan, fp, noise(0), record, seed)
     # 2. the quantized run, corrected online group by group
     channels = fp_spread[0].shape[0]
     ratio_sum = torch.zeros(num, channels, dtype=torch.float64)
@@ -203,7 +175,7 @@ def match_prediction_spread(
         count[g] += 1
         return apply(t, x_in, out, ratio_sum[g] / count[g], centre_sum[g] / count[g])
 
-    _sample(plan, quantized, noise(0), fitting, seed)
+    run_sampler(plan, quantized, noise(0), fitting, seed)
     seen = count > 0
     spread = torch.ones(num, channels, dtype=torch.float64)
     centre = torch.zeros(num, channels, dtype=torch.float64)
@@ -215,9 +187,9 @@ def match_prediction_spread(
         g = group(t)
         return apply(t, x_in, out, spread[g], centre[g])
 
-    ref = _sample(plan, fp, noise(1), None, seed + 1)
-    before = _sample(plan, quantized, noise(1), None, seed + 1)
-    after = _sample(plan, quantized, noise(1), corrected, seed + 1)
+    ref = run_sampler(plan, fp, noise(1), None, seed + 1)
+    before = run_sampler(plan, quantized, noise(1), None, seed + 1)
+    after = run_sampler(plan, quantized, noise(1), corrected, seed + 1)
     mismatch = (_spread_mismatch(before, ref), _spread_mismatch(after, ref))
     rel_l2 = tuple(float((x - ref).norm() / ref.norm()) for x in (before, after))
     kept = mismatch[1] < mismatch[0] and rel_l2[1] <= rel_l2[0]

@@ -1,0 +1,44 @@
+"""One run of a sampler plan with a given denoiser: what the passes that compare float and quantized sampling share.
+
+``run_sampler(plan, denoise, noise, hook, seed)`` runs the plan's scheduler from ``noise`` (times its
+``init_noise_sigma``), calling ``denoise`` on each step's model input; with classifier-free guidance each model
+batch is ``[uncond; cond]`` and the step takes ``u + w (c - u)``. Runs from the same noise and seed pair exactly:
+a stochastic sampler draws its step noise from ``seed`` in every run.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+
+from qdiff_ao.calibration._plan import SamplerPlan
+
+__all__ = ["Denoise", "Hook", "run_sampler"]
+
+Denoise = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+Hook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def run_sampler(plan: SamplerPlan, denoise: Denoise, noise: torch.Tensor, hook: Hook | None, seed: int) -> torch.Tensor:
+    """Run the plan's sampler on ``noise`` with ``denoise``; ``hook(i, t, x_in, guided)`` may replace each step's
+    (guided) output; a stochastic sampler draws its step noise from ``seed``. Returns the final sample."""
+    scheduler = plan.fresh_scheduler()
+    # a stochastic sampler draws the same step noise in every run: runs from the same noise stay paired
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    x = noise.to(plan.device, plan.dtype) * scheduler.init_noise_sigma
+    extra = plan.unet_kwargs(0, noise.shape[0])
+    for i, t in enumerate(scheduler.timesteps):
+        model_in = scheduler.scale_model_input(torch.cat([x, x]) if plan.cfg else x, t)
+        out = denoise({"sample": model_in, "timestep": t.reshape(1).repeat(model_in.shape[0]), **extra})
+        if plan.cfg:
+            uncond, cond = out.chunk(2)
+            out = uncond + plan.guidance_scale * (cond - uncond)
+        x_in = model_in[: x.shape[0]]
+        if hook is not None:
+            out = hook(i, t, x_in, out)
+        x = scheduler.step(out, t, x, **step_kwargs, return_dict=False)[0]
+    return x
