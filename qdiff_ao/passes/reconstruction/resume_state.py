@@ -35,13 +35,14 @@ class ReconstructionState:
 
     Args:
         path: the state file; loaded when it exists.
-        fingerprint: identifies the run (settings, blocks); a file with another fingerprint is refused.
+        fingerprint: identifies the run (settings, blocks); a file with another fingerprint is refused. ``None``
+            reads any state file, to restore its blocks into another run (``reconstruct(restore=...)``).
 
     Raises:
         ValueError: if the file is not a reconstruction state or belongs to another run.
     """
 
-    def __init__(self, path: str | os.PathLike[str], fingerprint: str) -> None:
+    def __init__(self, path: str | os.PathLike[str], fingerprint: str | None) -> None:
         self.path = os.fspath(path)
         self.fingerprint = fingerprint
         self.tensors: dict[str, torch.Tensor] = {}
@@ -60,7 +61,7 @@ class ReconstructionState:
             ) from None
         if meta.get("qdiff_ao_format") != _FORMAT:
             raise ValueError(f"{self.path!r} is not a qdiff_ao reconstruction state file")
-        if meta.get("fingerprint") != self.fingerprint:
+        if self.fingerprint is not None and meta.get("fingerprint") != self.fingerprint:
             raise ValueError(
                 f"reconstruction state {self.path!r} comes from a run with other settings or another graph; "
                 "use another state_path or delete the file to start over"
@@ -74,6 +75,8 @@ class ReconstructionState:
     def add(self, block: str, entry: dict[str, Any], codes: dict[str, torch.Tensor],
             acts: dict[str, torch.Tensor]) -> None:
         """Record a finished block and rewrite the file (atomically: write a temporary file, then rename)."""
+        if self.fingerprint is None:
+            raise ValueError(f"{self.path!r} was read without a fingerprint (to restore from); it is read-only")
         self.blocks[block] = entry
         for name, value in codes.items():
             self.tensors[f"codes/{name}"] = value.detach().to(torch.int16).cpu().contiguous()
@@ -83,6 +86,11 @@ class ReconstructionState:
         tmp = f"{self.path}.tmp"
         save_file(self.tensors, tmp, metadata=meta)
         os.replace(tmp, self.path)
+
+    def forget(self, blocks: list[str]) -> None:
+        """Drop ``blocks`` from the finished ones (in memory; the file is not rewritten)."""
+        for block in blocks:
+            self.blocks.pop(block, None)
 
     def codes(self, layer: str) -> torch.Tensor:
         return self.tensors[f"codes/{layer}"].to(torch.int64)

@@ -216,8 +216,7 @@ def _reconstruct_block(
         rounded, outputs = errors(keep=not act_iters)
         entry["rounding"] = "adaround"
         if spec.loss_outputs and rounded.lp > before.lp and rcfg.weight_iters > 0:
-            # a lost run can be the draw, not the block (shapes16-cond W4A8: one cross-attention block lost on one
-            # seed, won on another): learn once more from other draws and keep the better rounding
+            # a lost run can be the draw, not the block: learn once more from other draws, keep the better one
             first = [layer.quant.hard_codes() for layer in layers]
             bar.total += rcfg.weight_iters
             retry = BlockTrainer(module, x_q, targets, spec.loss_outputs, rcfg,
@@ -286,6 +285,7 @@ def reconstruct(
     progress: bool = True,
     state_path: str | os.PathLike[str] | None = None,
     guided: bool = True,
+    restore: ReconstructionState | None = None,
 ) -> fx.GraphModule:
     """Reconstruct every block of a calibrated prepared UNet, then bake the result for ``convert``.
 
@@ -293,19 +293,17 @@ def reconstruct(
     the learned activation qparams are frozen (``FrozenObserver``), and the report is stored in
     ``graph_info(prepared).reconstruction``. Runs in eval mode, on CPU or wherever the model lives.
 
-    Under a torch.distributed process group the rows are split across ranks and gradients averaged, every rank
-    ending with the same parameters (:mod:`qdiff_ao.passes.reconstruction.data_parallel`).
+    Under torch.distributed the rows are split across ranks and gradients averaged: every rank ends with the same
+    parameters (:mod:`qdiff_ao.passes.reconstruction.data_parallel`).
 
-    Memory: the cached block inputs/outputs of both frontiers take at most ``rcfg.max_cache_bytes`` (per rank);
-    the pass caches ``N = min(len(calib), floor(max_cache_bytes / cache_bytes_per_row))`` seeded rows of
-    ``calib``. On top come one block's forward/backward on ``batch_size`` rows and its rounding variables.
+    Memory: both frontiers' cached rows, ``min(len(calib), max_cache_bytes // cache_bytes_per_row)`` per rank.
 
     Args:
         prepared: the output of ``qdiff_ao.prepare`` (or ``prepare_fx`` with our qconfig), calibrated.
         calib: the calibration set (the same one used by ``calibrate``).
         rcfg: reconstruction settings; default: the ``QuantConfig.reconstruction`` stored by ``prepare``.
-        model: the original diffusers UNet, for its module hierarchy (not needed when
-            the graph info records the module types, as ``qdiff_ao.trace`` does).
+        model: the original diffusers UNet, for its module hierarchy (not needed when the graph info records
+            the module types, as ``qdiff_ao.trace`` does).
         module_types: {qualified module name: class} instead of ``model``.
         progress: show one tqdm bar per block with the current loss.
         guided: with a calibration set that records classifier-free guidance pairs, cache whole pairs and add
@@ -313,19 +311,21 @@ def reconstruct(
         state_path: make the run resumable: the learned state is saved to this safetensors file after every
             block, and a rerun with the same arguments restores the finished blocks instead of optimising
             them again (their report entries get ``"resumed": True``).
+        restore: finished blocks of another run on this graph (``ReconstructionState(path, None)``) to restore
+            as resumed ones (e.g. from another seed); the other blocks are learned in this run.
 
     Returns:
         ``prepared``, with the report in ``graph_info(prepared).reconstruction``:
         ``{"blocks": {name: {"kind", "num_layers", "layers", "num_act_quantizers", "lp_before", "lp_after",
         "mse_before", "mse_after", "rounding", "step_sizes", "weight_iters", "act_iters", "seconds",
-        "weight_seconds"[, "act_seconds"]}}, "num_samples", "cache_bytes",
-        "seconds", "config"}``, blocks in the order they were reconstructed. "before" is round-to-nearest
-        weights with the calibrated activation qparams, "after" the learned rounding and step sizes, both on
-        the block's cached inputs; with activation learning, "lp_rounded"/"mse_rounded" give the error
-        between the two phases (learned rounding, calibrated activation qparams). A rounding worse than
-        nearest on the cached rows is learned once more from other draws ("lp_first_rounding",
-        "lp_retried_rounding"); a phase that still does not lower the block's Lp error is undone: "rounding"
-        is "adaround", "adaround, retried" or "nearest", "step_sizes" is "learned" or "calibrated".
+        "weight_seconds"[, "act_seconds"]}}, "num_samples", "cache_bytes", "seconds", "config"}``, blocks in
+        the order they were reconstructed. "before" is round-to-nearest weights with the calibrated activation
+        qparams, "after" the learned rounding and step sizes, both on the block's cached inputs; with activation
+        learning, "lp_rounded"/"mse_rounded" give the error between the two phases (learned rounding, calibrated
+        activation qparams). A rounding worse than nearest on the cached rows is learned once more from other
+        draws ("lp_first_rounding", "lp_retried_rounding"); a phase that still does not lower the block's Lp
+        error is undone: "rounding" is "adaround", "adaround, retried" or "nearest", "step_sizes" "learned" or
+        "calibrated".
 
     Raises:
         TypeError: for arguments of the wrong type.
@@ -359,9 +359,8 @@ def reconstruct(
     if n < len(calib):
         logger.warning("reconstruction caches %d of %d calibration samples (max_cache_bytes=%d, %d bytes each)",
                        n, len(calib), rcfg.max_cache_bytes, per_sample)
-    if world > 1 and state_path is not None:
-        raise ValueError("state_path (resumable reconstruction) is for one process; under torch.distributed run "
-                         "without it")
+    if world > 1 and (state_path is not None or restore is not None):
+        raise ValueError("state_path and restore are for one process; under torch.distributed run without them")
     guidance = guidance_scale(calib) if guided and n >= 2 else None
     units = guidance_pairs(calib) if guidance is not None else None
     rows, n = rows_to_cache(len(calib), n, rcfg.seed, sharded="shard" in calib.metadata, units=units)
@@ -379,8 +378,9 @@ def reconstruct(
             spec = step.block
             fp.run_glue(step.glue)
             quant.run_glue(step.glue)
-            if state is not None and state.done(spec.name):
-                blocks[spec.name] = _restore_block(spec, sim, part, fp, quant, state, learned_acts)
+            saved = state if state is not None and state.done(spec.name) else restore
+            if saved is not None and saved.done(spec.name):
+                blocks[spec.name] = _restore_block(spec, sim, part, fp, quant, saved, learned_acts)
             else:
                 blocks[spec.name] = _reconstruct_block(i, len(steps), spec, sim, part, fp, quant, rcfg, chunk,
                                                        progress, learned_acts, guidance)
