@@ -53,6 +53,7 @@ from qdiff_ao.passes.output_correction import correct_output
 from qdiff_ao.passes.precision_fallback import choose_float_layers
 from qdiff_ao.passes.prediction_spread import SAMPLER_ARGUMENTS, match_prediction_spread
 from qdiff_ao.passes.reconstruction.runner import reconstruct as run_reconstruction
+from qdiff_ao.passes.reconstruction_choice import reconstruct_and_choose
 from qdiff_ao.passes.shortcut_split import split_shortcut
 from qdiff_ao.passes.timestep_groups import choose_timestep_groups
 
@@ -146,6 +147,16 @@ def _fallback_rounds(
     return report, cfg, prepared
 
 
+def _scoring_sampler(scheduler: Any) -> DDIMScheduler:
+    """The sampler of the passes that compare float and quantized runs: DDIM (eta 0) is deterministic, so runs
+    from the same noise pair exactly."""
+    return DDIMScheduler.from_config(scheduler.config)
+
+
+def _sampler_kwargs(collect_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in collect_kwargs.items() if k in SAMPLER_ARGUMENTS}
+
+
 def quantize(
     unet: Any,
     scheduler: Any = None,
@@ -158,6 +169,7 @@ def quantize(
     split: bool = True,
     reconstruct: bool = True,
     guided_reconstruction: bool = True,
+    choose_reconstruction: bool = True,
     bias_correction: bool = True,
     precision_fallback: bool = True,
     fallback_rounds: int = 3,
@@ -191,6 +203,9 @@ def quantize(
         reconstruct: BRECQ/AdaRound block reconstruction (``qdiff_ao.passes.reconstruct``).
         guided_reconstruction: with classifier-free guidance, reconstruction also minimises the error of the
             guided combination ``u + s (c - u)`` of each trajectory's two rows (``reconstruct(guided=...)``).
+        choose_reconstruction: learn the final decoder stage a second time from other draws and keep the run
+            whose samples the float model denoises most like its own (``passes.reconstruct_and_choose``); needs
+            the scheduler (without one: one run).
         bias_correction: subtract the mean quantization error of the model output per group of timesteps,
             kept only for groups where it lowers the error on held-back calibration rows
             (``qdiff_ao.passes.correct_output``); skipped with a warning when a timestep has < 2 rows.
@@ -293,8 +308,14 @@ def quantize(
     recon_report = None
     if reconstruct:
         t0 = time.perf_counter()
-        run_reconstruction(prepared, calib, cfg.reconstruction, model=unet, progress=progress,
-                           guided=guided_reconstruction)
+        if choose_reconstruction and scheduler is not None:
+            prepared = reconstruct_and_choose(prepared, calib, cfg.reconstruction, calibration_model,
+                                              _scoring_sampler(scheduler), model=unet, progress=progress,
+                                              guided=guided_reconstruction, seed=seed,
+                                              **_sampler_kwargs(collect_kwargs))
+        else:
+            run_reconstruction(prepared, calib, cfg.reconstruction, model=unet, progress=progress,
+                               guided=guided_reconstruction)
         recon_report = graph_info(prepared).reconstruction
         timings["reconstruct_s"] = time.perf_counter() - t0
     groups_report = None
@@ -322,14 +343,12 @@ def quantize(
         if scheduler is None:
             logger.warning("prediction spread skipped: it samples with the scheduler, and none was given")
         else:
-            sampler_kwargs = {k: v for k, v in collect_kwargs.items() if k in SAMPLER_ARGUMENTS}
-            # fitted on DDIM (eta 0) runs: deterministic, so float and quantized runs pair exactly
-            ddim = DDIMScheduler.from_config(scheduler.config)
             recorded = str(calib.metadata.get("num_inference_steps", ""))
             steps = min(50, int(recorded) if recorded.isdigit() else num_inference_steps)
             try:
-                match_prediction_spread(prepared, calib, calibration_model, ddim, num_groups=correction_groups,
-                                        num_inference_steps=steps, seed=seed, **sampler_kwargs)
+                match_prediction_spread(prepared, calib, calibration_model, _scoring_sampler(scheduler),
+                                        num_groups=correction_groups, num_inference_steps=steps, seed=seed,
+                                        **_sampler_kwargs(collect_kwargs))
             except ValueError as err:  # e.g. a conditional UNet with a ready calib but no conditioning given
                 logger.warning("prediction spread skipped: %s", err)
             else:

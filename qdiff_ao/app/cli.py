@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-prediction-spread", action="store_true",
                    help="skip the denoised-spread correction fitted on sampler runs (see "
                    "passes.match_prediction_spread)")
+    q.add_argument("--no-reconstruction-choice", action="store_true",
+                   help="one reconstruction run: skip learning the final decoder stage a second time and keeping the "
+                   "run whose samples the float model scores better (see passes.reconstruct_and_choose)")
     q.add_argument("--no-precision-fallback", action="store_true",
                    help="quantize every layer, even those whose quantizers the sensitivity measurement finds "
                    "harmful (see passes.choose_float_layers)")

@@ -206,6 +206,7 @@ def _quantize(args: argparse.Namespace, source: ModelSource, cfg: QuantConfig, t
             split=not args.no_split, reconstruct=args.recon_iters != 0, bias_correction=not args.no_bias_correction,
             correction_gain=args.correction_gain, correction_input=args.correction_input,
             timestep_groups=args.timestep_groups, prediction_spread=not getattr(args, "no_prediction_spread", False),
+            choose_reconstruction=not getattr(args, "no_reconstruction_choice", False),
             precision_fallback=not args.no_precision_fallback, seed=args.seed, progress=not args.quiet,
             on_prepared=on_prepared, **(text.collect_kwargs() if text is not None else {}),
         )
@@ -299,6 +300,7 @@ def _quantize_and_report(args: argparse.Namespace, source: ModelSource, cfg: Qua
         "output_correction": qunet.quantization_info["bias_correction"],
         "timestep_groups": qunet.quantization_info.get("timestep_groups"),
         "prediction_spread": qunet.quantization_info.get("prediction_spread"),
+        "reconstruction_choice": (qunet.quantization_info.get("reconstruction") or {}).get("choice"),
         "attention_grids": qunet.quantization_info.get("attention_grids"),
         "noise_prediction_error_mean": float(noise_err.mean()), **extra,
     }
@@ -372,6 +374,11 @@ def _markdown(r: dict[str, Any]) -> str:
                   f"spread mismatch to FP {spread['held_mismatch_before']:.4f} -> {spread['held_mismatch_after']:.4f}, "
                   f"rel. L2 to FP samples {spread['held_rel_l2_before']:.4f} -> {spread['held_rel_l2_after']:.4f}).",
                   ""]
+    choice = r.get("reconstruction_choice")
+    if choice is not None:
+        lines += [f"Reconstruction choice: run {choice['kept']} kept (float-model denoising error of the samples vs "
+                  f"its own: A {choice['ratios'][0]:.3f}, B {choice['ratios'][1]:.3f}; B relearned "
+                  f"{len(choice['redone'])} blocks of the final decoder stage).", ""]
     grids = r.get("attention_grids")
     if grids:
         sym = [g for g in grids if g["symmetric"]]

@@ -1,0 +1,120 @@
+"""The reconstruction choice: a second run of the final decoder stage restored onto the first run's blocks
+(``reconstruct(restore=...)``), the float-model sample score that judges the two, and ``quantize`` keeping the
+run with the lower score."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+
+import qdiff_ao
+from qdiff_ao.app.bundled import DIGITS_DDPM_DIR
+from qdiff_ao.calibration._plan import plan_sampler
+from qdiff_ao.passes.prediction_spread import SAMPLER_ARGUMENTS
+from qdiff_ao.passes.reconstruction.resume_state import ReconstructionState
+from qdiff_ao.passes.reconstruction.runner import reconstruct
+from qdiff_ao.passes.reconstruction_choice import final_stage, sample_score
+from tests.test_reconstruct import calib_for, prepared_for, tiny_cond_unet, tiny_unet
+
+RCFG = {"weight_iters": 6, "act_iters": 2, "batch_size": 4}
+
+
+def test_final_stage_is_the_last_up_block_and_what_follows_it() -> None:
+    blocks = ["conv_in", "down_blocks.0.resnets.0", "mid_block.resnets.0", "up_blocks.0.resnets.0",
+              "up_blocks.1.resnets.0", "up_blocks.1.upsamplers.0.conv", "up_blocks.10.resnets.0",
+              "up_blocks.10.resnets.1", "conv_out"]
+    assert final_stage(blocks) == ["up_blocks.10.resnets.0", "up_blocks.10.resnets.1", "conv_out"]
+    assert final_stage(blocks[:6]) == ["up_blocks.1.resnets.0", "up_blocks.1.upsamplers.0.conv"]
+    # no decoder stage by name: the last quarter of the blocks, at least one
+    assert final_stage([f"layer{i}" for i in range(8)]) == ["layer6", "layer7"]
+    assert final_stage(["only"]) == ["only"]
+
+
+def test_restore_keeps_the_other_runs_blocks_and_learns_the_rest(tmp_path: Path) -> None:
+    unet = tiny_unet()
+    calib = calib_for(unet)
+    prepared = prepared_for(unet, calib, weight_bits=4, act_bits=8)
+    second = copy.deepcopy(prepared)
+    path = tmp_path / "a.safetensors"
+    reconstruct(prepared, calib, qdiff_ao.ReconstructionConfig(**RCFG), model=unet, progress=False, state_path=path)
+    blocks_a = qdiff_ao.graph_info(prepared).reconstruction["blocks"]
+    redone = final_stage(list(blocks_a))
+    state = ReconstructionState(path, None)  # no fingerprint: readable by a run with other settings
+    state.forget(redone)
+    with pytest.raises(ValueError, match="read-only"):
+        state.add("x", {}, {}, {})
+    reconstruct(second, calib, qdiff_ao.ReconstructionConfig(**RCFG, seed=5), model=unet, progress=False,
+                restore=state)
+    blocks_b = qdiff_ao.graph_info(second).reconstruction["blocks"]
+    assert list(blocks_b) == list(blocks_a)
+    assert [name for name, entry in blocks_b.items() if not entry.get("resumed")] == redone
+    weights_a, weights_b = dict(prepared.named_parameters()), dict(second.named_parameters())
+    restored_layers = [layer for name in blocks_a if name not in redone for layer in blocks_a[name]["layers"]]
+    assert restored_layers
+    for layer in restored_layers:  # baked grid values: the restored codes give the same weights exactly
+        assert torch.equal(weights_a[f"{layer}.weight"], weights_b[f"{layer}.weight"]), layer
+    with torch.no_grad():
+        x = calib.example_inputs(4)
+        assert torch.isfinite(qdiff_ao.convert(second)(**x)).all()
+
+
+def _plan(unet: torch.nn.Module, scheduler: DDIMScheduler, steps: int = 8, **conditioning: object) -> object:
+    return plan_sampler(unet, scheduler, num_inference_steps=steps, **{**SAMPLER_ARGUMENTS, **conditioning})
+
+
+@pytest.mark.skipif(not (DIGITS_DDPM_DIR / "unet" / "diffusion_pytorch_model.safetensors").is_file(),
+                    reason="bundled digits DDPM not trained yet (examples/train_ddpm.py)")
+def test_score_ranks_a_spoiled_output_layer_below_a_faithful_model() -> None:
+    """On a trained model (the bundled digits DDPM): a W8 weights-only graph samples as the float model does, ratio
+    ~1; the same graph with its output layer's weights scaled by 0.9 leaves noise in its samples that the float
+    model sees (probe: ratio 7.8 with 16 trajectories). An untrained UNet could not tell them apart."""
+    unet = UNet2DModel.from_pretrained(DIGITS_DDPM_DIR / "unet").eval()
+    scheduler = DDIMScheduler.from_pretrained(DIGITS_DDPM_DIR / "scheduler")
+    calib = qdiff_ao.collect_calibration_data(unet, scheduler, num_inference_steps=10, num_timesteps=5,
+                                              samples_per_timestep=2, progress=False)
+    faithful = qdiff_ao.prepare(unet, qdiff_ao.QuantConfig(weight_bits=8, act_bits=None), calib.example_inputs(1))
+    qdiff_ao.calibrate(faithful, calib, progress=False)
+    spoiled = copy.deepcopy(faithful)
+    with torch.no_grad():
+        spoiled.get_submodule("conv_out").weight.mul_(0.9)
+    scores, ratios = sample_score([faithful, spoiled], _plan(unet, scheduler, 10), num_trajectories=8)
+    assert abs(ratios[0] - 1) < 0.05, ratios
+    assert ratios[1] > 2 and scores[1] > scores[0] + 0.5, (scores, ratios)
+
+
+def test_conditional_score_uses_the_conditioning_of_each_sample() -> None:
+    """With classifier-free guidance the sampler's batches are [uncond; cond], the judge's are the samples with
+    their conditional embedding alone (a doubled batch would not fit); a W8 weights-only graph scores ~1."""
+    unet = tiny_cond_unet()
+    scheduler = DDIMScheduler(beta_schedule="linear", clip_sample=False)
+    g = torch.Generator().manual_seed(2)
+    cond, uncond = torch.randn(2, 4, 16, generator=g), torch.zeros(1, 4, 16)
+    plan = _plan(unet, scheduler, 4, encoder_hidden_states=cond, negative_encoder_hidden_states=uncond,
+                 guidance_scale=3.0)
+    calib = calib_for(unet, cond=True)
+    prepared = prepared_for(unet, calib, weight_bits=8, act_bits=None)
+    scores, ratios = sample_score([prepared], plan, num_trajectories=4)
+    assert ratios[0] == pytest.approx(1.0, abs=0.05) and scores[0] < 0.05
+
+
+def test_quantize_keeps_the_run_with_the_lower_score() -> None:
+    unet = tiny_unet()
+    scheduler = DDIMScheduler(beta_schedule="linear", clip_sample=False)
+    cfg = qdiff_ao.QuantConfig(reconstruction=qdiff_ao.ReconstructionConfig(**RCFG))
+    kwargs = {"num_inference_steps": 10, "num_timesteps": 4, "samples_per_timestep": 4, "progress": False,
+              "precision_fallback": False, "timestep_groups": 1, "bias_correction": False,
+              "prediction_spread": False}
+    qunet = qdiff_ao.quantize(unet, scheduler, cfg, **kwargs)
+    report = qunet.quantization_info["reconstruction"]
+    choice = report["choice"]
+    assert choice["redone"] == final_stage(list(report["blocks"]))
+    assert choice["kept"] == ("A" if choice["scores"][0] <= choice["scores"][1] else "B")
+    assert choice["seeds"][0] == 0 and choice["seeds"][1] != 0
+    resumed = [name for name, entry in report["blocks"].items() if entry.get("resumed")]
+    assert resumed == ([] if choice["kept"] == "A" else [n for n in report["blocks"] if n not in choice["redone"]])
+    single = qdiff_ao.quantize(unet, scheduler, cfg, choose_reconstruction=False, **kwargs)
+    assert "choice" not in single.quantization_info["reconstruction"]
