@@ -256,7 +256,8 @@ def main() -> None:
             res = {"label": row, **evaluate(row, qunet, subject, args, noises, fp["fds"], fp_images),
                    "size_bytes": size, "latency_ratio": speed_ratio(unet, qunet, {"sample": x8, **speed_kwargs}),
                    "seconds": seconds,
-                   "keep_float": list(qunet.quantization_info["config"]["keep_float"])}
+                   "keep_float": list(qunet.quantization_info["config"]["keep_float"]),
+                   "reconstruction_choice": (qunet.quantization_info.get("reconstruction") or {}).get("choice")}
             results.append(res)
             write_tables(args, results)
         print(f"[{args.model}] {label}: FD {res['fd_mean']:.3f} ± {res['fd_std']:.3f} = {res['ratio_mean']:.3f}x FP "
