@@ -1,6 +1,7 @@
 """The workflow: ``prepare -> calibrate -> [passes] -> convert`` around torch.ao's FX mode, and ``quantize``,
 the whole Q-Diffusion recipe in one call (collect -> trace -> split -> prepare -> calibrate -> measured float
-fallback -> Q/K/V grids -> reconstruct -> timestep groups -> output correction -> convert).
+fallback -> Q/K/V grids -> reconstruct (the final decoder stage twice, kept by a sample score) -> timestep groups
+-> output correction -> denoised spread -> convert).
 
 A user's own torch.ao calls work as well (README, "The raw torch.ao path"): ``prepare_fx`` with
 ``get_qconfig_mapping(cfg)`` / ``get_backend_config(cfg)`` and ``prepare_custom_config=prepare_custom_config()``,

@@ -22,7 +22,8 @@ RECON = dict(weight_iters=30, act_iters=10, batch_size=8)
 
 
 def quantize_tiny(reconstruct: bool = False, recon_seed: int = 0) -> Any:
-    """The run both the 2-rank workers and the single process do (same arguments)."""
+    """The run both the 2-rank workers and the single process do (same arguments; one reconstruction run, as
+    under torch.distributed, where the reconstruction choice is skipped)."""
     from diffusers import DDPMScheduler
 
     import qdiff_ao
@@ -30,7 +31,7 @@ def quantize_tiny(reconstruct: bool = False, recon_seed: int = 0) -> Any:
 
     cfg = qdiff_ao.QuantConfig(reconstruction=qdiff_ao.ReconstructionConfig(seed=recon_seed, **RECON))
     return qdiff_ao.quantize(build_unet("attn"), DDPMScheduler(num_train_timesteps=1000), cfg,
-                             reconstruct=reconstruct, **COLLECT)
+                             reconstruct=reconstruct, choose_reconstruction=False, **COLLECT)
 
 
 def eps_error(qunet: Any) -> tuple[float, torch.Tensor]:

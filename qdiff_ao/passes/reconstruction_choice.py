@@ -42,6 +42,7 @@ from torch import fx, nn
 
 from qdiff_ao.calibration._plan import SamplerPlan, plan_sampler
 from qdiff_ao.calibration.calibration_set import CalibrationSet
+from qdiff_ao.calibration.distributed import rank_and_world
 from qdiff_ao.capture.graph_state import graph_info, update_graph_info
 from qdiff_ao.config import ReconstructionConfig
 from qdiff_ao.passes.denoised_view import PREDICTION_TYPES, alpha_bar_at, predicted_x0
@@ -160,11 +161,15 @@ def reconstruct_and_choose(
     Returns:
         The kept graph: ``prepared`` or the copy. Its ``graph_info(...).reconstruction`` holds the kept run's
         report plus ``"choice": {"kept", "redone", "scores", "ratios", "seeds"}``. Without a usable sampler
-        (e.g. a conditional UNet and no conditioning) run A is kept and the choice is skipped with a warning.
+        (e.g. a conditional UNet and no conditioning) run A is kept and the choice is skipped with a warning;
+        under torch.distributed only run A is made.
     """
     unknown = set(sampler_kwargs) - set(SAMPLER_ARGUMENTS)
     if unknown:
         raise ValueError(f"unknown sampler arguments {sorted(unknown)}; expected some of {sorted(SAMPLER_ARGUMENTS)}")
+    if rank_and_world()[1] > 1:  # run B restores from run A's state file, which is for one process
+        logger.info("reconstruction choice skipped under torch.distributed: one run")
+        return reconstruct(prepared, calib, rcfg, model=model, progress=progress, guided=guided)
     spare = copy.deepcopy(prepared)
     with tempfile.TemporaryDirectory(prefix="qdiff_ao_recon_") as folder:
         path = os.path.join(folder, "run_a.safetensors")
