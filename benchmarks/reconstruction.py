@@ -12,7 +12,8 @@
    W4A8 reconstruction at other iteration counts (quality/time trade-off).
 3. Wall time on the google/ddpm-cifar10-32-sized UNet (random weights): calibration data, calibration and
    reconstruction with the given iteration counts. "extrapolate" runs every block with ``--probe-iters``
-   iterations and scales each block's optimisation time to the requested counts; "full" runs them.
+   iterations and scales each block's optimisation time to the requested counts; "full" runs them. Plus what
+   ``quantize``'s reconstruction choice adds: the final decoder stage once more and three sampler runs.
 
 Timings are wall-clock seconds on this machine (shared: other jobs change them).
 """
@@ -36,6 +37,8 @@ import qdiff_ao  # noqa: E402
 from benchmarks.common import bundled_unet, cifar10_ddpm_unet  # noqa: E402
 from qdiff_ao import graph_info  # noqa: E402
 from qdiff_ao.passes import reconstruct  # noqa: E402
+from qdiff_ao.passes.reconstruction_choice import final_stage  # noqa: E402
+from qdiff_ao.quantizers.simulation import build_simulation  # noqa: E402
 
 DIGITS_SHAPE: dict[str, Any] = dict(
     sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(32, 64, 64),
@@ -165,6 +168,8 @@ def part_cifar(args: argparse.Namespace) -> None:
         opt_a *= args.act_iters / probe
     total = (t1 - t0) + (t2 - t1) + fixed + opt_w + opt_a
     how = "measured" if full else f"extrapolated from {probe} iterations per block"
+    redo, sampling = _choice_cost(unet, prepared, report, 1.0 if full else args.weight_iters / probe,
+                                  1.0 if full else args.act_iters / probe)
     print(f"\n[3] wall time, W4A8, google/ddpm-cifar10-32-sized UNet (random weights), {len(report['blocks'])} blocks, "
           f"{report['num_samples']} cached rows, weight_iters={args.weight_iters}, act_iters={args.act_iters}, "
           f"batch_size={args.batch_size} ({how})")
@@ -176,10 +181,36 @@ def part_cifar(args: argparse.Namespace) -> None:
         ["reconstruction: AdaRound iterations", opt_w, how],
         ["reconstruction: step-size iterations", opt_a, how],
         ["total", total, f"{total / 60:.1f} min"],
+        ["reconstruction choice: final stage learned again", redo, f"{how}, from its blocks' times"],
+        ["reconstruction choice: 3 sampler runs of 64 x 25 steps", sampling, "25 x (float + 2 simulated steps at "
+         "batch 64), each timed"],
+        ["total with the choice", total + redo + sampling, f"{(total + redo + sampling) / 60:.1f} min"],
     ], ["stage", "seconds", "note"])
     slow = sorted(report["blocks"].items(), key=lambda kv: -kv[1]["weight_seconds"])[:5]
     per_it = [[n, b["kind"], b["weight_seconds"] / max(b["weight_iters"], 1) * 1e3] for n, b in slow]  # ms
     table(per_it, ["slowest blocks", "kind", "ms / AdaRound iteration"])
+
+
+def _choice_cost(unet: UNet2DModel, prepared: torch.fx.GraphModule, report: dict[str, Any], scale_w: float,
+                 scale_a: float) -> tuple[float, float]:
+    """What ``quantize``'s reconstruction choice adds (``passes.reconstruct_and_choose``): the final stage's
+    blocks once more (their caching/evaluation time plus scaled optimisation time) and its three sampler runs
+    (64 trajectories x 25 DDIM steps: float, run A, run B), from one timed step of each model at batch 64."""
+    blocks = [report["blocks"][name] for name in final_stage(list(report["blocks"]))]
+    redo = sum(b["seconds"] + b["weight_seconds"] * (scale_w - 1) + b.get("act_seconds", 0.0) * (scale_a - 1)
+               for b in blocks)
+    x = {"sample": torch.randn(64, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size),
+         "timestep": torch.full((64,), 500)}
+    sim = build_simulation(prepared)
+    sim.gm.eval()
+    with torch.no_grad():
+        step = {}
+        for name, run in (("float", lambda: unet(**x)), ("simulated", lambda: sim.run(x))):
+            run()
+            t0 = time.perf_counter()
+            run()
+            step[name] = time.perf_counter() - t0
+    return redo, 25 * (step["float"] + 2 * step["simulated"])
 
 
 def main(argv: list[str] | None = None) -> None:
