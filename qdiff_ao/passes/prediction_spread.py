@@ -33,14 +33,14 @@ import logging
 from typing import Any, cast
 
 import torch
-from torch import fx, nn
+from torch import fx
 
 from qdiff_ao.calibration._plan import plan_sampler
 from qdiff_ao.calibration.calibration_set import CalibrationSet
 from qdiff_ao.capture.graph_state import update_graph_info
-from qdiff_ao.passes.denoised_view import PREDICTION_TYPES, alpha_bar_at, predicted_x0, rescale_x0_spread
+from qdiff_ao.passes.denoised_view import alpha_bar_at, predicted_x0, rescale_x0_spread
 from qdiff_ao.passes.output_correction import OUTPUT_CORRECTION, TimestepOutputCorrection, add_output_correction
-from qdiff_ao.passes.sampler_runs import run_sampler
+from qdiff_ao.passes.sampler_runs import float_denoiser, prediction_view, run_sampler, simulated_denoiser
 from qdiff_ao.quantizers.simulation import build_simulation
 from qdiff_ao.quantizers.timestep_grids import contiguous_groups, group_boundaries
 
@@ -113,13 +113,7 @@ def match_prediction_spread(
         raise ValueError(f"unknown sampler arguments {sorted(unknown)}; expected some of {sorted(SAMPLER_ARGUMENTS)}")
     plan = plan_sampler(model, scheduler, num_inference_steps=num_inference_steps,
                         **{**SAMPLER_ARGUMENTS, **sampler_kwargs})
-    kind = getattr(plan.scheduler.config, "prediction_type", "epsilon")
-    alphas = getattr(plan.scheduler, "alphas_cumprod", None)
-    if kind not in PREDICTION_TYPES or not isinstance(alphas, torch.Tensor):
-        raise ValueError(f"match_prediction_spread needs a scheduler with alphas_cumprod and a prediction type in "
-                         f"{PREDICTION_TYPES}; {plan.scheduler_name} has prediction_type={kind!r}"
-                         f"{'' if isinstance(alphas, torch.Tensor) else ' and no alphas_cumprod'}")
-    alphas = alphas.detach().float().cpu()
+    kind, alphas = prediction_view(plan, "match_prediction_spread")
     existing = cast(TimestepOutputCorrection | None, getattr(prepared, OUTPUT_CORRECTION, None))
     if existing is not None:
         boundaries = existing.boundaries.detach().cpu().clone()
@@ -129,13 +123,7 @@ def match_prediction_spread(
     num = boundaries.numel() + 1
     sim = build_simulation(prepared)
     sim.gm.eval()
-    unet = cast(nn.Module, plan.unet)
-
-    def fp(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return cast(torch.Tensor, unet(**inputs, return_dict=False)[0])
-
-    def quantized(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return sim.run(inputs).to(plan.device)
+    fp, quantized = float_denoiser(plan), simulated_denoiser(sim, plan)
 
     def noise(offset: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed + offset)

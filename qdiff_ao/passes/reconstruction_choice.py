@@ -34,7 +34,6 @@ import math
 import os
 import tempfile
 from dataclasses import replace
-from functools import partial
 from typing import Any, cast
 
 import torch
@@ -45,12 +44,12 @@ from qdiff_ao.calibration.calibration_set import CalibrationSet
 from qdiff_ao.calibration.distributed import rank_and_world
 from qdiff_ao.capture.graph_state import graph_info, update_graph_info
 from qdiff_ao.config import ReconstructionConfig
-from qdiff_ao.passes.denoised_view import PREDICTION_TYPES, alpha_bar_at, predicted_x0
+from qdiff_ao.passes.denoised_view import alpha_bar_at, predicted_x0
 from qdiff_ao.passes.prediction_spread import SAMPLER_ARGUMENTS
 from qdiff_ao.passes.reconstruction.resume_state import ReconstructionState
 from qdiff_ao.passes.reconstruction.runner import reconstruct
-from qdiff_ao.passes.sampler_runs import run_sampler
-from qdiff_ao.quantizers.simulation import Simulation, build_simulation
+from qdiff_ao.passes.sampler_runs import float_denoiser, prediction_view, run_sampler, simulated_denoiser
+from qdiff_ao.quantizers.simulation import build_simulation
 
 __all__ = ["CANDIDATE_SEED_OFFSET", "final_stage", "reconstruct_and_choose", "sample_score"]
 
@@ -78,19 +77,14 @@ def _scoring_inputs(plan: SamplerPlan, n: int) -> dict[str, torch.Tensor]:
     return kwargs
 
 
-def _simulated(sim: Simulation, device: torch.device, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    return sim.run(inputs).to(device)
-
-
 @torch.no_grad()
-def _denoising_error(plan: SamplerPlan, x: torch.Tensor, z: torch.Tensor, t_star: int) -> float:
+def _denoising_error(plan: SamplerPlan, x: torch.Tensor, z: torch.Tensor, t_star: int, kind: str,
+                     alphas: torch.Tensor) -> float:
     """``e(X)`` of the module docstring: the float model's mean squared x0 error on ``X`` noised to ``t*``."""
-    alphas = plan.scheduler.alphas_cumprod.detach().float().to(x.device)
     t = torch.full((x.shape[0],), t_star, dtype=torch.long, device=x.device)
-    a = alpha_bar_at(alphas, t, x)
+    a = alpha_bar_at(alphas.to(x.device), t, x)
     x_t = a.sqrt() * x + (1 - a).sqrt() * z
     out = cast(nn.Module, plan.unet)(sample=x_t, timestep=t, **_scoring_inputs(plan, x.shape[0]), return_dict=False)[0]
-    kind = getattr(plan.scheduler.config, "prediction_type", "epsilon")
     return float((predicted_x0(out, x_t, a, kind) - x).double().pow(2).mean())
 
 
@@ -108,27 +102,19 @@ def sample_score(candidates: list[fx.GraphModule], plan: SamplerPlan, *, num_tra
     Returns:
         ``(scores, ratios)``: per candidate ``|log ratio|`` and the ratio ``e(X_quantized) / e(X_float)``.
     """
-    kind = getattr(plan.scheduler.config, "prediction_type", "epsilon")
-    alphas = getattr(plan.scheduler, "alphas_cumprod", None)
-    if kind not in PREDICTION_TYPES or not isinstance(alphas, torch.Tensor):
-        raise ValueError(f"the sample score needs a scheduler with alphas_cumprod and a prediction type in "
-                         f"{PREDICTION_TYPES}; {plan.scheduler_name} has prediction_type={kind!r}")
+    kind, alphas = prediction_view(plan, "the sample score")
     t_star = score_timestep if score_timestep is not None else max(1, round(0.02 * alphas.numel()))
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((num_trajectories, *plan.sample_shape), generator=generator)
     z = torch.randn((num_trajectories, *plan.sample_shape), generator=generator).to(plan.device, plan.dtype)
-    unet = cast(nn.Module, plan.unet)
-
-    def fp(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return cast(torch.Tensor, unet(**inputs, return_dict=False)[0])
-
-    reference = _denoising_error(plan, run_sampler(plan, fp, noise, None, seed), z, t_star)
+    float_samples = run_sampler(plan, float_denoiser(plan), noise, None, seed)
+    reference = _denoising_error(plan, float_samples, z, t_star, kind, alphas)
     ratios = []
     for candidate in candidates:
         sim = build_simulation(candidate)
         sim.gm.eval()
-        samples = run_sampler(plan, partial(_simulated, sim, plan.device), noise, None, seed)
-        ratios.append(_denoising_error(plan, samples, z, t_star) / max(reference, 1e-30))
+        samples = run_sampler(plan, simulated_denoiser(sim, plan), noise, None, seed)
+        ratios.append(_denoising_error(plan, samples, z, t_star, kind, alphas) / max(reference, 1e-30))
     return [abs(math.log(max(r, 1e-30))) for r in ratios], ratios
 
 

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from typing import cast
 
 import torch
+from torch import nn
 
 from qdiff_ao.calibration._plan import SamplerPlan
+from qdiff_ao.passes.denoised_view import PREDICTION_TYPES
+from qdiff_ao.quantizers.simulation import Simulation
 
-__all__ = ["Denoise", "Hook", "run_sampler"]
+__all__ = ["Denoise", "Hook", "float_denoiser", "prediction_view", "run_sampler", "simulated_denoiser"]
 
 Denoise = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 Hook = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -42,3 +46,26 @@ def run_sampler(plan: SamplerPlan, denoise: Denoise, noise: torch.Tensor, hook: 
             out = hook(i, t, x_in, out)
         x = scheduler.step(out, t, x, **step_kwargs, return_dict=False)[0]
     return x
+
+
+def float_denoiser(plan: SamplerPlan) -> Denoise:
+    """The plan's float UNet as a ``Denoise``."""
+    unet = cast(nn.Module, plan.unet)
+    return lambda inputs: cast(torch.Tensor, unet(**inputs, return_dict=False)[0])
+
+
+def simulated_denoiser(sim: Simulation, plan: SamplerPlan) -> Denoise:
+    """A fake-quant simulation as a ``Denoise``, its output on the plan's device."""
+    return lambda inputs: sim.run(inputs).to(plan.device)
+
+
+def prediction_view(plan: SamplerPlan, user: str) -> tuple[str, torch.Tensor]:
+    """``(prediction_type, alphas_cumprod on the CPU)`` of the plan's scheduler, what reading ``x0`` off an
+    output needs; ``user`` names the caller in the error raised when the scheduler lacks either."""
+    kind = getattr(plan.scheduler.config, "prediction_type", "epsilon")
+    alphas = getattr(plan.scheduler, "alphas_cumprod", None)
+    if kind not in PREDICTION_TYPES or not isinstance(alphas, torch.Tensor):
+        raise ValueError(f"{user} needs a scheduler with alphas_cumprod and a prediction type in "
+                         f"{PREDICTION_TYPES}; {plan.scheduler_name} has prediction_type={kind!r}"
+                         f"{'' if isinstance(alphas, torch.Tensor) else ' and no alphas_cumprod'}")
+    return kind, alphas.detach().float().cpu()
