@@ -17,7 +17,7 @@ from qdiff_ao.calibration._plan import plan_sampler
 from qdiff_ao.passes.prediction_spread import SAMPLER_ARGUMENTS
 from qdiff_ao.passes.reconstruction.resume_state import ReconstructionState
 from qdiff_ao.passes.reconstruction.runner import reconstruct
-from qdiff_ao.passes.reconstruction_choice import final_stage, sample_score
+from qdiff_ao.passes.reconstruction_choice import final_stage, reconstruct_and_choose, sample_score
 from tests.test_reconstruct import calib_for, prepared_for, tiny_cond_unet, tiny_unet
 
 RCFG = {"weight_iters": 6, "act_iters": 2, "batch_size": 4}
@@ -118,3 +118,32 @@ def test_quantize_keeps_the_run_with_the_lower_score() -> None:
     assert resumed == ([] if choice["kept"] == "A" else [n for n in report["blocks"] if n not in choice["redone"]])
     single = qdiff_ao.quantize(unet, scheduler, cfg, choose_reconstruction=False, **kwargs)
     assert "choice" not in single.quantization_info["reconstruction"]
+
+
+def test_without_a_sampler_the_choice_is_one_plain_run(caplog: pytest.LogCaptureFixture,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A conditional UNet and no conditioning: no sampler can be planned, so the choice makes run A alone, in
+    place and without copying the graph, with the same result as ``reconstruct`` and a warning that says why."""
+    unet = tiny_cond_unet()
+    calib = calib_for(unet, cond=True)
+    prepared = prepared_for(unet, calib, weight_bits=4, act_bits=8)
+    plain = copy.deepcopy(prepared)
+    rcfg = qdiff_ao.ReconstructionConfig(**RCFG)
+
+    deepcopy = copy.deepcopy
+
+    def no_copy(obj: object, *args: object) -> object:
+        if isinstance(obj, torch.nn.Module):  # the graph module; its fx.Graph alone is copied by every run
+            raise AssertionError("the graph module was copied although no second run can be judged")
+        return deepcopy(obj, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(copy, "deepcopy", no_copy)
+    with caplog.at_level("WARNING", logger="qdiff_ao"):
+        kept = reconstruct_and_choose(prepared, calib, rcfg, unet, DDIMScheduler(), model=unet, progress=False)
+    monkeypatch.undo()
+    assert kept is prepared
+    assert "choice" not in qdiff_ao.graph_info(kept).reconstruction
+    assert any("reconstruction choice skipped" in record.getMessage() for record in caplog.records)
+    reconstruct(plain, calib, rcfg, model=unet, progress=False)
+    for (name, a), (_, b) in zip(kept.named_parameters(), plain.named_parameters(), strict=True):
+        assert torch.equal(a, b), name

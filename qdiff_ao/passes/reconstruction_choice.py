@@ -156,17 +156,17 @@ def reconstruct_and_choose(
     if rank_and_world()[1] > 1:  # run B restores from run A's state file, which is for one process
         logger.info("reconstruction choice skipped under torch.distributed: one run")
         return reconstruct(prepared, calib, rcfg, model=model, progress=progress, guided=guided)
+    try:  # planned first: without a sampler there is no choice, and no copy of the graph is needed
+        plan = plan_sampler(sampler_model, scheduler, num_inference_steps=num_inference_steps,
+                            **{**SAMPLER_ARGUMENTS, **sampler_kwargs})
+    except ValueError as err:
+        logger.warning("reconstruction choice skipped (one run): %s", err)
+        return reconstruct(prepared, calib, rcfg, model=model, progress=progress, guided=guided)
     spare = copy.deepcopy(prepared)
     with tempfile.TemporaryDirectory(prefix="qdiff_ao_recon_") as folder:
         path = os.path.join(folder, "run_a.safetensors")
         reconstruct(prepared, calib, rcfg, model=model, progress=progress, guided=guided, state_path=path)
         report_a = cast(dict[str, Any], graph_info(prepared).reconstruction)  # reconstruct has just set it
-        try:
-            plan = plan_sampler(sampler_model, scheduler, num_inference_steps=num_inference_steps,
-                                **{**SAMPLER_ARGUMENTS, **sampler_kwargs})
-        except ValueError as err:
-            logger.warning("reconstruction choice skipped (run A kept): %s", err)
-            return prepared
         redone = final_stage(list(report_a["blocks"]))
         restore = ReconstructionState(path, None)
         restore.forget(redone)
