@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from diffusers import DDIMScheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -52,6 +51,7 @@ from qdiff_ao.app.main_job import speed_ratio  # noqa: E402
 from qdiff_ao.app.metrics import DigitsFD, frechet_distance, noise_prediction_error  # noqa: E402
 from qdiff_ao.app.model_source import load_model_folder  # noqa: E402
 from qdiff_ao.app.sampling import ddim_sample, initial_noise  # noqa: E402
+from qdiff_ao.workflow import scoring_sampler  # noqa: E402
 
 MODELS = ("digits", "shapes32", "shapes16-cond")
 SPREAD_BY_DEFAULT = inspect.signature(qdiff_ao.quantize).parameters["prediction_spread"].default
@@ -303,7 +303,7 @@ def main() -> None:
                         qdiff_ao.passes.correct_output_bias(prepared, calib, unet)
                     if variant != "no spread" and SPREAD_BY_DEFAULT:
                         qdiff_ao.passes.match_prediction_spread(  # on DDIM runs, as quantize fits it
-                            prepared, calib, unet, DDIMScheduler.from_config(scheduler.config), seed=0,
+                            prepared, calib, unet, scoring_sampler(scheduler), seed=0,
                             **subject.calib_kwargs)
                 except ValueError as err:  # e.g. the output layer was kept in float: no bias to fold into
                     print(f"[{args.model}] {label}: skipped ({err})", flush=True)

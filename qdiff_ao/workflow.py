@@ -148,7 +148,7 @@ def _fallback_rounds(
     return report, cfg, prepared
 
 
-def _scoring_sampler(scheduler: Any) -> DDIMScheduler:
+def scoring_sampler(scheduler: Any) -> DDIMScheduler:
     """The sampler of the passes that compare float and quantized runs: DDIM (eta 0) is deterministic, so runs
     from the same noise pair exactly."""
     return DDIMScheduler.from_config(scheduler.config)
@@ -311,7 +311,7 @@ def quantize(
         t0 = time.perf_counter()
         if choose_reconstruction and scheduler is not None:
             prepared = reconstruct_and_choose(prepared, calib, cfg.reconstruction, calibration_model,
-                                              _scoring_sampler(scheduler), model=unet, progress=progress,
+                                              scoring_sampler(scheduler), model=unet, progress=progress,
                                               guided=guided_reconstruction, seed=seed,
                                               **_sampler_kwargs(collect_kwargs))
         else:
@@ -347,7 +347,7 @@ def quantize(
             recorded = str(calib.metadata.get("num_inference_steps", ""))
             steps = min(50, int(recorded) if recorded.isdigit() else num_inference_steps)
             try:
-                match_prediction_spread(prepared, calib, calibration_model, _scoring_sampler(scheduler),
+                match_prediction_spread(prepared, calib, calibration_model, scoring_sampler(scheduler),
                                         num_groups=correction_groups, num_inference_steps=steps, seed=seed,
                                         **_sampler_kwargs(collect_kwargs))
             except ValueError as err:  # e.g. a conditional UNet with a ready calib but no conditioning given
