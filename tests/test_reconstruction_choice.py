@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import qdiff_ao
 from qdiff_ao.app.bundled import DIGITS_DDPM_DIR
@@ -17,7 +19,13 @@ from qdiff_ao.calibration._plan import plan_sampler
 from qdiff_ao.passes.prediction_spread import SAMPLER_ARGUMENTS
 from qdiff_ao.passes.reconstruction.resume_state import ReconstructionState
 from qdiff_ao.passes.reconstruction.runner import reconstruct
-from qdiff_ao.passes.reconstruction_choice import final_stage, reconstruct_and_choose, sample_score
+from qdiff_ao.passes.reconstruction_choice import (
+    SWITCH_CONFIDENCE,
+    final_stage,
+    reconstruct_and_choose,
+    sample_score,
+    switch_confidence,
+)
 from tests.test_reconstruct import calib_for, prepared_for, tiny_cond_unet, tiny_unet
 
 RCFG = {"weight_iters": 6, "act_iters": 2, "batch_size": 4}
@@ -112,7 +120,8 @@ def test_quantize_keeps_the_run_with_the_lower_score() -> None:
     report = qunet.quantization_info["reconstruction"]
     choice = report["choice"]
     assert choice["redone"] == final_stage(list(report["blocks"]))
-    assert choice["kept"] == ("A" if choice["scores"][0] <= choice["scores"][1] else "B")
+    switch = choice["scores"][1] < choice["scores"][0] and choice["confidence_b_better"] >= SWITCH_CONFIDENCE
+    assert choice["kept"] == ("B" if switch else "A")
     assert choice["seeds"][0] == 0 and choice["seeds"][1] != 0
     resumed = [name for name, entry in report["blocks"].items() if entry.get("resumed")]
     assert resumed == ([] if choice["kept"] == "A" else [n for n in report["blocks"] if n not in choice["redone"]])
@@ -147,3 +156,21 @@ def test_without_a_sampler_the_choice_is_one_plain_run(caplog: pytest.LogCapture
     reconstruct(plain, calib, rcfg, model=unet, progress=False)
     for (name, a), (_, b) in zip(kept.named_parameters(), plain.named_parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(8, 96), shift=st.floats(0.0, 0.5))
+def test_switch_confidence_needs_a_difference_beyond_the_scatter(seed: int, n: int, shift: float) -> None:
+    """Paired bootstrap: a run no different from A never earns a switch; one whose every trajectory sits on the
+    float model's own error where A's are ``1 + shift`` higher does once the gap is clear; swapping A and B turns
+    the share into its complement (ties count for neither)."""
+    g = torch.Generator().manual_seed(seed)
+    reference = torch.rand(n, generator=g, dtype=torch.float64) + 0.1
+    noise = 1 + 0.05 * torch.randn(n, generator=g, dtype=torch.float64)
+    a = reference * noise * (1 + shift)
+    assert switch_confidence(reference, a, a.clone()) == 0.0
+    b = reference.clone()
+    both = switch_confidence(reference, a, b) + switch_confidence(reference, b, a)
+    assert both <= 1.0 + 1e-12
+    if shift > 0.2:
+        assert switch_confidence(reference, a, b) >= SWITCH_CONFIDENCE

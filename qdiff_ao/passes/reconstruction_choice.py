@@ -22,7 +22,10 @@ classifier FD does; feature distances in the float UNet's own features did not.
 
 How (``reconstruct_and_choose``): run A reconstructs every block with the configured seed and saves its blocks;
 run B, on a copy of the calibrated graph, restores A's blocks before the final decoder stage (``final_stage``)
-and learns that stage from other draws (seed + ``CANDIDATE_SEED_OFFSET``); the run with the lower score is kept.
+and learns that stage from other draws (seed + ``CANDIDATE_SEED_OFFSET``). Run B is kept only when it scores lower
+and a paired bootstrap over the trajectories prefers it in at least ``SWITCH_CONFIDENCE`` of resamples
+(``switch_confidence``); otherwise run A, so a score difference within the trajectories' own scatter changes
+nothing.
 Cost: one more reconstruction of the final stage and three sampler runs of ``N`` trajectories.
 """
 
@@ -30,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 import tempfile
 from dataclasses import replace
@@ -51,11 +53,13 @@ from qdiff_ao.passes.reconstruction.runner import reconstruct
 from qdiff_ao.passes.sampler_runs import float_denoiser, prediction_view, run_sampler, simulated_denoiser
 from qdiff_ao.quantizers.simulation import build_simulation
 
-__all__ = ["CANDIDATE_SEED_OFFSET", "final_stage", "reconstruct_and_choose", "sample_score"]
+__all__ = ["CANDIDATE_SEED_OFFSET", "SWITCH_CONFIDENCE", "final_stage", "reconstruct_and_choose", "sample_score",
+           "switch_confidence", "trajectory_errors"]
 
 logger = logging.getLogger(__name__)
 
 CANDIDATE_SEED_OFFSET = 104_729  # run B's seed: far from the seeds users step through (0, 1, 2, ...)
+SWITCH_CONFIDENCE = 0.95  # run B replaces run A only when this share of bootstrap resamples prefers it
 
 
 def final_stage(blocks: list[str]) -> list[str]:
@@ -78,14 +82,40 @@ def _scoring_inputs(plan: SamplerPlan, n: int) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def _denoising_error(plan: SamplerPlan, x: torch.Tensor, z: torch.Tensor, t_star: int, kind: str,
-                     alphas: torch.Tensor) -> float:
-    """``e(X)`` of the module docstring: the float model's mean squared x0 error on ``X`` noised to ``t*``."""
+def _denoising_errors(plan: SamplerPlan, x: torch.Tensor, z: torch.Tensor, t_star: int, kind: str,
+                      alphas: torch.Tensor) -> torch.Tensor:
+    """Per sample, the float model's mean squared x0 error on it noised to ``t*`` (``e(X)`` of the module
+    docstring is their mean), float64 on the CPU."""
     t = torch.full((x.shape[0],), t_star, dtype=torch.long, device=x.device)
     a = alpha_bar_at(alphas.to(x.device), t, x)
     x_t = a.sqrt() * x + (1 - a).sqrt() * z
     out = cast(nn.Module, plan.unet)(sample=x_t, timestep=t, **_scoring_inputs(plan, x.shape[0]), return_dict=False)[0]
-    return float((predicted_x0(out, x_t, a, kind) - x).double().pow(2).mean())
+    return (predicted_x0(out, x_t, a, kind) - x).double().pow(2).flatten(1).mean(1).cpu()
+
+
+def trajectory_errors(candidates: list[fx.GraphModule], plan: SamplerPlan, *, num_trajectories: int = 64,
+                      score_timestep: int | None = None, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Per-trajectory denoising errors ``[N]`` of the float model's own samples and of each candidate's samples
+    from the same noise (arguments as for :func:`sample_score`)."""
+    kind, alphas = prediction_view(plan, "the sample score")
+    t_star = score_timestep if score_timestep is not None else max(1, round(0.02 * alphas.numel()))
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((num_trajectories, *plan.sample_shape), generator=generator)
+    z = torch.randn((num_trajectories, *plan.sample_shape), generator=generator).to(plan.device, plan.dtype)
+    float_samples = run_sampler(plan, float_denoiser(plan), noise, None, seed)
+    reference = _denoising_errors(plan, float_samples, z, t_star, kind, alphas)
+    errors = []
+    for candidate in candidates:
+        sim = build_simulation(candidate)
+        sim.gm.eval()
+        samples = run_sampler(plan, simulated_denoiser(sim, plan), noise, None, seed)
+        errors.append(_denoising_errors(plan, samples, z, t_star, kind, alphas))
+    return reference, errors
+
+
+def _score(errors: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``|log(mean(errors) / mean(reference))|`` over the last dimension."""
+    return (errors.mean(-1).clamp_min(1e-30) / reference.mean(-1).clamp_min(1e-30)).log().abs()
 
 
 def sample_score(candidates: list[fx.GraphModule], plan: SamplerPlan, *, num_trajectories: int = 64,
@@ -102,20 +132,26 @@ def sample_score(candidates: list[fx.GraphModule], plan: SamplerPlan, *, num_tra
     Returns:
         ``(scores, ratios)``: per candidate ``|log ratio|`` and the ratio ``e(X_quantized) / e(X_float)``.
     """
-    kind, alphas = prediction_view(plan, "the sample score")
-    t_star = score_timestep if score_timestep is not None else max(1, round(0.02 * alphas.numel()))
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn((num_trajectories, *plan.sample_shape), generator=generator)
-    z = torch.randn((num_trajectories, *plan.sample_shape), generator=generator).to(plan.device, plan.dtype)
-    float_samples = run_sampler(plan, float_denoiser(plan), noise, None, seed)
-    reference = _denoising_error(plan, float_samples, z, t_star, kind, alphas)
-    ratios = []
-    for candidate in candidates:
-        sim = build_simulation(candidate)
-        sim.gm.eval()
-        samples = run_sampler(plan, simulated_denoiser(sim, plan), noise, None, seed)
-        ratios.append(_denoising_error(plan, samples, z, t_star, kind, alphas) / max(reference, 1e-30))
-    return [abs(math.log(max(r, 1e-30))) for r in ratios], ratios
+    reference, errors = trajectory_errors(candidates, plan, num_trajectories=num_trajectories,
+                                          score_timestep=score_timestep, seed=seed)
+    ratios = [float(e.mean() / reference.mean().clamp_min(1e-30)) for e in errors]
+    return [float(_score(e, reference)) for e in errors], ratios
+
+
+def switch_confidence(reference: torch.Tensor, errors_a: torch.Tensor, errors_b: torch.Tensor, *,
+                      resamples: int = 2000, seed: int = 0) -> float:
+    """How sure the trajectories are that B scores better than A: the share of paired bootstrap resamples of the
+    ``N`` trajectories (the same indices for the float, A and B errors, since all three ran from the same noise)
+    in which ``score(B) < score(A)``.
+
+    Why: with ``N`` = 64 trajectories two runs that sample alike get scores a few hundredths apart by chance;
+    switching on such a difference only trades one random draw for another.
+    """
+    n = reference.numel()
+    idx = torch.randint(0, n, (resamples, n), generator=torch.Generator().manual_seed(seed))
+    ref = reference.double()[idx]
+    better = _score(errors_b.double()[idx], ref) < _score(errors_a.double()[idx], ref)
+    return float(better.double().mean())
 
 
 def reconstruct_and_choose(
@@ -134,7 +170,8 @@ def reconstruct_and_choose(
     **sampler_kwargs: Any,
 ) -> fx.GraphModule:
     """Reconstruct ``prepared`` (run A), learn its final decoder stage once more from other draws (run B) and
-    return the run with the lower :func:`sample_score` (module docstring).
+    return run B only where it scores lower with bootstrap confidence >= ``SWITCH_CONFIDENCE``, else run A
+    (module docstring).
 
     Args:
         prepared: a calibrated output of ``qdiff_ao.prepare``; run A happens in place, run B on a copy.
@@ -146,9 +183,9 @@ def reconstruct_and_choose(
 
     Returns:
         The kept graph: ``prepared`` or the copy. Its ``graph_info(...).reconstruction`` holds the kept run's
-        report plus ``"choice": {"kept", "redone", "scores", "ratios", "seeds"}``. Without a usable sampler
-        (e.g. a conditional UNet and no conditioning) run A is kept and the choice is skipped with a warning;
-        under torch.distributed only run A is made.
+        report plus ``"choice": {"kept", "redone", "scores", "ratios", "confidence_b_better", "seeds", ...}``.
+        Without a usable sampler (e.g. a conditional UNet and no conditioning) one run is made, in place, with a
+        warning; under torch.distributed only run A is made.
     """
     unknown = set(sampler_kwargs) - set(SAMPLER_ARGUMENTS)
     if unknown:
@@ -172,12 +209,16 @@ def reconstruct_and_choose(
         restore.forget(redone)
         rcfg_b = replace(rcfg, seed=rcfg.seed + CANDIDATE_SEED_OFFSET)
         reconstruct(spare, calib, rcfg_b, model=model, progress=progress, guided=guided, restore=restore)
-    scores, ratios = sample_score([prepared, spare], plan, num_trajectories=num_trajectories, seed=seed)
-    kept = prepared if scores[0] <= scores[1] else spare
+    reference, (errors_a, errors_b) = trajectory_errors([prepared, spare], plan, num_trajectories=num_trajectories,
+                                                        seed=seed)
+    scores = [float(_score(errors_a, reference)), float(_score(errors_b, reference))]
+    ratios = [float(e.mean() / reference.mean().clamp_min(1e-30)) for e in (errors_a, errors_b)]
+    confidence = switch_confidence(reference, errors_a, errors_b, seed=seed)
+    kept = spare if scores[1] < scores[0] and confidence >= SWITCH_CONFIDENCE else prepared
     choice = {"kept": "A" if kept is prepared else "B", "redone": redone, "scores": scores, "ratios": ratios,
-              "seeds": [rcfg.seed, rcfg_b.seed], "num_trajectories": num_trajectories,
-              "num_inference_steps": num_inference_steps}
+              "confidence_b_better": confidence, "seeds": [rcfg.seed, rcfg_b.seed],
+              "num_trajectories": num_trajectories, "num_inference_steps": num_inference_steps}
     update_graph_info(kept, reconstruction={**cast(dict[str, Any], graph_info(kept).reconstruction), "choice": choice})
-    logger.info("reconstruction choice: run %s kept (float-model denoising error ratio A %.4f, B %.4f)",
-                choice["kept"], *ratios)
+    logger.info("reconstruction choice: run %s kept (float-model denoising error ratio A %.4f, B %.4f; B better in "
+                "%.0f%% of resamples)", choice["kept"], *ratios, 100 * confidence)
     return kept

@@ -71,7 +71,6 @@ __all__ = ["module_types_of", "reconstruct"]
 
 logger = logging.getLogger(__name__)
 
-RETRY_SEED_OFFSET = 7919  # added to a block's draw seed for its second AdaRound run (only after a lost first run)
 
 _INPUT_SOURCES = ("sample", "timestep", "encoder_hidden_states", "class_labels")
 
@@ -215,20 +214,6 @@ def _reconstruct_block(
                 layer.quant.set_mode("hard")
         rounded, outputs = errors(keep=not act_iters)
         entry["rounding"] = "adaround"
-        if spec.loss_outputs and rounded.lp > before.lp and rcfg.weight_iters > 0:
-            # a lost run can be the draw, not the block: learn once more from other draws, keep the better one
-            first = [layer.quant.hard_codes() for layer in layers]
-            bar.total += rcfg.weight_iters
-            retry = BlockTrainer(module, x_q, targets, spec.loss_outputs, rcfg,
-                                 torch.Generator().manual_seed(seed + RETRY_SEED_OFFSET), guidance)
-            entry["weight_seconds"] += retry.learn_rounding(layers, acts, bar)
-            again, again_outputs = errors(keep=not act_iters)
-            entry.update(lp_first_rounding=rounded.lp, lp_retried_rounding=again.lp)
-            if again.lp < rounded.lp:
-                rounded, outputs, entry["rounding"] = again, again_outputs, "adaround, retried"
-            else:
-                for layer, codes in zip(layers, first, strict=True):
-                    layer.quant.set_codes(codes)
         if spec.loss_outputs and rounded.lp > before.lp:  # never worse than nearest on the cached rows
             for layer in layers:
                 layer.quant.use_nearest(layer.layer.weight)
@@ -322,10 +307,8 @@ def reconstruct(
         the order they were reconstructed. "before" is round-to-nearest weights with the calibrated activation
         qparams, "after" the learned rounding and step sizes, both on the block's cached inputs; with activation
         learning, "lp_rounded"/"mse_rounded" give the error between the two phases (learned rounding, calibrated
-        activation qparams). A rounding worse than nearest on the cached rows is learned once more from other
-        draws ("lp_first_rounding", "lp_retried_rounding"); a phase that still does not lower the block's Lp
-        error is undone: "rounding" is "adaround", "adaround, retried" or "nearest", "step_sizes" "learned" or
-        "calibrated".
+        activation qparams). A phase that does not lower the block's Lp error on the cached rows is undone:
+        "rounding" is "adaround" or "nearest", "step_sizes" "learned" or "calibrated".
 
     Raises:
         TypeError: for arguments of the wrong type.
