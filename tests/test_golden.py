@@ -42,10 +42,10 @@ values hold on both capabilities. ``+measured_grids`` pins the recipe with 4 gro
 (``attention_symmetric="measured"``); recorded on AVX-512 only so far (it skips on AVX2 until recorded there).
 All but ``+spread`` run without the denoised-spread correction (``prediction_spread=False``: their values were
 recorded before it existed); ``+spread`` pins the recipe with it and 4 groups, recorded on AVX-512 only so far.
-``cross_attn`` was re-recorded on AVX-512 when reconstruction began to retry a lost AdaRound run (its ``conv_in``
-rounding lost on the first run and won on the retry); its AVX2 pin was dropped then, since no AVX2 machine was at
-hand (``ATEN_CPU_CAPABILITY=avx2`` on an AVX-512 machine does not reproduce the AVX2 values), and it skips on
-AVX2 until recorded there."""
+``cross_attn`` was re-recorded on AVX-512 when reconstruction retried a lost AdaRound run and again when the retry
+was removed (twelfth session): its AVX-512 values then came back bit-equal to those from before the retry, so its
+pre-retry AVX2 pin was restored. ``attn+timestep_groups`` and ``attn+spread`` were re-recorded on AVX-512 at the
+same time (the reconstruction choice's outcome on them moved); they skip on AVX2 until recorded there."""
 _TIMESTEPS = (900, 600, 300, 50)
 
 
