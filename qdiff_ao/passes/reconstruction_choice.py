@@ -118,6 +118,12 @@ def _score(errors: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return (errors.mean(-1).clamp_min(1e-30) / reference.mean(-1).clamp_min(1e-30)).log().abs()
 
 
+def _scores_and_ratios(reference: torch.Tensor, errors: list[torch.Tensor]) -> tuple[list[float], list[float]]:
+    """Per candidate ``|log ratio|`` and the ratio ``e(X_quantized) / e(X_float)``."""
+    ratios = [float(e.mean() / reference.mean().clamp_min(1e-30)) for e in errors]
+    return [float(_score(e, reference)) for e in errors], ratios
+
+
 def sample_score(candidates: list[fx.GraphModule], plan: SamplerPlan, *, num_trajectories: int = 64,
                  score_timestep: int | None = None, seed: int = 0) -> tuple[list[float], list[float]]:
     """Scores of prepared (calibrated, reconstructed) graphs, lower is better (module docstring).
@@ -134,8 +140,7 @@ def sample_score(candidates: list[fx.GraphModule], plan: SamplerPlan, *, num_tra
     """
     reference, errors = trajectory_errors(candidates, plan, num_trajectories=num_trajectories,
                                           score_timestep=score_timestep, seed=seed)
-    ratios = [float(e.mean() / reference.mean().clamp_min(1e-30)) for e in errors]
-    return [float(_score(e, reference)) for e in errors], ratios
+    return _scores_and_ratios(reference, errors)
 
 
 def switch_confidence(reference: torch.Tensor, errors_a: torch.Tensor, errors_b: torch.Tensor, *,
@@ -211,8 +216,7 @@ def reconstruct_and_choose(
         reconstruct(spare, calib, rcfg_b, model=model, progress=progress, guided=guided, restore=restore)
     reference, (errors_a, errors_b) = trajectory_errors([prepared, spare], plan, num_trajectories=num_trajectories,
                                                         seed=seed)
-    scores = [float(_score(errors_a, reference)), float(_score(errors_b, reference))]
-    ratios = [float(e.mean() / reference.mean().clamp_min(1e-30)) for e in (errors_a, errors_b)]
+    scores, ratios = _scores_and_ratios(reference, [errors_a, errors_b])
     confidence = switch_confidence(reference, errors_a, errors_b, seed=seed)
     kept = spare if scores[1] < scores[0] and confidence >= SWITCH_CONFIDENCE else prepared
     choice = {"kept": "A" if kept is prepared else "B", "redone": redone, "scores": scores, "ratios": ratios,

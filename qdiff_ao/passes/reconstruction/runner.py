@@ -71,7 +71,6 @@ __all__ = ["module_types_of", "reconstruct"]
 
 logger = logging.getLogger(__name__)
 
-
 _INPUT_SOURCES = ("sample", "timestep", "encoder_hidden_states", "class_labels")
 
 
