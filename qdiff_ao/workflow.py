@@ -1,6 +1,6 @@
 """The workflow: ``prepare -> calibrate -> [passes] -> convert`` around torch.ao's FX mode, and ``quantize``,
 the whole Q-Diffusion recipe in one call (collect -> trace -> split -> prepare -> calibrate -> measured float
-fallback -> Q/K/V grids -> reconstruct (the final decoder stage twice, kept by a sample score) -> timestep groups
+fallback -> Q/K/V grids -> reconstruct (the final decoder stage twice, kept by a sample distance) -> timestep groups
 -> output correction -> denoised spread -> convert).
 
 A user's own torch.ao calls work as well (README, "The raw torch.ao path"): ``prepare_fx`` with
@@ -205,8 +205,8 @@ def quantize(
         guided_reconstruction: with classifier-free guidance, reconstruction also minimises the error of the
             guided combination ``u + s (c - u)`` of each trajectory's two rows (``reconstruct(guided=...)``).
         choose_reconstruction: learn the final decoder stage a second time from other draws and keep the run
-            whose samples the float model denoises most like its own (``passes.reconstruct_and_choose``); needs
-            the scheduler (without one: one run).
+            whose samples end nearest the float model's samples of the same noise
+            (``passes.reconstruct_and_choose``); needs the scheduler (without one: one run).
         bias_correction: subtract the mean quantization error of the model output per group of timesteps,
             kept only for groups where it lowers the error on held-back calibration rows
             (``qdiff_ao.passes.correct_output``); skipped with a warning when a timestep has < 2 rows.

@@ -45,7 +45,9 @@ recorded before it existed); ``+spread`` pins the recipe with it and 4 groups, r
 ``cross_attn`` was re-recorded on AVX-512 when reconstruction retried a lost AdaRound run and again when the retry
 was removed (twelfth session): its AVX-512 values then came back bit-equal to those from before the retry, so its
 pre-retry AVX2 pin was restored. ``attn+timestep_groups`` and ``attn+spread`` were re-recorded on AVX-512 at the
-same time (the reconstruction choice's outcome on them moved); they skip on AVX2 until recorded there."""
+same time (the reconstruction choice's outcome on them moved); they skip on AVX2 until recorded there. ``attn``
+was re-recorded on AVX-512 when the choice's score became the distance to the float samples (thirteenth session:
+its kept run changed); its AVX2 pin was dropped, so it too skips on AVX2 until recorded there."""
 _TIMESTEPS = (900, 600, 300, 50)
 
 

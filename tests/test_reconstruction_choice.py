@@ -1,6 +1,6 @@
 """The reconstruction choice: a second run of the final decoder stage restored onto the first run's blocks
-(``reconstruct(restore=...)``), the float-model sample score that judges the two, and ``quantize`` keeping the
-run with the lower score."""
+(``reconstruct(restore=...)``), the distance to the float samples that judges the two (and the float-model
+denoising ratio it reports), and ``quantize`` keeping the run with the lower score."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from qdiff_ao.passes.reconstruction_choice import (
     SWITCH_CONFIDENCE,
     final_stage,
     reconstruct_and_choose,
+    sample_distance,
     sample_score,
     switch_confidence,
 )
@@ -78,8 +79,9 @@ def _plan(unet: torch.nn.Module, scheduler: DDIMScheduler, steps: int = 8, **con
                     reason="bundled digits DDPM not trained yet (examples/train_ddpm.py)")
 def test_score_ranks_a_spoiled_output_layer_below_a_faithful_model() -> None:
     """On a trained model (the bundled digits DDPM): a W8 weights-only graph samples as the float model does, ratio
-    ~1; the same graph with its output layer's weights scaled by 0.9 leaves noise in its samples that the float
-    model sees (probe: ratio 7.8 with 16 trajectories). An untrained UNet could not tell them apart."""
+    ~1 and samples near the float ones; the same graph with its output layer's weights scaled by 0.9 leaves noise
+    in its samples that the float model sees (probe: ratio 7.8 with 16 trajectories), and they end further from
+    the float samples. An untrained UNet could not tell them apart."""
     unet = UNet2DModel.from_pretrained(DIGITS_DDPM_DIR / "unet").eval()
     scheduler = DDIMScheduler.from_pretrained(DIGITS_DDPM_DIR / "scheduler")
     calib = qdiff_ao.collect_calibration_data(unet, scheduler, num_inference_steps=10, num_timesteps=5,
@@ -89,9 +91,13 @@ def test_score_ranks_a_spoiled_output_layer_below_a_faithful_model() -> None:
     spoiled = copy.deepcopy(faithful)
     with torch.no_grad():
         spoiled.get_submodule("conv_out").weight.mul_(0.9)
-    scores, ratios = sample_score([faithful, spoiled], _plan(unet, scheduler, 10), num_trajectories=8)
+    plan = _plan(unet, scheduler, 10)
+    scores, ratios = sample_score([faithful, spoiled], plan, num_trajectories=8)
     assert abs(ratios[0] - 1) < 0.05, ratios
     assert ratios[1] > 2 and scores[1] > scores[0] + 0.5, (scores, ratios)
+    near, far = sample_distance([faithful, spoiled], plan, num_trajectories=8)  # the choice's score
+    assert near.shape == far.shape == (8,)
+    assert near.mean() < 0.1 and far.mean() > 2 * near.mean(), (near, far)
 
 
 def test_conditional_score_uses_the_conditioning_of_each_sample() -> None:
@@ -161,16 +167,17 @@ def test_without_a_sampler_the_choice_is_one_plain_run(caplog: pytest.LogCapture
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**16), n=st.integers(8, 96), shift=st.floats(0.0, 0.5))
 def test_switch_confidence_needs_a_difference_beyond_the_scatter(seed: int, n: int, shift: float) -> None:
-    """Paired bootstrap: a run no different from A never earns a switch; one whose every trajectory sits on the
-    float model's own error where A's are ``1 + shift`` higher does once the gap is clear; swapping A and B turns
-    the share into its complement (ties count for neither)."""
+    """Paired bootstrap: a run no different from A never earns a switch; one whose every trajectory costs ``1 +
+    shift`` times less than A's does once the gap is clear; swapping A and B turns the share into its complement
+    (ties count for neither); costs of different lengths are refused."""
     g = torch.Generator().manual_seed(seed)
-    reference = torch.rand(n, generator=g, dtype=torch.float64) + 0.1
-    noise = 1 + 0.05 * torch.randn(n, generator=g, dtype=torch.float64)
-    a = reference * noise * (1 + shift)
-    assert switch_confidence(reference, a, a.clone()) == 0.0
-    b = reference.clone()
-    both = switch_confidence(reference, a, b) + switch_confidence(reference, b, a)
+    b = (torch.rand(n, generator=g, dtype=torch.float64) + 0.1) * (1 + 0.05 * torch.randn(n, generator=g,
+                                                                                            dtype=torch.float64))
+    a = b * (1 + shift) * (1 + 0.05 * torch.randn(n, generator=g, dtype=torch.float64))
+    assert switch_confidence(a, a.clone()) == 0.0
+    both = switch_confidence(a, b) + switch_confidence(b, a)
     assert both <= 1.0 + 1e-12
     if shift > 0.2:
-        assert switch_confidence(reference, a, b) >= SWITCH_CONFIDENCE
+        assert switch_confidence(a, b) >= SWITCH_CONFIDENCE
+    with pytest.raises(ValueError, match="one cost per trajectory"):
+        switch_confidence(a, b[:-1])

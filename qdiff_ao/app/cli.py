@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "passes.match_prediction_spread)")
     q.add_argument("--no-reconstruction-choice", action="store_true",
                    help="one reconstruction run: skip learning the final decoder stage a second time and keeping the "
-                   "run whose samples the float model scores better (see passes.reconstruct_and_choose)")
+                   "run whose samples end nearer the float model's (see passes.reconstruct_and_choose)")
     q.add_argument("--no-precision-fallback", action="store_true",
                    help="quantize every layer, even those whose quantizers the sensitivity measurement finds "
                    "harmful (see passes.choose_float_layers)")

@@ -42,6 +42,7 @@ from qdiff_ao.calibration.range_report import plot_activation_ranges, plot_split
 from qdiff_ao.calibration.sensitivity import sensitivity
 from qdiff_ao.config import QuantConfig, ReconstructionConfig
 from qdiff_ao.deploy.openvino_runtime import openvino_available
+from qdiff_ao.passes.reconstruction_choice import SWITCH_CONFIDENCE
 
 __all__ = ["MainJobError", "run_main_job", "speed_ratio"]
 
@@ -376,9 +377,11 @@ def _markdown(r: dict[str, Any]) -> str:
                   ""]
     choice = r.get("reconstruction_choice")
     if choice is not None:
-        lines += [f"Reconstruction choice: run {choice['kept']} kept (float-model denoising error of the samples vs "
-                  f"its own: A {choice['ratios'][0]:.3f}, B {choice['ratios'][1]:.3f}; B relearned "
-                  f"{len(choice['redone'])} blocks of the final decoder stage).", ""]
+        lines += [f"Reconstruction choice: run {choice['kept']} kept (distance of its samples to the float samples of "
+                  f"the same noise: A {choice['scores'][0]:.4f}, B {choice['scores'][1]:.4f}; B closer in "
+                  f"{100 * choice['confidence_b_better']:.0f}% of bootstrap resamples, switches at "
+                  f"{100 * SWITCH_CONFIDENCE:.0f}%; B relearned {len(choice['redone'])} blocks of the final decoder "
+                  "stage).", ""]
     grids = r.get("attention_grids")
     if grids:
         sym = [g for g in grids if g["symmetric"]]

@@ -1,32 +1,34 @@
-"""Learn the final decoder stage twice and keep the run whose samples the float model finds most like its own.
+"""Learn the final decoder stage twice and keep the run whose samples end nearest the float model's own.
 
 Why: AdaRound's rounding depends on its mini-batch draws, and the block loss on cached rows cannot tell which
-draw of the last decoder stage drifts. shapes16-cond W4A8, reconstruction seeds 0 / 1 (groups, output correction
-and spread off): the per-block Lp errors favour seed 0, yet seed 0's samples drift between classes (classifier FD
-to the float samples 19.9 vs 2.4; seed 0 with seed 1's last up block: 5.2). Per-step errors along the *float*
-trajectory do not separate them either: the drift builds up along the quantized model's own trajectory, so the
-judge must look at samples.
+draw of the last decoder stage drifts. shapes16-cond W4A8, reconstruction seed 0: the per-block Lp errors favour
+one draw of the last up block, yet its samples drift between classes (classifier FD to the float samples 11.9 vs
+0.89 for another draw; x FP 1.80 vs 1.02). Per-step errors along the *float* trajectory do not separate such
+draws: the drift builds up along the quantized model's own trajectory, so the judge must look at samples.
 
-Score (``sample_score``): sample ``N`` trajectories with the candidate (fake-quant simulation) and with the float
-model from the same noise; noise each final sample ``x`` to a small timestep ``t*`` with one fixed ``z``,
-``x_t = sqrt(a) x + sqrt(1 - a) z``, and let the float model denoise it (conditioned as the sample was):
+Score (``sample_distance``): sample ``N`` trajectories with the candidate (fake-quant simulation) and with the float
+model from the same noise (DDIM, eta 0: deterministic, so the two runs pair exactly), and measure how far each
+candidate sample ends from the float sample of the same noise:
 
-    e(X)  = mean_x || x0_fp(x_t, t*) - x ||^2          score = | log( e(X_quantized) / e(X_float) ) |
+    d_n = || x_quantized,n - x_float,n || / || x_float,n ||          score = mean_n d_n
 
-``e`` is, up to the factor ``(1 - a) / a``, the float model's denoising loss at ``t*``, a term of its likelihood
-bound: samples the float model finds as typical as its own score ~0. The absolute value also penalises a ratio
-below 1 (samples easier to denoise than the model's own, e.g. smoother ones). Probe (300 samples, DDIM 50,
-``t* = 20``): shapes16-cond seed 0 / 1 / seed 0 with seed 1's last up block: ratio 1.231 / 1.086 / 1.120 (FD to
-float 19.9 / 2.4 / 5.2); shapes32 seeds 0 / 1: 0.959 / 1.115 (FD 1.29 / 4.08). The score ranks all five as the
-classifier FD does; feature distances in the float UNet's own features did not.
+A quantizer that follows the float model's trajectories more closely reproduces its sample distribution more
+closely. Measured on both runs of four (model, bits, seed) cases, 64 DDIM-25 trajectories, against the
+classifier FD of each run's *final* model (1,000 samples, DDIM 50; README, quality): the distance ranked all
+four as FD to the float samples does (shapes16-cond W4A8 seed 0 B 0.067 < A 0.075; shapes32 W4A8 seeds 0 / 1
+and W8A8 seed 1: A below B by 0.002-0.009), while the previous score,
+the float model's denoising error of the samples at a small timestep (``sample_score``, kept as a diagnostic:
+``| log(e(X_quantized) / e(X_float)) |``), ranked two of the four the wrong way round, each with bootstrap
+confidence 1.0, both times for the run with less contrast (pixel std 0.836 vs 0.848 and 0.914 vs 0.920 of the
+float samples'), a loss the spread correction after the choice restores; after it the run that tracked the float
+trajectories more closely is the better one.
 
 How (``reconstruct_and_choose``): run A reconstructs every block with the configured seed and saves its blocks;
 run B, on a copy of the calibrated graph, restores A's blocks before the final decoder stage (``final_stage``)
-and learns that stage from other draws (seed + ``CANDIDATE_SEED_OFFSET``). Run B is kept only when it scores lower
-and a paired bootstrap over the trajectories prefers it in at least ``SWITCH_CONFIDENCE`` of resamples
-(``switch_confidence``); otherwise run A, so a score difference within the trajectories' own scatter changes
-nothing.
-Cost: one more reconstruction of the final stage and three sampler runs of ``N`` trajectories.
+and learns that stage from other draws (seed + ``CANDIDATE_SEED_OFFSET``). Run B is kept only when its mean
+distance is lower and a paired bootstrap over the trajectories prefers it in at least ``SWITCH_CONFIDENCE`` of
+resamples (``switch_confidence``); otherwise run A, so a difference within the trajectories' own scatter changes
+nothing. Cost: one more reconstruction of the final stage and three sampler runs of ``N`` trajectories.
 """
 
 from __future__ import annotations
@@ -53,8 +55,8 @@ from qdiff_ao.passes.reconstruction.runner import reconstruct
 from qdiff_ao.passes.sampler_runs import float_denoiser, prediction_view, run_sampler, simulated_denoiser
 from qdiff_ao.quantizers.simulation import build_simulation
 
-__all__ = ["CANDIDATE_SEED_OFFSET", "SWITCH_CONFIDENCE", "final_stage", "reconstruct_and_choose", "sample_score",
-           "switch_confidence", "trajectory_errors"]
+__all__ = ["CANDIDATE_SEED_OFFSET", "SWITCH_CONFIDENCE", "final_stage", "reconstruct_and_choose", "sample_distance",
+           "sample_score", "switch_confidence", "trajectory_errors"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,10 +95,11 @@ def _denoising_errors(plan: SamplerPlan, x: torch.Tensor, z: torch.Tensor, t_sta
     return (predicted_x0(out, x_t, a, kind) - x).double().pow(2).flatten(1).mean(1).cpu()
 
 
-def trajectory_errors(candidates: list[fx.GraphModule], plan: SamplerPlan, *, num_trajectories: int = 64,
-                      score_timestep: int | None = None, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Per-trajectory denoising errors ``[N]`` of the float model's own samples and of each candidate's samples
-    from the same noise (arguments as for :func:`sample_score`)."""
+@torch.no_grad()
+def _judged_runs(candidates: list[fx.GraphModule], plan: SamplerPlan, num_trajectories: int, score_timestep: int | None,
+                 seed: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """One sampler run per candidate and one float run from the same noise; returns the float samples' denoising
+    errors ``[N]``, each candidate's denoising errors ``[N]`` and each candidate's distances ``d_n`` ``[N]``."""
     kind, alphas = prediction_view(plan, "the sample score")
     t_star = score_timestep if score_timestep is not None else max(1, round(0.02 * alphas.numel()))
     generator = torch.Generator().manual_seed(seed)
@@ -104,13 +107,37 @@ def trajectory_errors(candidates: list[fx.GraphModule], plan: SamplerPlan, *, nu
     z = torch.randn((num_trajectories, *plan.sample_shape), generator=generator).to(plan.device, plan.dtype)
     float_samples = run_sampler(plan, float_denoiser(plan), noise, None, seed)
     reference = _denoising_errors(plan, float_samples, z, t_star, kind, alphas)
-    errors = []
+    float_norms = float_samples.double().flatten(1).norm(dim=1).clamp_min(1e-30)
+    errors, distances = [], []
     for candidate in candidates:
         sim = build_simulation(candidate)
         sim.gm.eval()
         samples = run_sampler(plan, simulated_denoiser(sim, plan), noise, None, seed)
         errors.append(_denoising_errors(plan, samples, z, t_star, kind, alphas))
+        distances.append(((samples - float_samples).double().flatten(1).norm(dim=1) / float_norms).cpu())
+    return reference, errors, distances
+
+
+def trajectory_errors(candidates: list[fx.GraphModule], plan: SamplerPlan, *, num_trajectories: int = 64,
+                      score_timestep: int | None = None, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Per-trajectory denoising errors ``[N]`` of the float model's own samples and of each candidate's samples
+    from the same noise (arguments as for :func:`sample_score`)."""
+    reference, errors, _ = _judged_runs(candidates, plan, num_trajectories, score_timestep, seed)
     return reference, errors
+
+
+def sample_distance(candidates: list[fx.GraphModule], plan: SamplerPlan, *, num_trajectories: int = 64,
+                    seed: int = 0) -> list[torch.Tensor]:
+    """Per candidate, the distances ``d_n = |x_q,n - x_fp,n| / |x_fp,n|`` ``[N]`` of its samples to the float
+    model's samples from the same noise (module docstring); the choice's score is their mean, lower is better.
+
+    Args:
+        candidates: prepared graphs (calibrated, reconstructed) of the same UNet.
+        plan: the sampler plan (``qdiff_ao.calibration._plan.plan_sampler``) of the float UNet.
+        num_trajectories: ``N``, trajectories per run (all runs start from the same noise).
+        seed: seed of the initial noise.
+    """
+    return _judged_runs(candidates, plan, num_trajectories, None, seed)[2]
 
 
 def _score(errors: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -126,7 +153,10 @@ def _scores_and_ratios(reference: torch.Tensor, errors: list[torch.Tensor]) -> t
 
 def sample_score(candidates: list[fx.GraphModule], plan: SamplerPlan, *, num_trajectories: int = 64,
                  score_timestep: int | None = None, seed: int = 0) -> tuple[list[float], list[float]]:
-    """Scores of prepared (calibrated, reconstructed) graphs, lower is better (module docstring).
+    """A diagnostic the choice reports (its ``ratios``), not its score: how hard the float model finds the candidates'
+    samples to denoise at a small timestep ``t*`` compared with its own samples of the same noise. With ``z`` a
+    fixed noise, ``x_t = sqrt(a) x + sqrt(1 - a) z`` and ``e(X) = mean_x || x0_fp(x_t, t*) - x ||^2``, the ratio is
+    ``e(X_quantized) / e(X_float)`` and the score ``| log ratio |``, lower is better.
 
     Args:
         candidates: prepared graphs of the same UNet.
@@ -143,19 +173,19 @@ def sample_score(candidates: list[fx.GraphModule], plan: SamplerPlan, *, num_tra
     return _scores_and_ratios(reference, errors)
 
 
-def switch_confidence(reference: torch.Tensor, errors_a: torch.Tensor, errors_b: torch.Tensor, *,
-                      resamples: int = 2000, seed: int = 0) -> float:
-    """How sure the trajectories are that B scores better than A: the share of paired bootstrap resamples of the
-    ``N`` trajectories (the same indices for the float, A and B errors, since all three ran from the same noise)
-    in which ``score(B) < score(A)``.
+def switch_confidence(costs_a: torch.Tensor, costs_b: torch.Tensor, *, resamples: int = 2000, seed: int = 0) -> float:
+    """How sure the trajectories are that B is better than A: the share of paired bootstrap resamples of the ``N``
+    trajectories (the same indices for A and B, since both ran from the same noise) in which
+    ``mean(costs_b) < mean(costs_a)``; costs are per trajectory, lower is better (e.g. ``sample_distance``).
 
-    Why: with ``N`` = 64 trajectories two runs that sample alike get scores a few hundredths apart by chance;
+    Why: with ``N`` = 64 trajectories two runs that sample alike get means a few hundredths apart by chance;
     switching on such a difference only trades one random draw for another.
     """
-    n = reference.numel()
+    n = costs_a.numel()
+    if costs_b.numel() != n:
+        raise ValueError(f"costs_a and costs_b must hold one cost per trajectory each, got {n} and {costs_b.numel()}")
     idx = torch.randint(0, n, (resamples, n), generator=torch.Generator().manual_seed(seed))
-    ref = reference.double()[idx]
-    better = _score(errors_b.double()[idx], ref) < _score(errors_a.double()[idx], ref)
+    better = costs_b.double()[idx].mean(1) < costs_a.double()[idx].mean(1)
     return float(better.double().mean())
 
 
@@ -188,7 +218,8 @@ def reconstruct_and_choose(
 
     Returns:
         The kept graph: ``prepared`` or the copy. Its ``graph_info(...).reconstruction`` holds the kept run's
-        report plus ``"choice": {"kept", "redone", "scores", "ratios", "confidence_b_better", "seeds", ...}``.
+        report plus ``"choice": {"kept", "redone", "scores" (mean distances of A and B), "ratios"
+        (``sample_score``'s diagnostic ratios), "confidence_b_better", "seeds", ...}``.
         Without a usable sampler (e.g. a conditional UNet and no conditioning) one run is made, in place, with a
         warning; under torch.distributed only run A is made.
     """
@@ -214,15 +245,15 @@ def reconstruct_and_choose(
         restore.forget(redone)
         rcfg_b = replace(rcfg, seed=rcfg.seed + CANDIDATE_SEED_OFFSET)
         reconstruct(spare, calib, rcfg_b, model=model, progress=progress, guided=guided, restore=restore)
-    reference, (errors_a, errors_b) = trajectory_errors([prepared, spare], plan, num_trajectories=num_trajectories,
-                                                        seed=seed)
-    scores, ratios = _scores_and_ratios(reference, [errors_a, errors_b])
-    confidence = switch_confidence(reference, errors_a, errors_b, seed=seed)
+    reference, errors, (distance_a, distance_b) = _judged_runs([prepared, spare], plan, num_trajectories, None, seed)
+    scores = [float(distance_a.mean()), float(distance_b.mean())]
+    confidence = switch_confidence(distance_a, distance_b, seed=seed)
     kept = spare if scores[1] < scores[0] and confidence >= SWITCH_CONFIDENCE else prepared
-    choice = {"kept": "A" if kept is prepared else "B", "redone": redone, "scores": scores, "ratios": ratios,
-              "confidence_b_better": confidence, "seeds": [rcfg.seed, rcfg_b.seed],
-              "num_trajectories": num_trajectories, "num_inference_steps": num_inference_steps}
+    choice = {"kept": "A" if kept is prepared else "B", "redone": redone, "scores": scores,
+              "ratios": _scores_and_ratios(reference, errors)[1], "confidence_b_better": confidence,
+              "seeds": [rcfg.seed, rcfg_b.seed], "num_trajectories": num_trajectories,
+              "num_inference_steps": num_inference_steps}
     update_graph_info(kept, reconstruction={**cast(dict[str, Any], graph_info(kept).reconstruction), "choice": choice})
-    logger.info("reconstruction choice: run %s kept (float-model denoising error ratio A %.4f, B %.4f; B better in "
-                "%.0f%% of resamples)", choice["kept"], *ratios, 100 * confidence)
+    logger.info("reconstruction choice: run %s kept (distance of the samples to the float samples A %.4f, B %.4f; B "
+                "better in %.0f%% of resamples)", choice["kept"], *scores, 100 * confidence)
     return kept
