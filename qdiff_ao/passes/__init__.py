@@ -7,7 +7,7 @@ bias_correction).
 - :func:`symmetric_attention_operands`: symmetric Q, K, V quantizers (no zero-point terms in attention matmuls).
 - :func:`choose_attention_grids`: after calibration, symmetric Q, K, V grids where they cost at most half a bit.
 - :func:`reconstruct`: BRECQ block reconstruction with AdaRound weights and learned activation step sizes.
-- :func:`reconstruct_and_choose`: learn the final decoder stage twice, keep the run the float model scores better.
+- :func:`reconstruct_and_choose`: learn the final decoder stage twice, keep the run sampling nearer the float one.
 - :func:`choose_float_layers`: find, by measurement, the few layers whose quantizers the model cannot afford.
 - :func:`choose_timestep_groups`: activation grids per group of timesteps, where held-back rows say they help.
 - :func:`correct_output`: subtract the output's mean quantization error per timestep group, where it helps.
@@ -23,7 +23,7 @@ from qdiff_ao.passes.output_correction import TimestepOutputCorrection, add_outp
 from qdiff_ao.passes.precision_fallback import FallbackDecision, choose_float_layers
 from qdiff_ao.passes.prediction_spread import match_prediction_spread
 from qdiff_ao.passes.reconstruction import module_types_of, reconstruct
-from qdiff_ao.passes.reconstruction_choice import reconstruct_and_choose, sample_score
+from qdiff_ao.passes.reconstruction_choice import reconstruct_and_choose, sample_distance, sample_score
 from qdiff_ao.passes.shortcut_split import SplitConv2d, SplitRecord, SplitShortcutPass, split_shortcut
 from qdiff_ao.passes.softmax_observation import freeze_wide_softmax_observers, is_softmax_observer, observe_softmax
 from qdiff_ao.passes.timestep_groups import choose_timestep_groups
@@ -51,6 +51,7 @@ __all__ = [
     "observe_softmax",
     "reconstruct",
     "reconstruct_and_choose",
+    "sample_distance",
     "sample_score",
     "split_shortcut",
     "symmetric_attention_operands",

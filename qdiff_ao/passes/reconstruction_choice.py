@@ -12,16 +12,16 @@ candidate sample ends from the float sample of the same noise:
 
     d_n = || x_quantized,n - x_float,n || / || x_float,n ||          score = mean_n d_n
 
-A quantizer that follows the float model's trajectories more closely reproduces its sample distribution more
-closely. Measured on both runs of four (model, bits, seed) cases, 64 DDIM-25 trajectories, against the
-classifier FD of each run's *final* model (1,000 samples, DDIM 50; README, quality): the distance ranked all
-four as FD to the float samples does (shapes16-cond W4A8 seed 0 B 0.067 < A 0.075; shapes32 W4A8 seeds 0 / 1
-and W8A8 seed 1: A below B by 0.002-0.009), while the previous score,
-the float model's denoising error of the samples at a small timestep (``sample_score``, kept as a diagnostic:
-``| log(e(X_quantized) / e(X_float)) |``), ranked two of the four the wrong way round, each with bootstrap
-confidence 1.0, both times for the run with less contrast (pixel std 0.836 vs 0.848 and 0.914 vs 0.920 of the
-float samples'), a loss the spread correction after the choice restores; after it the run that tracked the float
-trajectories more closely is the better one.
+Why this score: a quantizer that follows the float model's trajectories more closely should reproduce its sample
+distribution more closely. Measured on both runs of five (model, bits, seed) cases, 64 DDIM-25 trajectories,
+against the classifier FD of each run's *final* model (after every later pass; 1,000 samples, DDIM 50; README,
+quality): the distance ranked four as FD to the float samples does (shapes16-cond W4A8 seed 0 B 0.067 < A 0.075;
+shapes32 W4A8 seeds 0 / 1 and W8A8 seed 1: A below B by 0.002-0.009); on the fifth (shapes16-cond W8A8 seed 1,
+FD to the float samples 0.67 vs 0.76) it favoured the worse run by 7%, with bootstrap confidence 0.94, so the
+guard below kept the better one. The previous score, the float model's denoising error of the samples at a small
+timestep (``sample_score``, kept as a diagnostic: ``| log(e(X_quantized) / e(X_float)) |``), picked the worse run
+in three of the five, each with confidence >= 0.95; twice it was the run with less contrast (pixel std 0.836 vs
+0.848 and 0.914 vs 0.920 of the float samples'), a loss the spread correction after the choice restores anyway.
 
 How (``reconstruct_and_choose``): run A reconstructs every block with the configured seed and saves its blocks;
 run B, on a copy of the calibrated graph, restores A's blocks before the final decoder stage (``final_stage``)
