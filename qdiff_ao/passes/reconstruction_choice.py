@@ -97,23 +97,25 @@ def _denoising_errors(plan: SamplerPlan, x: torch.Tensor, z: torch.Tensor, t_sta
 
 @torch.no_grad()
 def _judged_runs(candidates: list[fx.GraphModule], plan: SamplerPlan, num_trajectories: int, score_timestep: int | None,
-                 seed: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+                 seed: int, *, denoise: bool = True) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """One sampler run per candidate and one float run from the same noise; returns the float samples' denoising
-    errors ``[N]``, each candidate's denoising errors ``[N]`` and each candidate's distances ``d_n`` ``[N]``."""
+    errors ``[N]``, each candidate's denoising errors ``[N]`` and each candidate's distances ``d_n`` ``[N]``.
+    ``denoise=False`` skips the float model's denoising passes (the errors come back empty)."""
     kind, alphas = prediction_view(plan, "the sample score")
     t_star = score_timestep if score_timestep is not None else max(1, round(0.02 * alphas.numel()))
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((num_trajectories, *plan.sample_shape), generator=generator)
     z = torch.randn((num_trajectories, *plan.sample_shape), generator=generator).to(plan.device, plan.dtype)
     float_samples = run_sampler(plan, float_denoiser(plan), noise, None, seed)
-    reference = _denoising_errors(plan, float_samples, z, t_star, kind, alphas)
+    reference = _denoising_errors(plan, float_samples, z, t_star, kind, alphas) if denoise else torch.empty(0)
     float_norms = float_samples.double().flatten(1).norm(dim=1).clamp_min(1e-30)
     errors, distances = [], []
     for candidate in candidates:
         sim = build_simulation(candidate)
         sim.gm.eval()
         samples = run_sampler(plan, simulated_denoiser(sim, plan), noise, None, seed)
-        errors.append(_denoising_errors(plan, samples, z, t_star, kind, alphas))
+        if denoise:
+            errors.append(_denoising_errors(plan, samples, z, t_star, kind, alphas))
         distances.append(((samples - float_samples).double().flatten(1).norm(dim=1) / float_norms).cpu())
     return reference, errors, distances
 
@@ -137,7 +139,7 @@ def sample_distance(candidates: list[fx.GraphModule], plan: SamplerPlan, *, num_
         num_trajectories: ``N``, trajectories per run (all runs start from the same noise).
         seed: seed of the initial noise.
     """
-    return _judged_runs(candidates, plan, num_trajectories, None, seed)[2]
+    return _judged_runs(candidates, plan, num_trajectories, None, seed, denoise=False)[2]
 
 
 def _score(errors: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
