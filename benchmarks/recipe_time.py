@@ -1,0 +1,65 @@
+"""Wall time of the whole default recipe, ``qdiff_ao.quantize`` with nothing changed, on the CIFAR-10-size UNet.
+
+    python benchmarks/recipe_time.py [--threads 2] [--bits W4A8|W8A8]
+
+The UNet is google/ddpm-cifar10-32's configuration (``benchmarks.common.cifar10_ddpm_unet``, 35.7M parameters)
+with random weights and that model's scheduler settings (DDPM, 1,000 linear betas); the time of each step does
+not depend on the weights' values (iteration counts and sampler runs are fixed), so random weights time it
+honestly. Everything ``quantize`` does by default runs: calibration data from the float sampler
+(100 inference steps, 20 timesteps x 64 samples), calibration, the measured precision fallback, reconstruction with
+its choice, timestep groups, output and spread corrections, conversion. The table is ``quantization_info
+["timings"]`` (seconds per step, measured inside ``quantize``) and the total wall time around the call.
+Issue #15 asks for the total to stay <= 30 min on this 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import qdiff_ao  # noqa: E402
+from benchmarks.common import cifar10_ddpm_unet  # noqa: E402
+from benchmarks.distributed_scaling import cpu_flags  # noqa: E402
+
+_BITS = {"W4A8": (4, 8), "W8A8": (8, 8)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--bits", choices=sorted(_BITS), default="W4A8")
+    ap.add_argument("--progress", action="store_true", help="quantize's progress bars")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    weight_bits, act_bits = _BITS[args.bits]
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
+          f"flags: {cpu_flags()}")
+    unet = cifar10_ddpm_unet()
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
+    cfg = qdiff_ao.QuantConfig(weight_bits=weight_bits, act_bits=act_bits)
+    t0 = time.perf_counter()
+    qunet = qdiff_ao.quantize(unet, scheduler=scheduler, cfg=cfg, progress=args.progress)
+    total = time.perf_counter() - t0
+    timings = qunet.quantization_info["timings"]
+    print(f"\nquantize() defaults, {args.bits}, CIFAR-10-size UNet (random weights), "
+          f"{qunet.quantization_info['calibration_samples']} calibration rows")
+    print("| step | s | min |\n|---|---:|---:|")
+    for name, seconds in timings.items():
+        print(f"| {name.removesuffix('_s')} | {seconds:.1f} | {seconds / 60:.2f} |")
+    print(f"| **total (wall, around the call)** | {total:.1f} | **{total / 60:.2f}** |")
+    choice = (qunet.quantization_info.get("reconstruction") or {}).get("choice")
+    if choice:
+        print(f"reconstruction choice: kept {choice.get('kept')!r}")
+
+
+if __name__ == "__main__":
+    main()
