@@ -3,11 +3,12 @@
     python benchmarks/recipe_time.py [--threads 2] [--bits W4A8|W8A8]
 
 The UNet is google/ddpm-cifar10-32's configuration (``benchmarks.common.cifar10_ddpm_unet``, 35.7M parameters)
-with random weights and that model's scheduler settings (DDPM, 1,000 linear betas); the time of each step does
-not depend on the weights' values (iteration counts and sampler runs are fixed), so random weights time it
-honestly. Everything ``quantize`` does by default runs: calibration data from the float sampler
-(100 inference steps, 20 timesteps x 64 samples), calibration, the measured precision fallback, reconstruction with
-its choice, timestep groups, output and spread corrections, conversion. The table is ``quantization_info
+with random weights and that model's scheduler settings (DDPM, 1,000 linear betas). Random weights time the
+recipe fairly: iteration counts and sampler runs are fixed; only the precision fallback's measured choices (how
+many layers it tries and keeps in float) can differ on a trained model. Everything ``quantize`` does by default
+runs: calibration data from the float sampler (100 inference steps, 20 timesteps x 64 samples), calibration, the
+measured precision fallback, reconstruction with its choice, timestep groups, output and spread corrections,
+conversion. The table is ``quantization_info
 ["timings"]`` (seconds per step, measured inside ``quantize``) and the total wall time around the call.
 Issue #15 asks for the total to stay <= 30 min on this 2-core CPU.
 """
