@@ -11,8 +11,9 @@ output correction per timestep group) on seeded calibration data, one thread; th
 * the SHA-256 of the quantized model's float32 output on fixed inputs
 
 with the values in ``tests/golden/golden.json``. Float kernels may round differently on another instruction
-set, so the values are kept per CPU capability (``torch.backends.cpu.get_cpu_capability()``); on a capability
-with no record the test skips and says how to record one. A deliberate numeric change re-records the values
+set, so the values are kept per CPU capability (``torch.backends.cpu.get_cpu_capability()``, plus "+AMX" where the
+CPU has AMX tiles, whose int8 kernels oneDNN may pick); on a capability with no record the test skips and says how
+to record one. A deliberate numeric change re-records the values
 (``python -m tests.test_golden --record``) in its own commit that says why.
 """
 
@@ -109,7 +110,10 @@ def golden_values(family: str, workdir: Path) -> dict[str, str]:
 
 
 def _capability() -> str:
-    return str(torch.backends.cpu.get_cpu_capability())
+    """The CPU capability torch dispatches on, plus "+AMX" where oneDNN may pick AMX tile kernels (their int8
+    convolutions round differently from AVX-512 VNNI ones: the same commit gave other bytes on such a CPU)."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return str(torch.backends.cpu.get_cpu_capability()) + ("+AMX" if amx else "")
 
 
 def _recorded() -> dict[str, Any]:
