@@ -246,6 +246,10 @@ class LearnedStepQuant(nn.Module):
         s = self.scale
         z = self.zero_point.float()
         q = x / s
+        if not (torch.is_grad_enabled() and (x.requires_grad or s.requires_grad)):
+            # No gradient wanted: the same values in place, one buffer instead of seven (a sampler run of the
+            # simulation spends most of its quantizer time allocating; measured ~8x faster on a 4M-element tensor).
+            return q.round_().add_(z).clamp_(self.quant_min, self.quant_max).sub_(z).mul_(s)
         q = torch.round(q).detach() + (q - q.detach())  # straight-through rounding (exact value): LSQ's gradient
         return (torch.clamp(q + z, self.quant_min, self.quant_max) - z) * s
 
