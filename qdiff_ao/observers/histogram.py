@@ -35,21 +35,37 @@ def _double(hist: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(hist).scatter_add_(1, new_idx, hist)
 
 
+_CHUNK = 1 << 18  # values binned per step: intermediates this small are reused by the allocator, not re-mapped
+
+
 def update_histogram(
-    hist: torch.Tensor, bound: torch.Tensor, rows: torch.Tensor
+    hist: torch.Tensor, bound: torch.Tensor, rows: torch.Tensor, absmax: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Add the values of ``rows`` (C, N) to ``hist`` (C, n) on grids ``bound`` (C,); returns (hist, bound).
 
-    A row's bound of 0 means the row is empty (no grid yet).
+    A row's bound of 0 means the row is empty (no grid yet). ``absmax`` (C,): max |x| per row when the caller
+    already has it (computed here otherwise).
+
+    Each value goes to bin ``floor((x + R) / width)`` (float64, clamped to [0, n - 1]), ``width = 2 R / n``.
     """
-    n = hist.shape[1]
-    need = pow2_bound(rows.abs().amax(dim=1))
+    c, n = hist.shape
+    if absmax is None:
+        lo, hi = torch.aminmax(rows, dim=1)
+        absmax = torch.maximum(-lo, hi)
+    need = pow2_bound(absmax.reshape(c))
     new_bound = torch.where(bound > 0, torch.maximum(bound, need), need)
     hist = rebin_histogram(hist, bound, new_bound)  # rows that already had data: exact doubling
     width = 2.0 * new_bound / n
-    idx = torch.floor((rows.double() + new_bound[:, None]) / width[:, None]).long().clamp_(0, n - 1)
-    hist = hist.scatter_add(1, idx, torch.ones_like(idx, dtype=hist.dtype))
-    return hist, new_bound
+    offset = torch.arange(c, device=rows.device)[:, None] * n  # bincount over row-offset bins counts every row
+    counts = torch.zeros(c * n, dtype=torch.int64, device=rows.device)
+    # in place and in column chunks: a calibration pass spent most of its observer time allocating full-size
+    # float64 / int64 copies of every activation; the integer counts are exactly those of one pass
+    step = max(1, _CHUNK // c)
+    for start in range(0, rows.shape[1], step):
+        part = rows[:, start:start + step].double().add_(new_bound[:, None]).div_(width[:, None])
+        idx = part.floor_().long().clamp_(0, n - 1).add_(offset)
+        counts += torch.bincount(idx.reshape(-1), minlength=c * n)
+    return hist + counts.reshape(c, n).to(hist.dtype), new_bound
 
 
 def rebin_histogram(hist: torch.Tensor, bound: torch.Tensor, new_bound: torch.Tensor) -> torch.Tensor:

@@ -64,12 +64,13 @@ class _LpSearchObserver(RangeMinMaxObserver):
 
     def _observe(self, x: torch.Tensor) -> None:
         self._cached = None
-        super()._observe(x)
+        lo, hi = self._batch_min_max(x)  # per row of ``rows`` below: reused for the histogram's grid
+        self._update_min_max(lo, hi)
         rows = self._rows(x)
         if self.hist.shape[0] != rows.shape[0]:
             self.hist = torch.zeros(rows.shape[0], self.bins, dtype=torch.float64, device=x.device)
             self.bound = torch.zeros(rows.shape[0], dtype=torch.float64, device=x.device)
-        self.hist, self.bound = update_histogram(self.hist, self.bound, rows)
+        self.hist, self.bound = update_histogram(self.hist, self.bound, rows, torch.maximum(-lo, hi))
 
     def search(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run the candidate search; returns (best shrink ratio, min, max) per row (1-d tensors).

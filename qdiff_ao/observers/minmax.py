@@ -52,7 +52,10 @@ class RangeMinMaxObserver(QuantRangeObserver):
         return lo, hi
 
     def _observe(self, x: torch.Tensor) -> None:
-        lo, hi = self._batch_min_max(x)
+        self._update_min_max(*self._batch_min_max(x))
+
+    def _update_min_max(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Widen the running range by one batch's (min, max)."""
         if self.min_val.shape != lo.shape:
             if torch.isfinite(self.min_val).any():
                 raise ValueError(
