@@ -90,18 +90,22 @@ def _record_ranges(sim: Simulation, calib: CalibrationSet, parts: dict[float, Ro
     return ranges
 
 
-def _squared_error(sim: Simulation, calib: CalibrationSet, rows: RowGroup, batch_size: int,
-                   group: int | None) -> tuple[float, int]:
-    """(sum of squared errors of the sampler output vs the float model, number of values) on ``rows``."""
-    y_q, y_fp = [], []
+def _sampler_output(sim: Simulation, calib: CalibrationSet, rows: RowGroup, batch_size: int, group: int | None,
+                    fp: bool = False) -> torch.Tensor:
+    """The sampler output (float64) of the simulation on ``rows``: group ``group``'s grids, or the float model."""
+    out = []
     for start in range(0, len(rows), batch_size):
         inputs = calib._rows(rows.index[start:start + batch_size])
-        with sim.state.in_group(group):
-            y_q.append(sim.run(inputs))
-        with sim.full_precision():
-            y_fp.append(sim.run(inputs))
-    q, f = rows.sampler_output(torch.cat(y_q)).double(), rows.sampler_output(torch.cat(y_fp)).double()
-    return float((q - f).pow(2).sum()), q.numel()
+        with sim.state.in_group(group), sim.state.precision(fp):
+            out.append(sim.run(inputs))
+    return rows.sampler_output(torch.cat(out)).double()
+
+
+def _squared_error(sim: Simulation, calib: CalibrationSet, rows: RowGroup, batch_size: int, group: int | None,
+                   reference: torch.Tensor) -> tuple[float, int]:
+    """(sum of squared errors of the sampler output vs ``reference``, the float model's, number of values)."""
+    q = _sampler_output(sim, calib, rows, batch_size, group)
+    return float((q - reference).pow(2).sum()), q.numel()
 
 
 @torch.no_grad()
@@ -170,8 +174,10 @@ def choose_timestep_groups(
         err_single = err_group = 0.0
         count = 0
         for t in ts:
-            a, n = _squared_error(sim, calib, halves[t][1], batch_size, None)
-            b, _ = _squared_error(sim, calib, halves[t][1], batch_size, gi)
+            # the float output once per timestep (each timestep is in one group), as a reference for both
+            reference = _sampler_output(sim, calib, halves[t][1], batch_size, None, fp=True)
+            a, n = _squared_error(sim, calib, halves[t][1], batch_size, None, reference)
+            b, _ = _squared_error(sim, calib, halves[t][1], batch_size, gi, reference)
             err_single, err_group, count = err_single + a, err_group + b, count + n
         report_groups.append({"timesteps": ts, "kept": err_group < err_single, "mse_single": err_single / count,
                               "mse_group": err_group / count})
