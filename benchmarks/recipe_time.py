@@ -57,7 +57,13 @@ def main(argv: list[str] | None = None) -> None:
     for name, seconds in timings.items():
         print(f"| {name.removesuffix('_s')} | {seconds:.1f} | {seconds / 60:.2f} |")
     print(f"| **total (wall, around the call)** | {total:.1f} | **{total / 60:.2f}** |")
-    choice = (qunet.quantization_info.get("reconstruction") or {}).get("choice")
+    recon = qunet.quantization_info.get("reconstruction") or {}
+    if recon:
+        blocks = recon["blocks"].values()
+        print(f"reconstruction (the kept run's report): {recon['num_samples']} cached rows, {recon['seconds']:.1f} s "
+              f"in reconstruct(), of which AdaRound {sum(b.get('weight_seconds', 0.0) for b in blocks):.1f} s and "
+              f"step sizes {sum(b.get('act_seconds', 0.0) for b in blocks):.1f} s")
+    choice = recon.get("choice")
     if choice:
         print(f"reconstruction choice: kept {choice.get('kept')!r}")
 
