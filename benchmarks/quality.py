@@ -90,6 +90,10 @@ def rows() -> list[dict[str, Any]]:
         dict(label="ours W8A8", cfg=qdiff_ao.QuantConfig(weight_bits=8, act_bits=8)),
         dict(label="ours W8A8, no denoised-spread correction", cfg=qdiff_ao.QuantConfig(weight_bits=8, act_bits=8),
              kwargs=dict(prediction_spread=False)),
+        dict(label="ours W8A8, no output correction", cfg=qdiff_ao.QuantConfig(weight_bits=8, act_bits=8),
+             kwargs=dict(bias_correction=False)),
+        dict(label="ours W8A8, no timestep groups (one activation grid)",
+             cfg=qdiff_ao.QuantConfig(weight_bits=8, act_bits=8), kwargs=dict(timestep_groups=1)),
         dict(label="ours W4A8 (defaults)", cfg=w4a8, variants={
             "ours W4A8 (defaults)": "offsets",
             "ours W4A8, no denoised-spread correction": "no spread",
