@@ -119,6 +119,24 @@ def test_cached_quantized_weight_follows_every_change_of_its_inputs() -> None:
     assert qconv.quant.v.grad is not None and qconv._cached is None
 
 
+def test_hard_rounding_weight_is_cached_while_step_sizes_train() -> None:
+    """Reconstruction's step-size phase runs with gradients on: the hard W_hat stays one tensor until V moves."""
+    conv = nn.Conv2d(3, 4, 3)
+    qconv = _quantized_layer(conv)
+    qconv.quant.init_rounding(conv.weight)
+    qconv.quant.set_mode("hard")
+    with torch.enable_grad():
+        first = qconv.quantized_weight()
+        assert qconv.quantized_weight() is first and not first.requires_grad
+        with torch.no_grad():
+            qconv.quant.v.neg_()  # an in-place change of V is seen
+        moved = qconv.quantized_weight()
+        assert moved is not first and not torch.equal(moved, first)
+        qconv.quant.set_mode("soft")
+        soft = qconv.quantized_weight()
+        assert soft.requires_grad and qconv.quantized_weight() is not soft  # soft rounding under training: fresh
+
+
 def _quantized_layer(conv: nn.Conv2d) -> SimLayer:
     """``conv`` as the simulation's quantized layer: 4-bit per-channel weights (qconfig as prepare sets it)."""
     weight_obs = RangeMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric,

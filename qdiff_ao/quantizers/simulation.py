@@ -133,11 +133,14 @@ class SimLayer(nn.Module):
         return all(a is b and va == vb for (a, va), (b, vb) in zip(self._cached[0][1], key[1]))
 
     def quantized_weight(self) -> torch.Tensor:
-        """W_hat of the quantizer's current mode. Without gradients it is computed once and reused until the float
-        weight, the rounding variables, the qparams or the mode change (sampler runs of the simulation called
-        the weight quantizer at every step: ~15% of a forward of the CIFAR-size UNet at batch 32)."""
+        """W_hat of the quantizer's current mode. Except for soft rounding under training it is computed once and
+        reused until the float weight, the rounding variables, the qparams or the mode change (sampler runs of the
+        simulation called the weight quantizer at every step: ~15% of a forward of the CIFAR-size UNet at batch
+        32)."""
         weight = self.layer.weight.detach()
-        if torch.is_grad_enabled() and self.quant.v.requires_grad:
+        # only soft rounding carries a gradient to V; hard and nearest W_hat are constants even while the
+        # activation step sizes train (reconstruction's second phase reuses them at every step)
+        if self.quant.mode == "soft" and torch.is_grad_enabled() and self.quant.v.requires_grad:
             self._cached = None  # training: the rounding changes at every step
             return self.quant(weight)
         key = self._inputs_of_quantized_weight()
