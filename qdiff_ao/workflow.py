@@ -216,10 +216,11 @@ def quantize(
             (``qdiff_ao.passes.choose_timestep_groups``); the lowered model runs one graph per kept group, sharing
             the packed weights (default 4; ``1``: one grid for every timestep). Measured W4A8, one seed,
             1,000 samples: FD 1.231x -> 0.973x FP on shapes16-cond, unchanged on shapes32 (README, quality).
-        prediction_spread: fit, on sampler runs of the float model and the simulation from the same noise, a
-            per-timestep-group spread of the denoised estimate ``x0`` that keeps the quantized sampler's per-channel
-            spread equal to the float sampler's, kept only where held-back runs say it helps
-            (``qdiff_ao.passes.match_prediction_spread``); needs the scheduler (skipped with a warning without one).
+        prediction_spread: fit, on sampler runs of the float model and the quantized one (on the CPU the lowered
+            INT8 model) from the same noise, a per-timestep-group spread of the denoised estimate ``x0`` that keeps
+            the quantized sampler's per-channel spread equal to the float sampler's, kept only where held-back runs
+            say it helps (``qdiff_ao.passes.match_prediction_spread``); needs the scheduler (skipped with a warning
+            without one).
         correction_gain: let a group of the output correction take a per-channel gain as well as an offset
             (PTQD's ``eps_q ~ (1 + k_t) eps + b_t``), where that fits the held-back rows best (off by default:
             no FD gain measured, see docs/DESIGN.md).

@@ -17,11 +17,12 @@ How (fitted on sampler runs, checked on others):
 
 1. the float model samples ``N`` trajectories from fitting noise with the calibration sampler, recording per step
    ``i`` the per-channel std ``sigma_fp[i, c]`` of its (guided) ``x0`` over trajectories and pixels;
-2. the fake-quant simulation samples from the same noise; at step ``i`` in group ``g`` it measures its own
+2. the quantized model samples from the same noise (``sampler_runs.quantized_denoiser``: on the CPU the lowered
+   INT8 model, elsewhere the fake-quant simulation); at step ``i`` in group ``g`` it measures its own
    ``sigma_q[i, c]`` and mean ``mu[i, c]``, updates ``s_g`` = the mean of ``sigma_fp / sigma_q`` and ``m_g`` = the
    mean of ``mu`` over the group's steps so far, and continues with the corrected output, so later groups are
    fitted on the trajectory that the earlier corrections produce;
-3. on held-back noise both models sample again, the simulation with and without the correction; the correction is
+3. on held-back noise both models sample again, the quantized one with and without the correction; the correction is
    kept only if it brings the final samples' per-channel spread closer to the float samples'
    (``mean_c |log(std_q / std_fp)|``) *and* does not move the samples further from the float model's
    (``|x_q - x_fp| / |x_fp|``, same noise).
@@ -40,8 +41,7 @@ from qdiff_ao.calibration.calibration_set import CalibrationSet
 from qdiff_ao.capture.graph_state import update_graph_info
 from qdiff_ao.passes.denoised_view import alpha_bar_at, predicted_x0, rescale_x0_spread
 from qdiff_ao.passes.output_correction import OUTPUT_CORRECTION, TimestepOutputCorrection, add_output_correction
-from qdiff_ao.passes.sampler_runs import float_denoiser, prediction_view, run_sampler, simulated_denoiser
-from qdiff_ao.quantizers.simulation import build_simulation
+from qdiff_ao.passes.sampler_runs import float_denoiser, prediction_view, quantized_denoiser, run_sampler
 from qdiff_ao.quantizers.timestep_grids import contiguous_groups, group_boundaries
 
 __all__ = ["SAMPLER_ARGUMENTS", "match_prediction_spread"]
@@ -121,9 +121,7 @@ def match_prediction_spread(
         groups = contiguous_groups([float(t) for t in calib.timesteps()], num_groups)
         boundaries = torch.tensor(group_boundaries(groups), dtype=torch.float32)
     num = boundaries.numel() + 1
-    sim = build_simulation(prepared)
-    sim.gm.eval()
-    fp, quantized = float_denoiser(plan), simulated_denoiser(sim, plan)
+    fp, quantized = float_denoiser(plan), quantized_denoiser(prepared, plan)
 
     def noise(offset: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed + offset)

@@ -6,7 +6,8 @@ one draw of the last up block, yet its samples drift between classes (classifier
 0.89 for another draw; x FP 1.80 vs 1.02). Per-step errors along the *float* trajectory do not separate such
 draws: the drift builds up along the quantized model's own trajectory, so the judge must look at samples.
 
-Score (``sample_distance``): sample ``N`` trajectories with the candidate (fake-quant simulation) and with the float
+Score (``sample_distance``): sample ``N`` trajectories with the candidate (``sampler_runs.quantized_denoiser``: on the
+CPU the lowered INT8 model, as ``convert`` would ship it; elsewhere the fake-quant simulation) and with the float
 model from the same noise (DDIM, eta 0: deterministic, so the two runs pair exactly), and measure how far each
 candidate sample ends from the float sample of the same noise:
 
@@ -52,8 +53,7 @@ from qdiff_ao.passes.denoised_view import alpha_bar_at, predicted_x0
 from qdiff_ao.passes.prediction_spread import SAMPLER_ARGUMENTS
 from qdiff_ao.passes.reconstruction.resume_state import ReconstructionState
 from qdiff_ao.passes.reconstruction.runner import reconstruct
-from qdiff_ao.passes.sampler_runs import float_denoiser, prediction_view, run_sampler, simulated_denoiser
-from qdiff_ao.quantizers.simulation import build_simulation
+from qdiff_ao.passes.sampler_runs import float_denoiser, prediction_view, quantized_denoiser, run_sampler
 
 __all__ = ["CANDIDATE_SEED_OFFSET", "SWITCH_CONFIDENCE", "final_stage", "reconstruct_and_choose", "sample_distance",
            "sample_score", "switch_confidence", "trajectory_errors"]
@@ -111,9 +111,7 @@ def _judged_runs(candidates: list[fx.GraphModule], plan: SamplerPlan, num_trajec
     float_norms = float_samples.double().flatten(1).norm(dim=1).clamp_min(1e-30)
     errors, distances = [], []
     for candidate in candidates:
-        sim = build_simulation(candidate)
-        sim.gm.eval()
-        samples = run_sampler(plan, simulated_denoiser(sim, plan), noise, None, seed)
+        samples = run_sampler(plan, quantized_denoiser(candidate, plan), noise, None, seed)
         if denoise:
             errors.append(_denoising_errors(plan, samples, z, t_star, kind, alphas))
         distances.append(((samples - float_samples).double().flatten(1).norm(dim=1) / float_norms).cpu())
