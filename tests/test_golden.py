@@ -48,11 +48,11 @@ was removed (twelfth session): its AVX-512 values then came back bit-equal to th
 pre-retry AVX2 pin was restored. ``attn+timestep_groups`` and ``attn+spread`` were re-recorded on AVX-512 at the
 same time (the reconstruction choice's outcome on them moved); they skip on AVX2 until recorded there. ``attn``
 was re-recorded on AVX-512 when the choice's score became the distance to the float samples (thirteenth session:
-its kept run changed); its AVX2 pin was dropped, so it too skips on AVX2 until recorded there. Sixteenth session: AdaRound's gradients
-became hand-written (equal to autograd's to float rounding, not bit for bit) and the reconstruction choice and the
-spread correction began sampling with the lowered INT8 model; every family changed, so all six were re-recorded
-on AVX-512 + AMX (the session's CPU) and the AVX2 and AVX-512 records were dropped: the test skips on those
-capabilities until someone records them there."""
+its kept run changed); its AVX2 pin was dropped, so it too skips on AVX2 until recorded there.
+Sixteenth session: AdaRound's gradients became hand-written (equal to autograd's to float rounding, not bit for bit)
+and the reconstruction choice and the spread correction began sampling with the lowered INT8 model; every family
+changed, so all six were re-recorded on AVX-512 + AMX (the session's CPU) and the AVX2 and AVX-512 records were
+dropped: the test skips on those capabilities until someone records them there."""
 _TIMESTEPS = (900, 600, 300, 50)
 
 

@@ -33,7 +33,14 @@ import math
 import torch
 from torch import nn
 
-from qdiff_ao.quantizers.rounding_autograd import GAMMA, ZETA, abs_pow, rounding_regularizer, soft_weight
+from qdiff_ao.quantizers.rounding_autograd import (
+    GAMMA,
+    ZETA,
+    abs_pow,
+    rectified_sigmoid,
+    rounding_regularizer,
+    soft_weight,
+)
 
 __all__ = [
     "AdaRoundWeight",
@@ -46,11 +53,6 @@ __all__ = [
 ]
 
 _MODES = ("nearest", "soft", "hard")
-
-
-def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
-    """h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)."""
-    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
 
 def lp_loss(pred: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:

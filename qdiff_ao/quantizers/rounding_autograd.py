@@ -26,9 +26,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["GAMMA", "ZETA", "abs_pow", "rounding_regularizer", "soft_weight"]
+__all__ = ["GAMMA", "ZETA", "abs_pow", "rectified_sigmoid", "rounding_regularizer", "soft_weight"]
 
 GAMMA, ZETA = -0.1, 1.1
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    """h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1), through autograd."""
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
 
 def _rectified(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,8 +105,7 @@ def rounding_regularizer(v: torch.Tensor, beta: float) -> torch.Tensor:
     """AdaRound's ``sum_i 1 - |2 h(V_i) - 1|^beta`` (0-d). ``beta <= 1`` (whose power has no finite or no zero
     derivative at ``h = 1/2``) takes autograd's expression."""
     if beta <= 1.0:
-        h = torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
-        return (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
+        return (1.0 - (2.0 * rectified_sigmoid(v) - 1.0).abs().pow(beta)).sum()
     return _RoundingRegularizer.apply(v, float(beta))  # type: ignore[no-any-return]
 
 
