@@ -6,6 +6,7 @@ Two gloo ranks are spawned by the test (tests/distributed_worker.py); the single
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,10 +73,20 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("dist")
-    torch.multiprocessing.start_processes(distributed_worker.run_rank, args=(str(out),),
-                                          nprocs=distributed_worker.WORLD, start_method="spawn")
-    return out
+    for attempt in (1, 2):
+        out = tmp_path_factory.mktemp(f"dist{attempt}")  # a fresh file store per attempt
+        try:
+            torch.multiprocessing.start_processes(distributed_worker.run_rank, args=(str(out),),
+                                                  nprocs=distributed_worker.WORLD, start_method="spawn")
+            return out
+        except torch.multiprocessing.ProcessExitedException as err:
+            # A rank killed by a signal, not by a failed check: seen once in CI (2026-12-06), rank 1 SIGABRT in
+            # gloo's native code ("terminate called without an active exception"), the file then passing 9/9.
+            # One retry; a second death, or any Python error in a rank, fails the tests.
+            if attempt == 2 or err.signal_name is None:
+                raise
+            warnings.warn(f"distributed ranks died by a signal ({err}); retrying once", stacklevel=1)
+    raise AssertionError("unreachable")
 
 
 def test_two_ranks_collect_the_single_process_set_row_for_row(two_ranks: Path, one_thread: None) -> None:
