@@ -163,8 +163,9 @@ def test_checkpoint_round_trip_keeps_the_groups(grouped: dict[str, Any], tmp_pat
     qunet = grouped["qunet"]
     path = qunet.save_pretrained(tmp_path / "ckpt")
     body = json.loads((path / "config.json").read_text())
-    # 2 with timestep groups, 3 when the output correction also keeps input gains
-    assert body["format_version"] == (3 if body.get("output_correction", {}).get("input_gain") else 2)
+    # 2 with timestep groups, 3 when the output correction also keeps input gains, 4 when it holds the spread
+    correction = body.get("output_correction", {})
+    assert body["format_version"] == (4 if correction.get("spread") else 3 if correction.get("input_gain") else 2)
     assert body["timestep_groups"]["boundaries"] == list(qunet.timestep_group_boundaries)
     loaded = qdiff_ao.QuantizedUNet.from_pretrained(path)
     assert loaded.timestep_group_boundaries == qunet.timestep_group_boundaries
