@@ -105,6 +105,7 @@ def rows() -> list[dict[str, Any]]:
         dict(label="ours W4A8, no precision fallback", cfg=w4a8, kwargs=dict(precision_fallback=False)),
         dict(label="ours W4A8, no split", cfg=w4a8, kwargs=dict(split=False)),
         dict(label="ours W4A8, no reconstruction", cfg=w4a8, kwargs=dict(reconstruct=False)),
+        dict(label="ours W4A8, 3 reconstruction candidates", cfg=w4a8, kwargs=dict(reconstruction_candidates=3)),
         dict(label="ours W4A8, no timestep groups (one activation grid)", cfg=w4a8, kwargs=dict(timestep_groups=1)),
         dict(label="ours W4A8, 3x reconstruction iterations (900 + 150 per block)", cfg=dataclasses.replace(
             w4a8, reconstruction=dataclasses.replace(w4a8.reconstruction, weight_iters=900, act_iters=150))),

@@ -171,6 +171,7 @@ def quantize(
     reconstruct: bool = True,
     guided_reconstruction: bool = True,
     choose_reconstruction: bool = True,
+    reconstruction_candidates: int = 2,
     bias_correction: bool = True,
     precision_fallback: bool = True,
     fallback_rounds: int = 3,
@@ -207,6 +208,8 @@ def quantize(
         choose_reconstruction: learn the final decoder stage a second time from other draws and keep the run
             whose samples end nearest the float model's samples of the same noise
             (``passes.reconstruct_and_choose``); needs the scheduler (without one: one run).
+        reconstruction_candidates: runs the choice judges, run A included (>= 2; each more relearns the final
+            decoder stage once more and samples once more).
         bias_correction: subtract the mean quantization error of the model output per group of timesteps,
             kept only for groups where it lowers the error on held-back calibration rows
             (``qdiff_ao.passes.correct_output``); skipped with a warning when a timestep has < 2 rows.
@@ -269,6 +272,11 @@ def quantize(
     if not isinstance(timestep_groups, int) or isinstance(timestep_groups, bool) or timestep_groups < 1:
         raise ValueError(f"timestep_groups must be an int >= 1 (1: one grid for every timestep), got "
                          f"{timestep_groups!r}")
+    if (not isinstance(reconstruction_candidates, int) or isinstance(reconstruction_candidates, bool)
+            or reconstruction_candidates < 2):
+        raise ValueError(f"reconstruction_candidates must be an int >= 2 (run A and at least one rerun of the "
+                         f"final decoder stage; choose_reconstruction=False makes one run), got "
+                         f"{reconstruction_candidates!r}")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     init_from_environment()  # under torchrun: join the process group (see qdiff_ao.calibration.distributed)
@@ -314,6 +322,7 @@ def quantize(
             prepared = reconstruct_and_choose(prepared, calib, cfg.reconstruction, calibration_model,
                                               scoring_sampler(scheduler), model=unet, progress=progress,
                                               guided=guided_reconstruction, seed=seed,
+                                              candidates=reconstruction_candidates,
                                               **_sampler_kwargs(collect_kwargs))
         else:
             run_reconstruction(prepared, calib, cfg.reconstruction, model=unet, progress=progress,

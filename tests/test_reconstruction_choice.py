@@ -133,6 +133,9 @@ def test_quantize_keeps_the_run_with_the_lower_score() -> None:
     assert resumed == ([] if choice["kept"] == "A" else [n for n in report["blocks"] if n not in choice["redone"]])
     single = qdiff_ao.quantize(unet, scheduler, cfg, choose_reconstruction=False, **kwargs)
     assert "choice" not in single.quantization_info["reconstruction"]
+    for bad in (1, True, 2.0):  # refused before any calibration data are sampled
+        with pytest.raises(ValueError, match="reconstruction_candidates must be an int >= 2"):
+            qdiff_ao.quantize(unet, scheduler, cfg, reconstruction_candidates=bad, **kwargs)
 
 
 def test_without_a_sampler_the_choice_is_one_plain_run(caplog: pytest.LogCaptureFixture,
@@ -181,3 +184,26 @@ def test_switch_confidence_needs_a_difference_beyond_the_scatter(seed: int, n: i
         assert switch_confidence(a, b) >= SWITCH_CONFIDENCE
     with pytest.raises(ValueError, match="one cost per trajectory"):
         switch_confidence(a, b[:-1])
+
+
+def test_more_candidates_judge_every_rerun_and_keep_the_nearest_past_the_guard() -> None:
+    """Three runs: A and two reruns of the final stage with their own seeds; the best rerun replaces A only when it
+    is nearer the float samples with bootstrap confidence >= SWITCH_CONFIDENCE; fewer than two runs are refused."""
+    unet = tiny_unet()
+    calib = calib_for(unet)
+    prepared = prepared_for(unet, calib, weight_bits=4, act_bits=8)
+    rcfg = qdiff_ao.ReconstructionConfig(**RCFG)
+    scheduler = DDIMScheduler(beta_schedule="linear", clip_sample=False)
+    with pytest.raises(ValueError, match="candidates must be an int >= 2"):
+        reconstruct_and_choose(copy.deepcopy(prepared), calib, rcfg, unet, scheduler, model=unet, progress=False,
+                               candidates=1)
+    kept = reconstruct_and_choose(prepared, calib, rcfg, unet, scheduler, model=unet, progress=False, candidates=3,
+                                  num_trajectories=8, num_inference_steps=6)
+    choice = qdiff_ao.graph_info(kept).reconstruction["choice"]
+    scores = choice["scores"]
+    assert len(scores) == 3 and len(set(choice["seeds"])) == 3 and choice["seeds"][0] == rcfg.seed
+    best = "B" if scores[1] <= scores[2] else "C"
+    assert choice["best_rerun"] == best
+    switch = scores["BC".index(best) + 1] < scores[0] and choice["confidence_b_better"] >= SWITCH_CONFIDENCE
+    assert choice["kept"] == (best if switch else "A")
+    assert (kept is prepared) == (choice["kept"] == "A")
