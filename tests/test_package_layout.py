@@ -22,7 +22,8 @@ LAZY_IMPORTS = {
     ("qdiff_ao.testing.pytest_plugin", "qdiff_ao.testing"): "a pytest plugin registers before hypothesis is "
     "configured; the kit loads when a test asks for it",
     ("qdiff_ao.testing", "qdiff_ao.testing"): "the kit's names load on first use (PEP 562 __getattr__)",
-    ("qdiff_ao.passes.sampler_runs", "qdiff_ao.deploy"): "lowers a copy of the graph for the sampler passes; "
+    ("qdiff_ao.passes.sampler_runs", "qdiff_ao.deploy"): "lowers a copy of the graph for the passes that fit on "
+    "or judge the quantized model; "
     "deploy imports the x86 backend, which imports the passes package, so a module-level import would be a cycle",
 }
 

@@ -210,6 +210,25 @@ def _calibration_over_steps() -> qdiff_ao.CalibrationSet:
 
 
 @torch.no_grad()
+def test_output_correction_is_fitted_on_the_lowered_int8_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU the correction's ``y_q`` are the outputs of the model ``convert`` ships (lowered, frozen), not the
+    fake-quant simulation's: one group's kept offset is the mean of ``y_int8 - y_fp`` over every row."""
+    from qdiff_ao.passes import sampler_runs
+
+    calib = _calibration_over_steps()
+    unet, prepared = calibrated_prepared(calib, qdiff_ao.QuantConfig())
+    prepared.get_submodule("conv_out").bias.add_(0.3)  # a visible planted offset: the group surely keeps one
+    shipped = qdiff_ao.QuantizedUNet(qdiff_ao.convert(copy.deepcopy(prepared)), like=unet).optimize_for_inference()
+    rows = {"sample": calib.sample, "timestep": calib.timestep}
+    expected = (shipped(**rows, return_dict=False)[0] - unet(**rows).sample).double().transpose(0, 1).flatten(1)
+    monkeypatch.setattr(sampler_runs, "build_simulation", lambda *_: pytest.fail("built a simulation"))
+    correct_output(prepared, calib, unet, num_groups=1)
+    module = getattr(prepared, OUTPUT_CORRECTION)
+    assert qdiff_ao.graph_info(prepared).bias_correction["groups"][0]["kind"] == "offset"
+    torch.testing.assert_close(module.bias[0].double(), expected.mean(1), rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
 def test_corrected_model_converts_saves_and_reloads_bit_identical(tmp_path: Path) -> None:
     calib = _calibration_over_steps()
     unet, prepared = calibrated_prepared(calib, qdiff_ao.QuantConfig())

@@ -12,7 +12,8 @@ last steps near ``t = 0``. Here the timesteps of the calibration set are cut int
       a = cov(y_q, y_fp) / var(y_q),   d = mean(y_fp) - a mean(y_q),   y' = a y - b  with  b = -d
 
   (so ``1 + k = 1 / a``: the gain undoes the scaled-down or scaled-up copy of ``eps`` in ``eps_q``),
-with ``y_q`` the fake-quant simulation's output and ``y_fp`` the float model's, both as the sampler uses them
+with ``y_q`` the quantized model's output (``sampler_runs.quantized_forward``: on the CPU the lowered INT8 model,
+elsewhere the fake-quant simulation) and ``y_fp`` the float model's, both as the sampler uses them
 (with classifier-free guidance, the guided combination ``u + s (c - u)`` of each trajectory's two rows: the
 weights ``1 - s`` and ``s`` add up to 1, so applying ``a y - b`` to both rows applies it to the guided output).
 Rows of every timestep are split by trajectory into a fitting half and a held-back half: each candidate is
@@ -39,7 +40,8 @@ from qdiff_ao.capture.devices import inputs_device, module_device, to_device
 from qdiff_ao.capture.graph_state import update_graph_info
 from qdiff_ao.capture.input_guards import is_input_guard
 from qdiff_ao.passes.denoised_view import PREDICTION_TYPES, alpha_bar_at, rescale_x0_spread
-from qdiff_ao.quantizers.simulation import build_simulation, output_tensor
+from qdiff_ao.passes.sampler_runs import quantized_forward
+from qdiff_ao.quantizers.simulation import output_tensor
 from qdiff_ao.quantizers.timestep_grids import contiguous_groups, group_boundaries
 
 __all__ = ["OUTPUT_CORRECTION", "TimestepOutputCorrection", "add_output_correction", "correct_output"]
@@ -308,9 +310,9 @@ def correct_output(
     # the input can stand in for the output only where they are the same kind of tensor (same channels)
     input_term = input_term and getattr(config, "in_channels", None) == getattr(config, "out_channels", None)
     offered = ("none", "offset") + (("gain",) if gain else ()) + (("input",) if input_term else ())
-    sim = build_simulation(prepared)
-    sim.gm.eval()
     device = module_device(model)
+    dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    quantized = quantized_forward(prepared, model, device, dtype)  # with timestep groups: each row's group's grids
     timesteps = [float(t) for t in calib.timesteps()]
     groups = contiguous_groups(timesteps, num_groups)
     group_of_t = {t: gi for gi, ts in enumerate(groups) for t in ts}
@@ -319,7 +321,7 @@ def correct_output(
         y_q, y_fp, x = [], [], []
         for start in range(0, len(group), batch_size):
             inputs = calib._rows(group.index[start:start + batch_size])
-            y_q.append(sim.run(inputs))  # with timestep groups: the group's grids, as the lowered model runs
+            y_q.append(quantized(inputs).to(inputs_device(inputs)))
             y_fp.append(output_tensor(model(**to_device(inputs, device))).to(inputs_device(inputs)))
             x.append(inputs["sample"])
         q, f, xs = (group.sampler_output(torch.cat(v)) for v in (y_q, y_fp, x))
