@@ -27,6 +27,9 @@ def test_bad_model_folder_is_a_clear_error(tmp_path, capsys: pytest.CaptureFixtu
     (tmp_path / "notamodel").mkdir()
     assert main(["quantize", "--model", str(tmp_path / "notamodel"), "--out", str(tmp_path / "o")]) == 2
     assert "no unet/ subfolder" in capsys.readouterr().err
+    assert main(["quantize", "--model", str(tmp_path / "notamodel"), "--out", str(tmp_path / "o"),
+                 "--reconstruction-candidates", "1"]) == 2  # refused before the model is read
+    assert "--reconstruction-candidates must be >= 2" in capsys.readouterr().err
 
 
 def test_quantize_tiny_model_end_to_end(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-reconstruction-choice", action="store_true",
                    help="one reconstruction run: skip learning the final decoder stage a second time and keeping the "
                    "run whose samples end nearer the float model's (see passes.reconstruct_and_choose)")
+    q.add_argument("--reconstruction-candidates", type=int, default=2, metavar="K",
+                   help="runs the reconstruction choice judges, the first included (>= 2; each more relearns the "
+                   "final decoder stage and samples once more)")
     q.add_argument("--no-precision-fallback", action="store_true",
                    help="quantize every layer, even those whose quantizers the sensitivity measurement finds "
                    "harmful (see passes.choose_float_layers)")

@@ -79,6 +79,9 @@ def check_args(args: argparse.Namespace, check_output: bool = True) -> None:
         raise MainJobError("--backend openvino needs the openvino package: pip install 'qdiff_ao[openvino]' (or drop "
                            "--backend to run the quantized UNet on torch's fbgemm kernels)")
     calibration_device(getattr(args, "device", "cpu"))
+    if getattr(args, "reconstruction_candidates", 2) < 2:
+        raise MainJobError(f"--reconstruction-candidates must be >= 2 (the first run and at least one rerun), got "
+                           f"{args.reconstruction_candidates}; --no-reconstruction-choice makes one run")
     if args.prompts is not None:
         read_prompts(args.prompts)  # an empty or unreadable file fails here, before any model loads
     try:
@@ -208,6 +211,7 @@ def _quantize(args: argparse.Namespace, source: ModelSource, cfg: QuantConfig, t
             correction_gain=args.correction_gain, correction_input=args.correction_input,
             timestep_groups=args.timestep_groups, prediction_spread=not getattr(args, "no_prediction_spread", False),
             choose_reconstruction=not getattr(args, "no_reconstruction_choice", False),
+            reconstruction_candidates=getattr(args, "reconstruction_candidates", 2),
             precision_fallback=not args.no_precision_fallback, seed=args.seed, progress=not args.quiet,
             on_prepared=on_prepared, **(text.collect_kwargs() if text is not None else {}),
         )
@@ -377,11 +381,12 @@ def _markdown(r: dict[str, Any]) -> str:
                   ""]
     choice = r.get("reconstruction_choice")
     if choice is not None:
+        runs = ", ".join(f"{chr(65 + k)} {v:.4f}" for k, v in enumerate(choice["scores"]))
+        best = choice.get("best_rerun", "B")  # reports before several candidates existed: B was the only rerun
         lines += [f"Reconstruction choice: run {choice['kept']} kept (distance of its samples to the float samples of "
-                  f"the same noise: A {choice['scores'][0]:.4f}, B {choice['scores'][1]:.4f}; B closer in "
-                  f"{100 * choice['confidence_b_better']:.0f}% of bootstrap resamples, switches at "
-                  f"{100 * SWITCH_CONFIDENCE:.0f}%; B relearned {len(choice['redone'])} blocks of the final decoder "
-                  "stage).", ""]
+                  f"the same noise: {runs}; {best} closer than A in {100 * choice['confidence_b_better']:.0f}% of "
+                  f"bootstrap resamples, switches at {100 * SWITCH_CONFIDENCE:.0f}%; each rerun relearned "
+                  f"{len(choice['redone'])} blocks of the final decoder stage).", ""]
     grids = r.get("attention_grids")
     if grids:
         sym = [g for g in grids if g["symmetric"]]
