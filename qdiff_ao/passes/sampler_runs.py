@@ -59,9 +59,9 @@ def run_sampler_in_chunks(plan: SamplerPlan, denoise: Denoise, noise: torch.Tens
     ``noise``, chunk ``k`` with step-noise seed ``seed + k``; the final samples concatenated.
 
     Why: a UNet forward costs more per row at large batches on the CPU (the CIFAR-size UNet, 2 threads: float
-    59 ms per row at batch 64, 40 ms at batch 16; lowered INT8 19 and 11 ms), and trajectories are independent. Two runs with the same noise, seed and
-    chunk size stay paired exactly (a deterministic sampler gives each trajectory the result of one long run,
-    up to the kernels' batch-dependent float rounding).
+    59 ms per row at batch 64, 40 ms at batch 16; lowered INT8 19 and 11 ms), and trajectories are independent.
+    Two runs with the same noise, seed and chunk size stay paired exactly (a deterministic sampler gives each
+    trajectory the result of one long run, up to the kernels' batch-dependent float rounding).
     """
     if trajectories < 1:
         raise ValueError(f"trajectories must be >= 1, got {trajectories}")
