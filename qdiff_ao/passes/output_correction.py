@@ -310,8 +310,7 @@ def correct_output(
     # the input can stand in for the output only where they are the same kind of tensor (same channels)
     input_term = input_term and getattr(config, "in_channels", None) == getattr(config, "out_channels", None)
     offered = ("none", "offset") + (("gain",) if gain else ()) + (("input",) if input_term else ())
-    device = module_device(model)
-    dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    device, dtype = module_device(model), next((p.dtype for p in model.parameters()), torch.float32)
     quantized = quantized_forward(prepared, model, device, dtype)  # with timestep groups: each row's group's grids
     timesteps = [float(t) for t in calib.timesteps()]
     groups = contiguous_groups(timesteps, num_groups)
@@ -325,8 +324,7 @@ def correct_output(
             y_fp.append(output_tensor(model(**to_device(inputs, device))).to(inputs_device(inputs)))
             x.append(inputs["sample"])
         q, f, xs = (group.sampler_output(torch.cat(v)) for v in (y_q, y_fp, x))
-        # guidance rows of a pair share x_t, so the guided combination of x is x: a y + c x - b on both rows
-        # of a pair applies the same to the guided output
+        # guidance rows of a pair share x_t, so a y + c x - b on both rows applies it to the guided output
         return q, f, (xs if input_term and xs.shape == q.shape else None)
 
     # Per group: channel moments of the fitting half and of all rows, and the held-back outputs. On a process
