@@ -232,7 +232,8 @@ def quantize(
             held-back rows best (off by default: shapes32 samples closer to FP, FD not consistently lower,
             digits slightly worse; see ``passes.correct_output`` and README, quality).
         precision_fallback: measure which quantizers the model cannot afford (one quantizer alone causing most
-            of the output error at some step, e.g. the input quantizer near ``t = 0`` under linear betas) and keep
+            of its kind's output error at some step, activations against the activations' own error, e.g. the
+            input quantizer near ``t = 0`` under linear betas) and keep
             the layers reading them in float, within 5% of the quantized multiply-accumulates
             (``qdiff_ao.passes.choose_float_layers``); the chosen names go to ``cfg.keep_float``. Runs for
             weights-only configs too (``act_bits=None``: only weight quantizers are candidates).

@@ -8,7 +8,7 @@ from torch import nn
 
 import qdiff_ao
 from qdiff_ao.passes.precision_fallback import choose_float_layers
-from tests.quality_fixtures import benign_calib, build_unet, calibrated_prepared, late_step_calib
+from tests.quality_fixtures import SHAPE, benign_calib, build_unet, calibrated_prepared, late_step_calib
 
 
 def test_fallback_keeps_the_layer_reading_the_harmful_quantizer_in_float() -> None:
@@ -35,6 +35,34 @@ def test_fallback_finds_nothing_on_benign_data_and_respects_the_budget() -> None
     assert none_allowed.layers == () and not any(h["kept"] for h in none_allowed.harmful)
     with pytest.raises(ValueError, match="share"):
         choose_float_layers(prepared, late, share=0)
+
+
+def test_an_activation_is_weighed_against_the_activations_error_not_the_weights_rounding() -> None:
+    """W4 weights with a planted outlier (conv_out's grid ruined): before reconstruction ``e_all`` is mostly weight
+    rounding error, which would hide the input quantizer's late-step loss (shapes16-cond W4A8: share 0.19 of
+    ``e_all`` at t = 0). Measured against the activations' own error it is harmful, and conv_in stays float."""
+    g = torch.Generator().manual_seed(3)
+    early = torch.randn(8, *SHAPE, generator=g) * 4.0
+    late = torch.randn(8, *SHAPE, generator=g) * 0.2  # visible to the grid, but coarsely
+    calib = qdiff_ao.CalibrationSet(torch.cat([early, late]), torch.cat([torch.full((8,), 900), torch.full((8,), 10)]))
+    unet = build_unet()
+    with torch.no_grad():
+        unet.conv_out.weight[0, 0, 0, 0] = 20 * unet.conv_out.weight.abs().max()
+    prepared = qdiff_ao.prepare(unet, qdiff_ao.QuantConfig(weight_bits=4), calib.example_inputs(1))
+    qdiff_ao.calibrate(prepared, calib, progress=False)
+    decision = choose_float_layers(prepared, calib, rows_per_timestep=4)
+    late_step = decision.timesteps.index(10.0)
+    assert decision.activations_on[late_step] < decision.all_on[late_step]
+    harmful = {(h["value"], h["kind"]): h for h in decision.harmful}
+    assert ("conv_out", "weight") in harmful and "conv_in" in decision.layers
+    found = harmful[("sample", "activation")]
+    assert found["at_timestep"] == 10.0 and found["kept"]
+    error = found["worst_error"]
+    assert found["share"] == pytest.approx((error / decision.activations_on[late_step]) ** 2)
+    assert found["share"] > 0.25 > (error / decision.all_on[late_step]) ** 2  # the e_all rule would have missed it
+    weight = harmful[("conv_out", "weight")]
+    assert weight["share"] == pytest.approx(
+        (weight["worst_error"] / decision.all_on[decision.timesteps.index(weight["at_timestep"])]) ** 2)
 
 
 def test_weights_only_config_gets_the_fallback_too() -> None:
