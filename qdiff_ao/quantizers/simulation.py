@@ -101,6 +101,8 @@ class SimLayer(nn.Module):
         layer: the prepared model's module (shared; its float weight is only changed by the final bake).
         quant: the :class:`AdaRoundWeight` holding the weight qparams and rounding variables.
         weight_observer: the observer whose qparams ``quant`` uses (for freezing them later).
+        enabled: ``False`` runs ``layer.weight`` as it is: the float weight before reconstruction, but the baked
+            W_hat after it (a float-weight diagnostic of a reconstructed graph must reload the float weights).
     """
 
     def __init__(self, layer: nn.Conv2d | nn.Linear, state: SimState) -> None:
