@@ -19,9 +19,13 @@ against the classifier FD of each run's *final* model (after every later pass; 1
 quality): the distance ranked four as FD to the float samples does (shapes16-cond W4A8 seed 0 B 0.067 < A 0.075;
 shapes32 W4A8 seeds 0 / 1 and W8A8 seed 1: A below B by 0.002-0.009); on the fifth (shapes16-cond W8A8 seed 1,
 FD to the float samples 0.67 vs 0.76) it favoured the worse run by 7%, with bootstrap confidence 0.94, so the
-guard below kept the better one. The previous score, the float model's denoising error of the samples at a small
-timestep (``sample_score``, kept as a diagnostic: ``| log(e(X_quantized) / e(X_float)) |``), picked the worse run
-in three of the five, each with confidence >= 0.95; twice it was the run with less contrast (pixel std 0.836 vs
+guard below kept the better one. A sixth case ranks wrongly: shapes16-cond W4A8 with three candidates (eighteenth
+session, AMX CPU) scored B 0.0644 < C 0.0697 < A 0.0755 while the FD ranks C (1.23x FP) before B (1.37x); no
+generic feature tried (float-UNet features, random conv features, pooled pixels) ranked it right either
+(``docs/quality/judge_and_late_steps_shapes16-cond_s18.md``). The previous score, the float model's denoising
+error of the samples at a small timestep (``sample_score``, kept as a diagnostic:
+``| log(e(X_quantized) / e(X_float)) |``), picked the worse run in three of the five, each with confidence
+>= 0.95; twice it was the run with less contrast (pixel std 0.836 vs
 0.848 and 0.914 vs 0.920 of the float samples'), a loss the spread correction after the choice restores anyway.
 
 How (``reconstruct_and_choose``): run A reconstructs every block with the configured seed and saves its blocks;
