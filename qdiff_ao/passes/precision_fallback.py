@@ -170,8 +170,8 @@ def choose_float_layers(
     finally:
         for layer in sim.layers.values():
             layer.enabled = True
-    thresholds = {kind: [max(math.sqrt(share) * e, min_error) for e in errors]
-                  for kind, errors in (("weight", all_on), ("activation", acts_on))}
+    kind_errors = {"weight": all_on, "activation": acts_on}  # what each kind's share is measured against
+    thresholds = {kind: [max(math.sqrt(share) * e, min_error) for e in errors] for kind, errors in kind_errors.items()}
     macs = _layer_macs(sim, run)
     nodes = {str(n.target): n for n in prepared.graph.nodes if n.op == "call_module"}
     # Candidates in graph order: activation quantizers touching quantized layers, and weight quantizers.
@@ -233,7 +233,7 @@ def choose_float_layers(
         harmful.append({"quantizer": name, "kind": kind,
                         "value": _observed_value(nodes[name]) if kind == "activation" else name,
                         "layers": list(layers), "worst_error": errors[k], "at_timestep": float(probe.timesteps[k]),
-                        "share": _share(errors[k], (all_on if kind == "weight" else acts_on)[k]), "kept": fits})
+                        "share": _share(errors[k], kind_errors[kind][k]), "kept": fits})
     decision = FallbackDecision(tuple(chosen), tuple(harmful), sum(macs.get(n, 0) for n in chosen) / total_macs,
                                 all_on, tuple(probe.timesteps), forwards, tuple(acts_on))
     logger.info("precision fallback: %d harmful quantizers, keep %s in float (%.2f%% of MACs), %d forwards",
