@@ -92,6 +92,8 @@ def rows() -> list[dict[str, Any]]:
              kwargs=dict(prediction_spread=False)),
         dict(label="ours W8A8, no output correction", cfg=qdiff_ao.QuantConfig(weight_bits=8, act_bits=8),
              kwargs=dict(bias_correction=False)),
+        dict(label="ours W8A8, float tail (opt-in)", cfg=qdiff_ao.QuantConfig(weight_bits=8, act_bits=8),
+             kwargs=dict(float_tail=True)),
         dict(label="ours W8A8, no timestep groups (one activation grid)",
              cfg=qdiff_ao.QuantConfig(weight_bits=8, act_bits=8), kwargs=dict(timestep_groups=1)),
         dict(label="ours W4A8 (defaults)", cfg=w4a8, variants={
@@ -101,6 +103,7 @@ def rows() -> list[dict[str, Any]]:
             "ours W4A8, output correction with PTQD gains as well": "gains",
             "ours W4A8, static output bias instead of grouped correction": "static",
             "ours W4A8, no output correction": "none"}),
+        dict(label="ours W4A8, float tail (opt-in)", cfg=w4a8, kwargs=dict(float_tail=True)),
         dict(label="ours W4A32 (weights only)", cfg=qdiff_ao.QuantConfig(act_bits=None)),
         dict(label="ours W4A8, no precision fallback", cfg=w4a8, kwargs=dict(precision_fallback=False)),
         dict(label="ours W4A8, no split", cfg=w4a8, kwargs=dict(split=False)),
@@ -262,6 +265,7 @@ def main() -> None:
                    "size_bytes": size, "latency_ratio": speed_ratio(unet, qunet, {"sample": x8, **speed_kwargs}),
                    "seconds": seconds,
                    "keep_float": list(qunet.quantization_info["config"]["keep_float"]),
+                   "float_tail_below": (qunet.quantization_info.get("float_tail") or {}).get("below"),
                    "reconstruction_choice": (qunet.quantization_info.get("reconstruction") or {}).get("choice")}
             results.append(res)
             write_tables(args, results)

@@ -50,6 +50,7 @@ from qdiff_ao.config import QuantConfig
 from qdiff_ao.deploy.quantized_unet import QuantizedUNet
 from qdiff_ao.deploy.timestep_dispatch import lower_groups
 from qdiff_ao.passes.attention_operands import choose_attention_grids
+from qdiff_ao.passes.float_tail_choice import choose_float_tail
 from qdiff_ao.passes.output_correction import correct_output
 from qdiff_ao.passes.precision_fallback import choose_float_layers
 from qdiff_ao.passes.prediction_spread import SAMPLER_ARGUMENTS, match_prediction_spread
@@ -149,8 +150,7 @@ def _fallback_rounds(
 
 
 def scoring_sampler(scheduler: Any) -> DDIMScheduler:
-    """The sampler of the passes that compare float and quantized runs: DDIM (eta 0) is deterministic, so runs
-    from the same noise pair exactly."""
+    """DDIM (eta 0), the sampler of the passes that compare float and quantized runs: runs from one noise pair up."""
     return DDIMScheduler.from_config(scheduler.config)
 
 
@@ -178,6 +178,7 @@ def quantize(
     correction_groups: int = 8,
     correction_gain: bool = False,
     correction_input: bool = False,
+    float_tail: bool = False,
     timestep_groups: int = 4,
     prediction_spread: bool = True,
     calib: CalibrationSet | None = None,
@@ -214,6 +215,8 @@ def quantize(
             kept only for groups where it lowers the error on held-back calibration rows
             (``qdiff_ao.passes.correct_output``); skipped with a warning when a timestep has < 2 rows.
         correction_groups: number of timestep groups of the output correction.
+        float_tail: (opt-in) the last timesteps (<= 5% of T) run with float activations where measurement says
+            so (``qdiff_ao.passes.choose_float_tail``; needs the scheduler), at float speed.
         timestep_groups: ``G > 1``: offer each of ``G`` contiguous groups of calibration timesteps its own
             activation grids, kept only where they lower the error on held-back calibration rows
             (``qdiff_ao.passes.choose_timestep_groups``); the lowered model runs one graph per kept group, sharing
@@ -330,6 +333,10 @@ def quantize(
                                guided=guided_reconstruction)
         recon_report = graph_info(prepared).reconstruction
         timings["reconstruct_s"] = time.perf_counter() - t0
+    tail_report, t0 = None, time.perf_counter()
+    if float_tail and cfg.act_bits is not None and scheduler is not None:
+        tail_report = choose_float_tail(prepared, calib, num_train_timesteps=scheduler.config.num_train_timesteps)
+        timings["float_tail_s"] = time.perf_counter() - t0
     groups_report = None
     if timestep_groups > 1 and cfg.act_bits is not None:
         t0 = time.perf_counter()
@@ -383,6 +390,7 @@ def quantize(
         "reconstruction": recon_report,
         "bias_correction": bias_report,
         "timestep_groups": groups_report,
+        "float_tail": tail_report,
         "prediction_spread": spread_report,
         "precision_fallback": fallback,
         "attention_grids": attention_grids,

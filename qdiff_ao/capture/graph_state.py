@@ -106,6 +106,8 @@ class QDiffGraphInfo:
             (``qdiff_ao.quantizers.timestep_grids.TimestepGroupGrids``) of ``passes.choose_timestep_groups``; after
             ``qdiff_ao.convert`` also their lowered qparam entries.
         prediction_spread: the report of ``passes.match_prediction_spread``.
+        float_tail: the last timesteps that run with float activations
+            (``qdiff_ao.quantizers.float_tail.FloatTail``, from ``passes.choose_float_tail``); None: none.
     """
 
     trace: TraceInfo | None
@@ -119,6 +121,7 @@ class QDiffGraphInfo:
     cudnn_decisions: tuple[Any, ...] | None = None
     timestep_groups: Any = None
     prediction_spread: Mapping[str, Any] | None = None
+    float_tail: Any = None
 
 
 def has_graph_info(gm: fx.GraphModule) -> bool:

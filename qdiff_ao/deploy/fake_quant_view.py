@@ -95,11 +95,14 @@ def _weight_qparams(w: torch.Tensor, code_range: tuple[int, int] | None) -> QPar
     return QParams(torch.tensor(w.q_scale()), torch.tensor(w.q_zero_point()), lo, hi, w.dtype, None)
 
 
-def fake_quant_view(converted: fx.GraphModule) -> fx.GraphModule:
+def fake_quant_view(converted: fx.GraphModule, *, float_activations: bool = False) -> fx.GraphModule:
     """A float copy of a converted graph with each quantizer as a fake-quant op (see the module docstring).
 
     Args:
         converted: from ``qdiff_ao.convert`` (or ``QuantizedUNet.graph_module``); not modified.
+        float_activations: drop every activation quantizer instead and bake ``W_hat`` into plain float
+            Conv2d / Linear layers: the weights-only model the float tail runs
+            (:mod:`qdiff_ao.quantizers.float_tail`), ``conv(x, W_hat, b)`` with float ``x`` everywhere.
 
     Returns:
         The view; its quantized layers are ``WeightQDQ`` modules and its activation quantizers
@@ -122,6 +125,10 @@ def fake_quant_view(converted: fx.GraphModule) -> fx.GraphModule:
             args = list(node.args)
             args += [node.kwargs[k] for k in names[len(args):]]
             x, scale, zero_point, dtype = args
+            if float_activations:
+                node.replace_all_uses_with(x)
+                graph.erase_node(node)
+                continue
             lo, hi = CONTAINER_RANGES[_value(gm, dtype)]
             qdq = ActivationQDQ(torch.as_tensor(_value(gm, scale), dtype=torch.float32),
                                  torch.as_tensor(_value(gm, zero_point)), lo, hi, (lo, hi))
@@ -140,6 +147,9 @@ def fake_quant_view(converted: fx.GraphModule) -> fx.GraphModule:
             name = str(node.target)
             qweight = mod.weight()
             gm.delete_submodule(name)
+            if float_activations:
+                gm.add_submodule(name, _float_layer(mod, qweight, mod.bias()))
+                continue
             gm.add_submodule(name, WeightQDQ(_float_layer(mod, qweight, mod.bias()),
                                              _weight_qparams(qweight, weight_range)))
             out_lo, out_hi = CONTAINER_RANGES[torch.quint8]  # torch.ao's quantized Conv2d / Linear output quint8
@@ -156,8 +166,9 @@ def fake_quant_view(converted: fx.GraphModule) -> fx.GraphModule:
             qweight = ref.get_quantized_weight()
             name = str(node.target)
             gm.delete_submodule(name)
-            gm.add_submodule(name, WeightQDQ(_float_layer(ref, qweight, ref.bias),
-                                             _weight_qparams(qweight, weight_range)))
+            layer = _float_layer(ref, qweight, ref.bias)
+            gm.add_submodule(name, layer if float_activations else WeightQDQ(layer, _weight_qparams(qweight,
+                                                                                                    weight_range)))
         elif node.op == "call_module" and type(gm.get_submodule(str(node.target))).__module__.startswith(
                 ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")):
             raise NotImplementedError(

@@ -12,6 +12,8 @@ or (``backend="openvino"``) for OpenVINO's INT8 runtime on the graph's Q/DQ form
 With timestep groups (``passes.choose_timestep_groups``) the wrapper holds one graph per kept group, sharing the
 packed weights (``deploy.timestep_dispatch``), and runs each batch on the graph of its timestep's group; a batch
 whose rows fall into different groups is split by group and put back in order (UNet rows are independent).
+With a float tail (``passes.choose_float_tail``) the last timesteps run on the weights-only view of the graph
+(``deploy.float_tail_dispatch``).
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from torch import fx, nn
 
 from qdiff_ao.calibration.distributed import run_on_main_process
 from qdiff_ao.capture.input_guards import check_graph_inputs, example_inputs_from_guards, traced_input_guards
+from qdiff_ao.capture.row_parts import run_by_part
 from qdiff_ao.deploy.checkpoint.archive import load_graph, save_graph
 from qdiff_ao.deploy.checkpoint.loader_options import check_loader_options
+from qdiff_ao.deploy.float_tail_dispatch import FloatTailDispatch
 from qdiff_ao.deploy.freezing import freeze_graph
 from qdiff_ao.deploy.identity_ops import without_identity_arithmetic
 from qdiff_ao.deploy.integer_attention import lower_integer_attention
@@ -117,11 +121,17 @@ class QuantizedUNet(ModelMixin):
                 index.append(len(self._graphs) - 1 if entries else 0)
             self._graph_of_group = torch.tensor(index, dtype=torch.long)
         self._graph_index: list[int] = self._graph_of_group.tolist()
+        self._tail = FloatTailDispatch.of(graph_module)  # None without a float tail
 
     @property
     def timestep_group_boundaries(self) -> tuple[float, ...]:
         """Boundaries of the timestep groups with their own activation qparams (``()``: one group)."""
         return tuple(self._groups.boundaries) if self._groups is not None else ()
+
+    @property
+    def float_tail_below(self) -> float | None:
+        """Timesteps ``t <=`` this run with float activations (the float tail); None: no tail."""
+        return self._tail.tail.below if self._tail is not None else None
 
     @property
     def config(self) -> Any:
@@ -339,6 +349,10 @@ class QuantizedUNet(ModelMixin):
         return UNet2DOutput(sample=out)
 
     def _run(self, graph_inputs: dict[str, Any]) -> Any:
+        """The float tail's view on its rows, the integer graphs on the others."""
+        return self._tail.run(graph_inputs, self._run_integer) if self._tail else self._run_integer(graph_inputs)
+
+    def _run_integer(self, graph_inputs: dict[str, Any]) -> Any:
         """The graph (frozen or not) of each row's timestep group on its rows."""
         runners: list[Any] = self._frozen or self._graphs
         if self._groups is None:
@@ -349,16 +363,7 @@ class QuantizedUNet(ModelMixin):
             group = bisect.bisect_right(self._groups.boundaries, float(first))
             return runners[self._graph_index[group]](**graph_inputs)
         which = self._graph_of_group[self._groups.group_of(t)]
-        n, parts = t.shape[0], []
-        for k in which.unique().tolist():
-            idx = (which == k).nonzero().flatten()
-            sub = {name: v[idx] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
-                   for name, v in graph_inputs.items()}
-            parts.append((idx, runners[k](**sub)))
-        out = parts[0][1].new_empty((n, *parts[0][1].shape[1:]))
-        for idx, y in parts:
-            out[idx] = y
-        return out
+        return run_by_part(graph_inputs, which, lambda k, sub: runners[k](**sub))
 
 
 def save(

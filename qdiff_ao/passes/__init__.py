@@ -9,6 +9,7 @@ bias_correction).
 - :func:`reconstruct`: BRECQ block reconstruction with AdaRound weights and learned activation step sizes.
 - :func:`reconstruct_and_choose`: learn the final decoder stage twice, keep the run sampling nearer the float one.
 - :func:`choose_float_layers`: find, by measurement, the few layers whose quantizers the model cannot afford.
+- :func:`choose_float_tail`: the last timesteps run with float activations, where measurement says they need it.
 - :func:`choose_timestep_groups`: activation grids per group of timesteps, where held-back rows say they help.
 - :func:`correct_output`: subtract the output's mean quantization error per timestep group, where it helps.
 - :func:`match_prediction_spread`: keep the quantized sampler's denoised-estimate spread equal to the float one's.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from qdiff_ao.passes.attention_operands import AttentionGridChoice, choose_attention_grids, symmetric_attention_operands
 from qdiff_ao.passes.bias_correction import correct_output_bias, find_output_layer
+from qdiff_ao.passes.float_tail_choice import choose_float_tail
 from qdiff_ao.passes.output_correction import TimestepOutputCorrection, add_output_correction, correct_output
 from qdiff_ao.passes.precision_fallback import FallbackDecision, choose_float_layers
 from qdiff_ao.passes.prediction_spread import match_prediction_spread
@@ -40,6 +42,7 @@ __all__ = [
     "add_output_correction",
     "choose_attention_grids",
     "choose_float_layers",
+    "choose_float_tail",
     "choose_timestep_groups",
     "correct_output",
     "correct_output_bias",

@@ -37,8 +37,10 @@ from torch import fx, nn
 from qdiff_ao._compat import ObserverBase
 from qdiff_ao.capture.devices import inputs_device, module_device, to_device
 from qdiff_ao.capture.graph_state import graph_info, has_graph_info
+from qdiff_ao.capture.row_parts import run_by_part
 from qdiff_ao.quantizers.adaround import AdaRoundWeight, LearnedStepQuant
 from qdiff_ao.quantizers.fixed import FixedFakeQuantize
+from qdiff_ao.quantizers.float_tail import FloatTail
 from qdiff_ao.quantizers.qparams import activation_qparams, is_quantized_layer, weight_qparams
 from qdiff_ao.quantizers.timestep_grids import TimestepGroupGrids
 
@@ -65,6 +67,7 @@ class SimState:
     def __init__(self) -> None:
         self._fp = False
         self._group: int | None = None
+        self._float_activations = False
 
     @property
     def fp(self) -> bool:
@@ -83,6 +86,20 @@ class SimState:
             yield
         finally:
             self._group = previous
+
+    @property
+    def float_activations(self) -> bool:
+        """Whether every activation quantizer is bypassed (the float tail's rows; weights stay quantized)."""
+        return self._float_activations
+
+    @contextlib.contextmanager
+    def in_float_tail(self, on: bool = True) -> Iterator[None]:
+        """Run with float activations (``on``) as the float tail does, restoring after."""
+        previous, self._float_activations = self._float_activations, on
+        try:
+            yield
+        finally:
+            self._float_activations = previous
 
     @contextlib.contextmanager
     def precision(self, fp: bool) -> Iterator[None]:
@@ -181,7 +198,7 @@ class SimActQuant(nn.Module):
         return isinstance(self.quant, LearnedStepQuant) and self.quant.learnable
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quant is None or self.state.fp or not self.enabled:
+        if self.quant is None or self.state.fp or not self.enabled or self.state.float_activations:
             return x
         group = self.state.group
         if group is not None and self.group_grids is not None:
@@ -236,37 +253,39 @@ class Simulation:
     layers: dict[str, SimLayer] = field(default_factory=dict)
     acts: dict[str, SimActQuant] = field(default_factory=dict)
     groups: TimestepGroupGrids | None = None
+    tail: FloatTail | None = None
 
     def run(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The output tensor of the simulation on ``inputs`` (graph inputs by name; extra names are ignored).
 
         With timestep groups, the rows are split by the group of their timestep and each part runs with its
-        group's grids (rows are independent in a UNet), then put back in order. The inputs move to the graph's
-        device; the output comes back on the inputs' device.
+        group's grids (rows are independent in a UNet), then put back in order; with a float tail, its rows run
+        with float activations (as the lowered model runs them). The inputs move to the graph's device; the output
+        comes back on the inputs' device.
         """
         names = [str(n.target) for n in self.gm.graph.nodes if n.op == "placeholder"]
         args = to_device({k: inputs[k] for k in names if k in inputs}, module_device(self.gm))
         return self._run(args).to(inputs_device(inputs))
 
     def _run(self, args: dict[str, Any]) -> torch.Tensor:
-        if self.groups is None or "timestep" not in args:
+        if (self.groups is None and self.tail is None) or "timestep" not in args:
             return output_tensor(self.gm(**args))
         t = args["timestep"]
-        groups = self.groups.group_of(t)
-        if t.dim() == 0 or bool((groups == groups[0]).all()):
-            with self.state.in_group(int(groups[0])):
+        # part of each row: -1 for the float tail, else its timestep group (0 without groups)
+        if self.groups is not None:
+            part = self.groups.group_of(t)
+        else:
+            part = torch.zeros(t.numel(), dtype=torch.long, device=t.device)
+        if self.tail is not None:
+            part = torch.where(self.tail.holds(t).to(part.device), torch.full_like(part, -1), part)
+        return run_by_part(args, part, self._run_part)
+
+    def _run_part(self, part: int, args: dict[str, Any]) -> torch.Tensor:
+        if part < 0:
+            with self.state.in_float_tail():
                 return output_tensor(self.gm(**args))
-        n, parts = t.shape[0], []
-        for g in groups.unique().tolist():
-            idx = (groups == g).nonzero().flatten()
-            sub = {k: v[idx] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
-                   for k, v in args.items()}
-            with self.state.in_group(int(g)):
-                parts.append((idx, output_tensor(self.gm(**sub))))
-        out = parts[0][1].new_empty((n, *parts[0][1].shape[1:]))
-        for idx, y in parts:
-            out[idx] = y
-        return out
+        with self.state.in_group(part if self.groups is not None else None):
+            return output_tensor(self.gm(**args))
 
     def full_precision(self) -> contextlib.AbstractContextManager[None]:
         """``with sim.full_precision():`` the simulation computes the float model (every quantizer bypassed)."""
@@ -317,5 +336,8 @@ def build_simulation(prepared: fx.GraphModule) -> Simulation:
                                  "quantizer of this graph; choose the groups again on this graph")
             act.group_grids = tuple(grids)
         sim.groups = groups
+    tail = graph_info(prepared).float_tail if has_graph_info(prepared) else None
+    if isinstance(tail, FloatTail):
+        sim.tail = tail
     return sim
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -48,6 +49,7 @@ from qdiff_ao.deploy.timestep_dispatch import lowered_groups_of
 from qdiff_ao.passes.denoised_view import PREDICTION_TYPES
 from qdiff_ao.passes.output_correction import OUTPUT_CORRECTION, add_output_correction
 from qdiff_ao.passes.shortcut_split import split_shortcut
+from qdiff_ao.quantizers.float_tail import FloatTail
 from qdiff_ao.quantizers.timestep_grids import TimestepGroupGrids
 
 if TYPE_CHECKING:
@@ -190,7 +192,18 @@ def save_graph(
         body["format_version"] = 3
     if correction is not None and correction.prediction_type is not None:
         body["format_version"] = 4
+    tail = info.float_tail
+    if isinstance(tail, FloatTail):  # version 5: an older reader would run the tail's steps with integer activations
+        body["float_tail"] = tail.to_dict()
+        body["format_version"] = 5
     return write_checkpoint(path, body, tensors, overwrite=overwrite)
+
+
+def _read_float_tail(record: Any, where: str) -> FloatTail:
+    below = record.get("below") if isinstance(record, dict) else None
+    if not isinstance(below, (int, float)) or isinstance(below, bool) or not math.isfinite(below) or below < 0:
+        raise CheckpointError(f"{where}: field 'float_tail' must be {{\"below\": a timestep >= 0}}, got {record!r}")
+    return FloatTail(float(below))
 
 
 _GROUP_PREFIX = "timestep_groups."  # tensor names of the per-group qparams: timestep_groups.<g>.<state-dict key>
@@ -376,6 +389,8 @@ def load_graph(path: str | os.PathLike[str]) -> tuple[fx.GraphModule, Any]:
     import_tensors(quantized, tensors, slots)
     if groups is not None:
         update_graph_info(quantized, timestep_groups=groups)
+    if "float_tail" in body:
+        update_graph_info(quantized, float_tail=_read_float_tail(body["float_tail"], where))
     quantized.eval()
     logger.info("loaded %s: %d tensors", path, len(tensors))
     return quantized, unet.config

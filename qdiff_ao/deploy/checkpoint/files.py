@@ -41,13 +41,14 @@ __all__ = ["CONFIG_FILE", "FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "TENS
 logger = logging.getLogger(__name__)
 
 FORMAT = "qdiff_ao.checkpoint"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 """Version 2 adds timestep groups (``config.json`` field ``timestep_groups`` and their qparam tensors); version 3
 an output correction with input gains (``output_correction.input_gain``, read by no earlier version, which would
 rebuild the graph without them); version 4 one with a denoised-spread term (``output_correction.spread``, the
-prediction type, and ``num_train_timesteps``). Each checkpoint is written with the lowest version that describes
-it, so older readers keep reading what they can."""
-READABLE_VERSIONS = (1, 2, 3, 4)
+prediction type, and ``num_train_timesteps``); version 5 a float tail (``float_tail.below``: the last timesteps
+run with float activations, which an older reader would run on the integer graph). Each checkpoint is written
+with the lowest version that describes it, so older readers keep reading what they can."""
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 CONFIG_FILE = "config.json"
 TENSORS_FILE = "model.safetensors"
 _OUR_FILES = {CONFIG_FILE, TENSORS_FILE}

@@ -201,6 +201,7 @@ def export_onnx(
     quantize_bias: bool = True,
     signed_activations: bool = False,
     timestep_group: int | None = None,
+    ignore_float_tail: bool = False,
 ) -> OnnxExportReport:
     """Write a calibrated prepared graph, or a converted one, as an ONNX model with QuantizeLinear /
     DequantizeLinear pairs.
@@ -218,6 +219,8 @@ def export_onnx(
         timestep_group: for a graph with timestep groups (``passes.choose_timestep_groups``), the group whose
             activation qparams the file holds (an ONNX graph has one set: export one file per group and run each
             on its group's timesteps, ``graph_info(model).timestep_groups.boundaries``).
+        ignore_float_tail: for a graph with a float tail (``passes.choose_float_tail``), export the integer graph
+            anyway; the caller runs the tail's timesteps on ``fake_quant_view(model, float_activations=True)``.
 
     Returns:
         An :class:`OnnxExportReport`.
@@ -225,8 +228,16 @@ def export_onnx(
     Raises:
         ImportError: if the ``onnx`` package is missing (``pip install qdiff_ao[onnx]``).
         ValueError: for an unsupported opset or inputs that do not match the graph's placeholders, or a graph
-            with timestep groups exported without ``timestep_group`` (or one without groups exported with it).
+            with timestep groups exported without ``timestep_group`` (or one without groups exported with it), or a
+            graph with a float tail exported without ``ignore_float_tail``.
     """
+    tail = graph_info(model).float_tail if isinstance(model, fx.GraphModule) and has_graph_info(model) else None
+    if tail is not None and not ignore_float_tail:
+        raise ValueError(
+            f"the graph has a float tail (timesteps <= {tail.below} run with float activations), which an ONNX file "
+            "of the integer graph does not hold: pass ignore_float_tail=True and run those timesteps on "
+            "fake_quant_view(model, float_activations=True), or quantize with float_tail=False"
+        )
     converted = is_converted_graph(model)
     groups = graph_info(model).timestep_groups if isinstance(model, fx.GraphModule) and has_graph_info(model) else None
     has_groups = isinstance(groups, TimestepGroupGrids) and bool(groups.grids)
