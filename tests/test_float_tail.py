@@ -194,3 +194,10 @@ def test_onnx_export_of_a_tailed_graph_needs_consent(tailed: dict[str, Any], tmp
     pytest.importorskip("onnx")
     export_onnx(graph, tmp_path / "unet.onnx", x, ignore_float_tail=True)
     assert (tmp_path / "unet.onnx").stat().st_size > 0
+
+
+def test_cli_offers_the_float_tail_opt_in() -> None:
+    from qdiff_ao.app.cli import build_parser
+
+    assert build_parser().parse_args(["quantize", "--float-tail"]).float_tail is True
+    assert build_parser().parse_args(["quantize"]).float_tail is False

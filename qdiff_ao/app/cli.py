@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--timestep-groups", type=int, default=4, metavar="G",
                    help="offer G groups of calibration timesteps their own activation grids, kept where held-back "
                    "rows say they help (see passes.choose_timestep_groups; default 4); 1 = one grid")
+    q.add_argument("--float-tail", action="store_true",
+                   help="opt-in: run the last timesteps (<= 5%% of T) with float activations on the same integer "
+                   "weights where the activation quantizers hold most of the measured error (see "
+                   "passes.choose_float_tail); those steps run at float speed")
     q.add_argument("--no-prediction-spread", action="store_true",
                    help="skip the denoised-spread correction fitted on sampler runs (see "
                    "passes.match_prediction_spread)")
