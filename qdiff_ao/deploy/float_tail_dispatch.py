@@ -53,7 +53,5 @@ class FloatTailDispatch:
     @torch.no_grad()
     def run(self, inputs: Mapping[str, Any], quantized: Callable[[dict[str, Any]], torch.Tensor]) -> torch.Tensor:
         """The output for ``inputs`` (graph inputs by name, with a 1-d or 0-d ``timestep``)."""
-        inside = self.tail.holds(inputs["timestep"])
-        if not bool(inside.any()):
-            return quantized(dict(inputs))
-        return run_by_part(inputs, inside.long(), lambda tail, sub: self.view()(**sub) if tail else quantized(sub))
+        inside = self.tail.holds(inputs["timestep"]).long()  # run_by_part runs a batch with one label uncut
+        return run_by_part(inputs, inside, lambda tail, sub: self.view()(**sub) if tail else quantized(sub))

@@ -52,11 +52,6 @@ def choose_float_tail(
 ) -> dict[str, Any]:
     """Measure and record the float tail (module docstring) and return what was measured.
 
-    Returns:
-        ``below`` (the tail's boundary, or None when no timestep qualified), ``timesteps``, ``error_quantized``,
-        ``error_weights_only``, ``activation_share`` (per calibration timestep) and ``budget`` (``max_fraction * T``).
-        The tail itself goes into ``graph_info(prepared).float_tail`` (None when there is none).
-
     Args:
         prepared: a calibrated (and usually reconstructed) output of ``qdiff_ao.prepare``.
         calib: its calibration set.
@@ -65,6 +60,11 @@ def choose_float_tail(
         min_share: smallest share of the error energy the activation quantizers must hold at a tail timestep,
             in ``(0, 1]``.
         rows_per_timestep: calibration rows (or guidance pairs) per timestep measured.
+
+    Returns:
+        ``below`` (the tail's boundary, or None when no timestep qualified), ``timesteps``, ``error_quantized``,
+        ``error_weights_only``, ``activation_share`` (per calibration timestep) and ``budget`` (``max_fraction * T``).
+        The tail itself goes into ``graph_info(prepared).float_tail`` (None when there is none).
 
     Raises:
         ValueError: out-of-range arguments.
@@ -89,7 +89,8 @@ def choose_float_tail(
     while inside < len(probe.timesteps) and probe.timesteps[inside] <= budget and shares[inside] >= min_share:
         inside += 1
     report: dict[str, Any] = {"below": None, "timesteps": probe.timesteps, "error_quantized": list(quantized),
-              "error_weights_only": list(weights_only), "activation_share": shares, "budget": budget}
+                              "error_weights_only": list(weights_only), "activation_share": shares,
+                              "budget": budget}
     if inside == 0:
         logger.info("float tail: none (activation shares at the first timesteps %s)",
                     [round(s, 3) for s in shares[:3]])

@@ -15,6 +15,7 @@ bypassed, and ``QuantizedUNet`` runs them on the weights-only view of the conver
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,8 +38,9 @@ class FloatTail:
     report: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.below, (int, float)) or isinstance(self.below, bool) or not float(self.below) >= 0:
-            raise ValueError(f"FloatTail.below must be a timestep >= 0, got {self.below!r}")
+        below = self.below
+        if not isinstance(below, (int, float)) or isinstance(below, bool) or not math.isfinite(below) or below < 0:
+            raise ValueError(f"FloatTail.below must be a finite timestep >= 0, got {below!r}")
 
     def holds(self, timestep: torch.Tensor) -> torch.Tensor:
         """Whether each timestep (flattened) is in the tail."""

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -200,10 +199,12 @@ def save_graph(
 
 
 def _read_float_tail(record: Any, where: str) -> FloatTail:
-    below = record.get("below") if isinstance(record, dict) else None
-    if not isinstance(below, (int, float)) or isinstance(below, bool) or not math.isfinite(below) or below < 0:
-        raise CheckpointError(f"{where}: field 'float_tail' must be {{\"below\": a timestep >= 0}}, got {record!r}")
-    return FloatTail(float(below))
+    below: Any = record.get("below") if isinstance(record, dict) else None
+    try:  # FloatTail checks the boundary itself
+        return FloatTail(below)
+    except ValueError as err:
+        raise CheckpointError(f"{where}: field 'float_tail' must be {{\"below\": a timestep >= 0}}, got {record!r} "
+                              f"({err})") from err
 
 
 _GROUP_PREFIX = "timestep_groups."  # tensor names of the per-group qparams: timestep_groups.<g>.<state-dict key>
