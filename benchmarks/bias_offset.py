@@ -13,7 +13,6 @@ per-step offset.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from pathlib import Path
 
@@ -54,7 +53,7 @@ def main() -> None:
         for corrected in (False, True):
             if corrected:
                 qdiff_ao.passes.correct_output_bias(prepared, calib, unet)
-            qunet = qdiff_ao.QuantizedUNet(qdiff_ao.convert(copy.deepcopy(prepared)), like=unet)
+            qunet = qdiff_ao.QuantizedUNet(qdiff_ao.convert(prepared), like=unet)
             qunet.optimize_for_inference()
             label = f"W4A8{'' if split else ', no split'}{', bias corrected' if corrected else ''}"
             offset = noise_prediction_offset(unet, qunet, scheduler, **traj)[:, 0]

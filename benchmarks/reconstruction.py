@@ -126,7 +126,7 @@ def trajectory_errors(models: dict[str, torch.nn.Module], unet: UNet2DModel, sch
 def part_trajectory(unet: UNet2DModel, scheduler: DDIMScheduler, calib: qdiff_ao.CalibrationSet,
                     args: argparse.Namespace) -> None:
     prepared = prepared_for(unet, calib, weight_bits=4, act_bits=8)
-    models = {"W4A8 nearest": qdiff_ao.convert(copy.deepcopy(prepared))}
+    models = {"W4A8 nearest": qdiff_ao.convert(prepared)}
     times = {"W4A8 nearest": 0.0}
     runs = [(args.weight_iters, args.act_iters), *[(iters, iters // 2) for iters in args.sweep]]
     for iters, act in runs:

@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -103,16 +104,18 @@ def prepare(
     return backend.prepare(gm, cfg, example_inputs)
 
 
-def convert(prepared: fx.GraphModule) -> fx.GraphModule:
+def convert(prepared: fx.GraphModule, *, inplace: bool = False) -> fx.GraphModule:
     """Lower a calibrated prepared graph with the backend that prepared it (``convert_fx`` underneath).
 
-    With timestep groups (``passes.choose_timestep_groups``) the returned graph holds the single grids and its
-    graph info the qparams of each kept group (``deploy.timestep_dispatch``); :class:`QuantizedUNet` runs each
-    batch with its group's qparams.
+    ``convert_fx`` rewrites the graph it is given, so a deep copy is lowered and ``prepared`` stays a working
+    simulation (passes, ``export_onnx``); ``inplace=True`` (torch.ao eager ``convert``'s flag) skips the copy and
+    spends ``prepared``. With timestep groups the returned graph's info holds each kept group's qparams
+    (``deploy.timestep_dispatch``); :class:`QuantizedUNet` runs each batch with its group's.
 
     Raises:
         ValueError: the graph was not prepared by :func:`prepare` (or lacks its QuantConfig).
     """
+    prepared = prepared if inplace else copy.deepcopy(prepared)
     backend = graph_info(prepared).backend if has_graph_info(prepared) else None
     chosen = backend if isinstance(backend, Backend) else _DEFAULT_BACKEND
     if not has_graph_info(prepared):
@@ -220,8 +223,7 @@ def quantize(
         timestep_groups: ``G > 1``: offer each of ``G`` contiguous groups of calibration timesteps its own
             activation grids, kept only where they lower the error on held-back calibration rows
             (``qdiff_ao.passes.choose_timestep_groups``); the lowered model runs one graph per kept group, sharing
-            the packed weights (default 4; ``1``: one grid for every timestep). Measured W4A8, one seed,
-            1,000 samples: FD 1.231x -> 0.973x FP on shapes16-cond, unchanged on shapes32 (README, quality).
+            the packed weights (default 4; ``1``: one grid for every timestep; measured in README, quality).
         prediction_spread: fit, on sampler runs of the float model and the quantized one (on the CPU the lowered
             INT8 model) from the same noise, a per-timestep-group spread of the denoised estimate ``x0`` that keeps
             the quantized sampler's per-channel spread equal to the float sampler's, kept only where held-back runs
@@ -236,10 +238,9 @@ def quantize(
             digits slightly worse; see ``passes.correct_output`` and README, quality).
         precision_fallback: measure which quantizers the model cannot afford (one quantizer alone causing most
             of its kind's output error at some step, activations against the activations' own error, e.g. the
-            input quantizer near ``t = 0`` under linear betas) and keep
-            the layers reading them in float, within 5% of the quantized multiply-accumulates
-            (``qdiff_ao.passes.choose_float_layers``); the chosen names go to ``cfg.keep_float``. Runs for
-            weights-only configs too (``act_bits=None``: only weight quantizers are candidates).
+            input quantizer near ``t = 0`` under linear betas) and keep the layers reading them in float, within
+            5% of the quantized multiply-accumulates (``qdiff_ao.passes.choose_float_layers``); the chosen names
+            go to ``cfg.keep_float``. Weights-only configs (``act_bits=None``): only weight quantizers compete.
         fallback_rounds: measurement rounds of the fallback: after each round that keeps new layers in float the
             model is prepared and calibrated again and measured again (a dominant quantizer hides the next one:
             the input quantizer's error near t = 0 dwarfs the rest until it is gone), until a round finds nothing
@@ -248,8 +249,7 @@ def quantize(
         batch_size: calibration batch size.
         seed: seed of calibration sampling.
         progress: tqdm bars.
-        on_prepared: optional callback ``f(prepared, calib)`` run after calibration and reconstruction,
-            before conversion (reports and plots use it).
+        on_prepared: optional ``f(prepared, calib)``, run after calibration and reconstruction (reports, plots).
         **collect_kwargs: forwarded to ``collect_calibration_data`` (e.g. ``encoder_hidden_states``).
 
     Under ``torchrun`` (or an initialised process group) calibration data are sampled and observed data-parallel
@@ -377,7 +377,7 @@ def quantize(
         on_prepared(prepared, calib)
     t0 = time.perf_counter()
     splits = [r.to_dict() for r in graph_info(prepared).splits or ()]
-    quantized = convert(prepared)
+    quantized = convert(prepared, inplace=True)  # prepared is ours, not the user's
     timings["convert_s"] = time.perf_counter() - t0
     qunet = QuantizedUNet(quantized, like=unet)
     qunet.quantization_info = {

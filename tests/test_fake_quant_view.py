@@ -6,7 +6,6 @@ prepared graph gives (``to_fake_quant_graph``): same scales, zero points, contai
 
 from __future__ import annotations
 
-import copy
 import warnings
 from pathlib import Path
 
@@ -31,7 +30,7 @@ def _sample(out: object) -> torch.Tensor:
 def test_view_equals_the_prepared_graphs_fake_quant_copy(family: str, weight_bits: int) -> None:
     _, prepared = calibrated_unet(family, qdiff_ao.QuantConfig(weight_bits=weight_bits, act_bits=8))
     simulation, counts = to_fake_quant_graph(prepared, quantize_bias=False)
-    converted = qdiff_ao.convert(copy.deepcopy(prepared))  # convert_fx lowers the graph it is given in place
+    converted = qdiff_ao.convert(prepared)
     view = fake_quant_view(converted)
     assert is_converted_graph(converted) and not is_converted_graph(view) and not is_converted_graph(prepared)
     nodes = list(view.graph.nodes)
@@ -115,7 +114,7 @@ def _ort_float(path: Path, x: dict[str, torch.Tensor]) -> torch.Tensor:
 def test_export_from_converted_graph_matches_export_from_prepared(tmp_path: Path, family: str) -> None:
     """skip_fourier takes log(int64 timesteps): without the explicit cast its ONNX graph was invalid."""
     _, prepared = calibrated_unet(family, qdiff_ao.QuantConfig(weight_bits=4, act_bits=8))
-    converted = qdiff_ao.convert(copy.deepcopy(prepared))  # convert_fx lowers the graph it is given in place
+    converted = qdiff_ao.convert(prepared)
     example = unet_inputs(family, 2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

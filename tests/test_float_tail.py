@@ -54,7 +54,7 @@ def tailed() -> dict[str, Any]:
     qdiff_ao.calibrate(prepared, calib, batch_size=8, progress=False)
     choose_float_tail(prepared, calib, num_train_timesteps=1000, max_fraction=0.1, min_share=1e-6)
     tail = qdiff_ao.graph_info(prepared).float_tail
-    qunet = qdiff_ao.QuantizedUNet(qdiff_ao.convert(copy.deepcopy(prepared)), like=unet)  # convert works in place
+    qunet = qdiff_ao.QuantizedUNet(qdiff_ao.convert(prepared), like=unet)
     return {"unet": unet, "calib": calib, "prepared": prepared, "tail": tail, "qunet": qunet}
 
 

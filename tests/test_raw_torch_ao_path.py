@@ -74,3 +74,19 @@ def test_without_custom_configs_the_error_says_how_to_fix_it() -> None:
         assert "prepare_custom_config=qdiff_ao.prepare_custom_config()" in str(err)
     else:
         raise AssertionError("graph_info of a graph prepared without our custom config must raise")
+
+
+def test_convert_leaves_the_prepared_graph_working_unless_asked_inplace() -> None:
+    """convert_fx rewrites its input; qdiff_ao.convert lowers a copy (torch.ao eager convert's inplace=False)."""
+    from tests.unet_factory import calibrated_unet
+
+    _, prepared = calibrated_unet("attn", qdiff_ao.QuantConfig(weight_bits=4, act_bits=8))
+    x = unet_inputs("attn", 3, t=400, seed=5)
+    code, state = prepared.code, {k: v.clone() for k, v in prepared.state_dict().items()}
+    with torch.no_grad():
+        first = qdiff_ao.convert(prepared)
+        assert prepared.code == code and prepared.state_dict().keys() == state.keys()
+        assert all(torch.equal(v, state[k]) for k, v in prepared.state_dict().items())
+        assert torch.equal(qdiff_ao.convert(prepared)(**x), first(**x))  # it converts again to the same model
+        spent = qdiff_ao.convert(prepared, inplace=True)
+        assert torch.equal(spent(**x), first(**x))

@@ -38,7 +38,7 @@ def test_on_the_cpu_it_is_the_model_quantize_ships_and_the_graph_stays_prepared(
     with monkeypatch.context() as patch:  # the lowered model, not the simulation (on this tiny UNet they agree)
         patch.setattr(sampler_runs, "build_simulation", lambda *_: pytest.fail("built a simulation"))
         denoise = quantized_denoiser(prepared, plan)
-    shipped = qdiff_ao.QuantizedUNet(qdiff_ao.convert(copy.deepcopy(prepared)), like=unet).optimize_for_inference()
+    shipped = qdiff_ao.QuantizedUNet(qdiff_ao.convert(prepared), like=unet).optimize_for_inference()
     with torch.no_grad():
         for t in (900, 10):  # both timestep groups and both correction groups
             inputs = unet_inputs(3, t=t)
