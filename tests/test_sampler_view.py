@@ -45,6 +45,7 @@ def test_rows_pair_up_in_any_stored_order(pair_order: tuple[int, list[int]], sca
     y = torch.randn(2 * n, 3)
     expect = torch.stack([y[i] + scale * (y[n + i] - y[i]) for i in range(n)])
     assert torch.allclose(group.sampler_output(y), expect)
+    assert torch.equal(group.guidance_signal(y), torch.stack([y[n + i] - y[i] for i in range(n)]))
     first, second = group.split()
     assert first.pairs == n // 2 and second.pairs == n - n // 2
     assert sorted(first.index.tolist() + second.index.tolist()) == sorted(group.index.tolist())
@@ -126,6 +127,33 @@ def test_sensitivity_and_correction_measure_the_guided_output() -> None:
         diffs.append(group.sampler_output(shipped(**inputs).sample) - group.sampler_output(fp))
     mean = torch.cat(diffs).double().mean(dim=(0, 2, 3))
     assert torch.allclose(getattr(prepared, OUTPUT_CORRECTION).bias[0].double(), mean, atol=1e-6)
+
+
+@torch.no_grad()
+def test_guidance_target_measures_the_conditional_difference_alone() -> None:
+    calib = _guided_calib()
+    prepared = qdiff_ao.prepare(tiny_cond_unet(), qdiff_ao.QuantConfig(weight_bits=8), calib.example_inputs(2))
+    qdiff_ao.calibrate(prepared, calib, progress=False)
+    report = sensitivity(prepared, calib, rows_per_timestep=2, kinds=("activation",), target="guidance")
+    assert report.target == "guidance" and report.to_dict()["target"] == "guidance"
+    sim = build_simulation(prepared)
+    sim.gm.eval()
+    expected = []
+    for t in calib.timesteps():  # |(c_q - u_q) - (c_fp - u_fp)| / |c_fp - u_fp| over the first two pairs
+        inputs = calib._rows(timestep_rows(calib, t, 2).index)
+        y_q = _output_tensor(sim.gm(**inputs))
+        with sim.full_precision():
+            y_fp = _output_tensor(sim.gm(**inputs))
+        d_q, d_fp = y_q[2:] - y_q[:2], y_fp[2:] - y_fp[:2]
+        expected.append(float((d_q - d_fp).double().norm() / d_fp.double().norm()))
+    assert report.all_on == pytest.approx(expected, rel=1e-6)
+    assert report.all_on != pytest.approx(sensitivity(prepared, calib, rows_per_timestep=2,
+                                                      kinds=("activation",)).all_on, rel=1e-3)
+    unpaired = qdiff_ao.CalibrationSet(calib.sample, calib.timestep, encoder_hidden_states=calib.encoder_hidden_states)
+    with pytest.raises(ValueError, match="records\s+none"):
+        sensitivity(prepared, unpaired, target="guidance")
+    with pytest.raises(ValueError, match="target must be one of"):
+        sensitivity(prepared, calib, target="difference")
 
 
 # --- guided reconstruction --------------------------------------------------------------------------------------

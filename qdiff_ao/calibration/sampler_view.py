@@ -14,6 +14,10 @@ unconditional and ``+k`` on the conditional row of pair ``k``; the scale in ``me
 Measurements (sensitivity, precision fallback, output correction) take rows through :func:`timestep_rows` and
 compare outputs through :meth:`RowGroup.sampler_output`, so they see the guided error.
 
+The conditioning itself lives in the guidance difference ``g = y_c - y_u``, a few percent of ``y``: errors the two
+rows share cancel in it, independent ones do not, so ``|g_q - g_fp| / |g_fp|`` can be many times the guided
+error (:meth:`RowGroup.guidance_signal`; ``sensitivity(..., target="guidance")`` ranks quantizers by it).
+
     >>> import torch
     >>> from qdiff_ao.calibration.calibration_set import CalibrationSet
     >>> calib = CalibrationSet(torch.zeros(4, 1, 2, 2), torch.full((4,), 7), guidance_pair=torch.tensor([-1, -2, 1, 2]),
@@ -35,7 +39,9 @@ import torch
 from qdiff_ao.calibration.calibration_set import CalibrationSet
 from qdiff_ao.calibration.distributed import deal, sum_over_ranks
 
-__all__ = ["ErrorProbe", "RowGroup", "guidance_pairs", "guidance_scale", "per_timestep_error", "timestep_rows"]
+__all__ = [
+    "TARGETS", "ErrorProbe", "RowGroup", "guidance_pairs", "guidance_scale", "per_timestep_error", "timestep_rows",
+]
 
 
 def guidance_scale(calib: CalibrationSet) -> float | None:
@@ -68,6 +74,17 @@ class RowGroup:
             return y
         uncond, cond = y[: self.pairs], y[self.pairs : 2 * self.pairs]
         return uncond + self.scale * (cond - uncond)
+
+    def guidance_signal(self, y: torch.Tensor) -> torch.Tensor:
+        """The guidance difference ``y_c - y_u`` per pair (what carries the conditioning).
+
+        Raises:
+            ValueError: the group holds no guidance pairs.
+        """
+        if self.pairs is None:
+            raise ValueError("the guidance signal y_c - y_u needs guidance pairs; this calibration set records none "
+                             "(collect it with negative_encoder_hidden_states= and guidance_scale= > 1)")
+        return y[self.pairs : 2 * self.pairs] - y[: self.pairs]
 
     def split(self) -> tuple[RowGroup, RowGroup]:
         """Two halves by trajectory (pairs stay whole): the first ``floor(P/2)`` pairs or rows, and the rest."""
@@ -110,15 +127,24 @@ def timestep_rows(calib: CalibrationSet, timestep: int | float | torch.Tensor, l
     return RowGroup(torch.cat([uncond[:n], cond]), n, scale)
 
 
-def per_timestep_error(out: torch.Tensor, ref: torch.Tensor, groups: list[RowGroup]) -> tuple[float, ...]:
-    """``||f(out) - f(ref)||_F / ||f(ref)||_F`` per group, ``f`` = :meth:`RowGroup.sampler_output`.
+TARGETS = ("sampler", "guidance")
+"""What an error is measured on: the sampler's output (guided with guidance), or the guidance signal alone."""
+
+
+def per_timestep_error(out: torch.Tensor, ref: torch.Tensor, groups: list[RowGroup],
+                       target: str = "sampler") -> tuple[float, ...]:
+    """``||f(out) - f(ref)||_F / ||f(ref)||_F`` per group, ``f`` = :meth:`RowGroup.sampler_output` (``target=
+    "sampler"``) or :meth:`RowGroup.guidance_signal` (``"guidance"``).
 
     ``out`` and ``ref`` hold the outputs of the groups' rows concatenated in group order.
     """
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     errors = []
     counts = [len(g) for g in groups]
     for o, r, g in zip(out.split(counts), ref.split(counts), groups, strict=True):
-        o, r = g.sampler_output(o), g.sampler_output(r)
+        f = g.sampler_output if target == "sampler" else g.guidance_signal
+        o, r = f(o), f(r)
         errors.append(float((o - r).double().norm() / r.double().norm().clamp_min(1e-12)))
     return tuple(errors)
 
@@ -162,11 +188,12 @@ class ErrorProbe:
         return torch.cat([forward({k: v[start:start + step] for k, v in self.inputs.items()})
                           for start in range(0, n, step)])
 
-    def errors(self, out: torch.Tensor | None, ref: torch.Tensor | None) -> tuple[float, ...]:
+    def errors(self, out: torch.Tensor | None, ref: torch.Tensor | None, target: str = "sampler"
+               ) -> tuple[float, ...]:
         """:func:`per_timestep_error` of this rank's outputs, completed over the ranks (one entry per timestep)."""
         full = [0.0] * len(self.timesteps)
         if self._groups:
             assert out is not None and ref is not None
-            for i, e in zip(self._mine, per_timestep_error(out, ref, self._groups), strict=True):
+            for i, e in zip(self._mine, per_timestep_error(out, ref, self._groups, target), strict=True):
                 full[i] = e
         return tuple(sum_over_ranks(full))

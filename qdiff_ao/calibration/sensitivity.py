@@ -33,7 +33,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from qdiff_ao.calibration.calibration_set import CalibrationSet
-from qdiff_ao.calibration.sampler_view import ErrorProbe
+from qdiff_ao.calibration.sampler_view import TARGETS, ErrorProbe, guidance_scale
 from qdiff_ao.capture.input_guards import is_input_guard
 from qdiff_ao.quantizers.qparams import is_quantized_layer
 from qdiff_ao.quantizers.simulation import Simulation, build_simulation, output_tensor
@@ -84,6 +84,7 @@ class SensitivityReport:
     rows: tuple[QuantizerSensitivity, ...]
     all_on: tuple[float, ...]
     rows_per_timestep: int
+    target: str = "sampler"  # what the errors are of (see sensitivity's ``target``)
 
     def ranked(self, kind: str | None = None) -> list[QuantizerSensitivity]:
         """Rows sorted by worst-step error, largest first (optionally one kind only)."""
@@ -111,6 +112,7 @@ class SensitivityReport:
         return {
             "timesteps": list(self.timesteps),
             "rows_per_timestep": self.rows_per_timestep,
+            "target": self.target,
             "all_on": list(self.all_on),
             "rows": [{"name": r.name, "kind": r.kind, "value": r.value, "layers": list(r.layers),
                       "worst": r.worst, "mean": r.mean, "errors": list(r.errors)} for r in rows],
@@ -130,7 +132,8 @@ class SensitivityReport:
         ax.set_yticks(range(len(rows)), [f"{r.value} ({r.kind[0]})"[:40] for r in rows], fontsize=7)
         ax.set_xticks(range(len(self.timesteps)), [f"{t:g}" for t in self.timesteps], fontsize=7, rotation=90)
         ax.set_xlabel("timestep t (sampling runs right to left)")
-        ax.set_title("eps error caused by each quantizer alone (log10 relative error)", fontsize=9)
+        what = "guidance signal y_c - y_u" if self.target == "guidance" else "eps"
+        ax.set_title(f"{what} error caused by each quantizer alone (log10 relative error)", fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.04)
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)
@@ -179,6 +182,7 @@ def sensitivity(
     kinds: Iterable[str] = _KINDS,
     batch_size: int = 64,
     progress: bool = False,
+    target: str = "sampler",
 ) -> SensitivityReport:
     """Measure ``e_q(t)`` for every activation and/or weight quantizer of a calibrated prepared graph.
 
@@ -193,10 +197,13 @@ def sensitivity(
         kinds: ``"activation"`` and/or ``"weight"``.
         batch_size: rows per forward.
         progress: show a tqdm bar.
+        target: ``"sampler"``: errors of the output the sampler steps with (guided, with guidance);
+            ``"guidance"``: errors of the guidance signal ``g = y_c - y_u`` alone, ``|g_q - g_fp| / |g_fp|`` (what
+            carries the class or prompt; needs a set with guidance pairs).
 
     Raises:
-        TypeError: wrong argument types. ValueError: bad ``rows_per_timestep`` / ``kinds`` / ``batch_size``,
-        or an uncalibrated graph.
+        TypeError: wrong argument types. ValueError: bad ``rows_per_timestep`` / ``kinds`` / ``batch_size`` /
+        ``target``, ``target="guidance"`` on a set without guidance pairs, or an uncalibrated graph.
     """
     if not isinstance(prepared, fx.GraphModule):
         raise TypeError(f"prepared must be the GraphModule returned by qdiff_ao.prepare, got {type(prepared).__name__}")
@@ -208,6 +215,12 @@ def sensitivity(
     for name, value in (("rows_per_timestep", rows_per_timestep), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if target == "guidance" and guidance_scale(calib) is None:
+        raise ValueError("target='guidance' measures y_c - y_u of guidance pairs, and this calibration set records "
+                         "none: collect it from a guided sampler (negative_encoder_hidden_states=, guidance_scale=) "
+                         "or use target='sampler'")
     sim = build_simulation(prepared)
     sim.gm.eval()
     probe = ErrorProbe(calib, rows_per_timestep)
@@ -217,7 +230,7 @@ def sensitivity(
 
     with sim.full_precision():
         reference = run()
-    all_on = probe.errors(run(), reference)
+    all_on = probe.errors(run(), reference, target)
     nodes = {str(n.target): n for n in prepared.graph.nodes if n.op == "call_module"}
     todo: list[tuple[str, str]] = []
     if "activation" in kinds:
@@ -231,7 +244,7 @@ def sensitivity(
             switch = sim.acts[name] if kind == "activation" else sim.layers[name]
             switch.enabled = True
             try:
-                errors = probe.errors(run(), reference)
+                errors = probe.errors(run(), reference, target)
             finally:
                 switch.enabled = False
             node = nodes[name]
@@ -240,7 +253,7 @@ def sensitivity(
             rows.append(QuantizerSensitivity(name, kind, observed, layers, errors))
     finally:
         _switch_all(sim, True)
-    report = SensitivityReport(tuple(probe.timesteps), tuple(rows), all_on, rows_per_timestep)
+    report = SensitivityReport(tuple(probe.timesteps), tuple(rows), all_on, rows_per_timestep, target)
     logger.info("sensitivity of %d quantizers over %d timesteps; worst: %s", len(rows), len(probe.timesteps),
                 [(r.value, round(r.worst, 4)) for r in report.ranked()[:3]])
     return report
