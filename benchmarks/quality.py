@@ -270,7 +270,11 @@ def main() -> None:
                    "seconds": seconds,
                    "keep_float": list(qunet.quantization_info["config"]["keep_float"]),
                    "float_tail_below": (qunet.quantization_info.get("float_tail") or {}).get("below"),
-                   "reconstruction_choice": (qunet.quantization_info.get("reconstruction") or {}).get("choice")}
+                   "reconstruction_choice": (qunet.quantization_info.get("reconstruction") or {}).get("choice"),
+                   # the passes' keep/drop decisions (None on correction variant rows: they carry the base run's info)
+                   "spread_kept": (qunet.quantization_info.get("prediction_spread") or {}).get("kept"),
+                   "output_correction_groups_kept": (qunet.quantization_info.get("bias_correction") or {}).get(
+                       "num_groups_kept")}
             results.append(res)
             write_tables(args, results)
         print(f"[{args.model}] {label}: FD {res['fd_mean']:.3f} ± {res['fd_std']:.3f} = {res['ratio_mean']:.3f}x FP "
