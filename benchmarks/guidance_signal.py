@@ -22,8 +22,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from diffusers import DDIMScheduler
@@ -34,18 +34,6 @@ import qdiff_ao  # noqa: E402
 from qdiff_ao.app.sampling import initial_noise  # noqa: E402
 from qdiff_ao.app.zoo.sampling import load_zoo  # noqa: E402
 from qdiff_ao.deploy.fake_quant_view import fake_quant_view  # noqa: E402
-
-
-class _Graph(torch.nn.Module):
-    """A converted graph or view, called like a UNet (``.sample`` output)."""
-
-    def __init__(self, gm: torch.fx.GraphModule) -> None:
-        super().__init__()
-        self.gm = gm.eval()
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> Any:
-        return argparse.Namespace(sample=self.gm(sample=sample, timestep=timestep,
-                                                 encoder_hidden_states=encoder_hidden_states))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -73,10 +61,12 @@ def main() -> None:
         cfg = qdiff_ao.QuantConfig(weight_bits=args.bits[0], act_bits=args.bits[1])
         qunet = qdiff_ao.quantize(zoo.unet, zoo.scheduler, cfg, num_timesteps=20, samples_per_timestep=32,
                                   **zoo.calibration_kwargs())
-    models = {"lowered": qunet, "base graph, Q/DQ view": _Graph(fake_quant_view(qunet.graph_module)),
-              "base graph, integer weights, float activations":
-                  _Graph(fake_quant_view(qunet.graph_module, float_activations=True))}
+    qdq, weights_only = fake_quant_view(qunet.graph_module), fake_quant_view(qunet.graph_module, float_activations=True)
     qunet.optimize_for_inference()
+    # every model as keyword inputs -> output tensor (the views are graphs: they return the tensor itself)
+    models: dict[str, Callable[..., torch.Tensor]] = {
+        "lowered": lambda **x: qunet(**x).sample, "base graph, Q/DQ view": qdq.eval(),
+        "base graph, integer weights, float activations": weights_only.eval()}
     tokens, scale = zoo.tokens, zoo.entry.guidance_scale
     b = args.samples
     labels = torch.arange(b) % 100 % tokens.num_classes  # quality.py's class order (batches of 100)
@@ -86,15 +76,16 @@ def main() -> None:
     sched.set_timesteps(args.steps)
     x = initial_noise(zoo.unet, b, seed=1000)
 
-    def branches(model: Any, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def branches(model: Callable[..., torch.Tensor], t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            out = model(torch.cat([x, x]), torch.full((2 * b,), int(t)), encoder_hidden_states=states).sample
+            out = model(sample=torch.cat([x, x]), timestep=torch.full((2 * b,), int(t)),
+                        encoder_hidden_states=states)
         return out[:b], out[b:]
 
     table: dict[str, list[tuple[float, ...]]] = {name: [] for name in models}
     signal = []
     for t in sched.timesteps:
-        u, c = branches(zoo.unet, t)
+        u, c = branches(lambda **x: zoo.unet(**x).sample, t)
         f_fp, g_fp = u + scale * (c - u), c - u
         signal.append(float(g_fp.norm() / u.norm()))
         for name, model in models.items():

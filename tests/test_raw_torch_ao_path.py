@@ -15,7 +15,7 @@ import torch
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 import qdiff_ao
-from tests.unet_factory import build_unet, unet_inputs
+from tests.unet_factory import build_unet, calibrated_unet, unet_inputs
 
 
 def _calib(family: str) -> qdiff_ao.CalibrationSet:
@@ -78,8 +78,6 @@ def test_without_custom_configs_the_error_says_how_to_fix_it() -> None:
 
 def test_convert_leaves_the_prepared_graph_working_unless_asked_inplace() -> None:
     """convert_fx rewrites its input; qdiff_ao.convert lowers a copy (torch.ao eager convert's inplace=False)."""
-    from tests.unet_factory import calibrated_unet
-
     _, prepared = calibrated_unet("attn", qdiff_ao.QuantConfig(weight_bits=4, act_bits=8))
     x = unet_inputs("attn", 3, t=400, seed=5)
     code, state = prepared.code, {k: v.clone() for k, v in prepared.state_dict().items()}
