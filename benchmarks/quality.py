@@ -273,6 +273,7 @@ def main() -> None:
                    "reconstruction_choice": (qunet.quantization_info.get("reconstruction") or {}).get("choice"),
                    # the passes' keep/drop decisions (None on correction variant rows: they carry the base run's info)
                    "spread_kept": (qunet.quantization_info.get("prediction_spread") or {}).get("kept"),
+                   "spread_harm_z": (qunet.quantization_info.get("prediction_spread") or {}).get("held_harm_z"),
                    "output_correction_groups_kept": (qunet.quantization_info.get("bias_correction") or {}).get(
                        "num_groups_kept")}
             results.append(res)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import qdiff_ao
 from qdiff_ao.passes.denoised_view import PREDICTION_TYPES, predicted_x0, rescale_x0_spread
 from qdiff_ao.passes.output_correction import OUTPUT_CORRECTION, add_output_correction
-from qdiff_ao.passes.prediction_spread import match_prediction_spread
+from qdiff_ao.passes.prediction_spread import HARM_Z, match_prediction_spread, paired_harm
 from tests.quality_fixtures import build_unet, calibrated_prepared, unet_inputs
 
 
@@ -44,6 +44,41 @@ def test_rescaled_prediction_has_the_rescaled_x0(kind: str, a: float, spread: fl
     guided = rescale_x0_spread(u + w * (c - u), x, alpha, s, m, kind)
     ru, rc = rescale_x0_spread(u, x, alpha, s, m, kind), rescale_x0_spread(c, x, alpha, s, m, kind)
     assert torch.allclose(ru + w * (rc - ru), guided, atol=1e-4 * (1 + guided.abs().max()))
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(2, 24), shift=st.floats(0.05, 3.0), seed=st.integers(0, 2**16))
+def test_paired_harm_sees_a_move_away_and_nothing_in_no_move(n: int, shift: float, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    ref = torch.randn(n, 3, 4, 4, generator=g)
+    err = torch.randn(n, 3, 4, 4, generator=g)
+    before = ref + 0.1 * err / err.flatten(1).norm(dim=1).view(-1, 1, 1, 1)  # every sample 0.1 from its twin
+    assert paired_harm(before, before, ref) == (0.0, 0.0)  # no move: no evidence either way
+    # every sample pushed further from its twin along its own error by the same factor: equal d_j > 0, so the
+    # evidence is as strong as it gets whatever N
+    away = ref + (1 + shift) * (before - ref)
+    mean, z = paired_harm(before, away, ref)
+    assert mean > 0 and z > HARM_Z
+    # the same pair read the other way round is a measured improvement: the mean flips sign exactly
+    back_mean, back_z = paired_harm(away, before, ref)
+    assert back_mean == pytest.approx(-mean, rel=1e-9) and back_z < -HARM_Z
+
+
+def test_paired_harm_does_not_let_one_diverged_sample_decide() -> None:
+    """Fifteen samples move slightly closer and one ends far away (a trajectory that lands on another image): the
+    summed distance grows, which the plain rel. L2 comparison counted as harm; the paired test sees no evidence."""
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(16, 3, 8, 8, generator=g)
+    before = ref + 0.1 * torch.randn(16, 3, 8, 8, generator=g)
+    after = ref + 0.95 * (before - ref)
+    after[0] = ref[0] + torch.randn(3, 8, 8, generator=g)
+    assert (after - ref).norm() > (before - ref).norm()
+    mean, z = paired_harm(before, after, ref)
+    assert mean > 0 and z <= HARM_Z
+    with pytest.raises(ValueError, match=">= 2 samples"):
+        paired_harm(before[:1], after[:1], ref[:1])
+    with pytest.raises(ValueError, match="equal shapes"):
+        paired_harm(before, after[:8], ref)
 
 
 def test_spread_is_added_to_an_existing_correction_and_survives_a_checkpoint(tmp_path: Path) -> None:
@@ -133,7 +168,7 @@ def test_quantize_with_spread_runs_end_to_end_and_records_the_decision() -> None
                               samples_per_timestep=4, reconstruct=False, precision_fallback=False,
                               prediction_spread=True, progress=False)
     report = qunet.quantization_info["prediction_spread"]
-    assert set(report) >= {"kept", "held_mismatch_before", "held_mismatch_after", "spread"}
+    assert set(report) >= {"kept", "held_mismatch_before", "held_mismatch_after", "held_harm_z", "spread"}
     module = getattr(qunet.graph_module, OUTPUT_CORRECTION)
     assert (module.spread_gain is not None) == report["kept"]
     with torch.no_grad():

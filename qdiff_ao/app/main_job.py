@@ -376,7 +376,8 @@ def _markdown(r: dict[str, Any]) -> str:
     if spread is not None:
         lines += [f"Denoised-spread correction: {'kept' if spread['kept'] else 'not kept'} (held-back sampler runs: "
                   f"spread mismatch to FP {spread['held_mismatch_before']:.4f} -> {spread['held_mismatch_after']:.4f}, "
-                  f"rel. L2 to FP samples {spread['held_rel_l2_before']:.4f} -> {spread['held_rel_l2_after']:.4f}).",
+                  f"rel. L2 to FP samples {spread['held_rel_l2_before']:.4f} -> {spread['held_rel_l2_after']:.4f}"
+                  + (f", paired harm z {spread['held_harm_z']:.2f}" if "held_harm_z" in spread else "") + ").",
                   ""]
     choice = r.get("reconstruction_choice")
     if choice is not None:

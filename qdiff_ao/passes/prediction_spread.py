@@ -24,8 +24,15 @@ How (fitted on sampler runs, checked on others):
    fitted on the trajectory that the earlier corrections produce;
 3. on held-back noise both models sample again, the quantized one with and without the correction; the correction is
    kept only if it brings the final samples' per-channel spread closer to the float samples'
-   (``mean_c |log(std_q / std_fp)|``) *and* does not move the samples further from the float model's
-   (``|x_q - x_fp| / |x_fp|``, same noise).
+   (``mean_c |log(std_q / std_fp)|``) *and* the held-back runs give no evidence that it moves the samples further
+   from the float model's (same noise): with ``d_j = |x_after,j - x_fp,j|^2 - |x_before,j - x_fp,j|^2`` per
+   trajectory ``j``, it is dropped when ``mean(d) > 2 std(d) / sqrt(N)`` (a one-sided paired test at ~2.3%).
+
+Why a paired test and not ``rel_l2_after <= rel_l2_before``: the distance of a sample to its float twin is
+dominated by the few trajectories that end on another image, so on 16 trajectories the plain comparison flips with
+the noise seed. Measured on shapes32 W8A8 (2 threads): the fitted spreads agreed to 0.01 over fitting seeds 0, 2
+and 4, and the spread mismatch fell in every run, but the rel. L2 comparison dropped the correction at seed 0
+(0.085 -> 0.095) and kept it at seeds 2 and 4; the dropped run's row was 1.136x FP, against 1.060x with it kept.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from qdiff_ao.passes.output_correction import OUTPUT_CORRECTION, TimestepOutputC
 from qdiff_ao.passes.sampler_runs import float_denoiser, prediction_view, quantized_denoiser, run_sampler
 from qdiff_ao.quantizers.timestep_grids import contiguous_groups, group_boundaries
 
-__all__ = ["SAMPLER_ARGUMENTS", "match_prediction_spread"]
+__all__ = ["HARM_Z", "SAMPLER_ARGUMENTS", "match_prediction_spread", "paired_harm"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +68,27 @@ def _channel_moments(x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _spread_mismatch(x: torch.Tensor, ref: torch.Tensor) -> float:
     """``mean_c |log(std_c(x) / std_c(ref))|``."""
     return float((_channel_moments(x)[1] / _channel_moments(ref)[1]).log().abs().mean())
+
+
+HARM_Z = 2.0
+"""One-sided z of the paired test that drops the correction (module docstring, step 3)."""
+
+
+def paired_harm(before: torch.Tensor, after: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """``(mean(d), z)`` with ``d_j = |after_j - ref_j|^2 - |before_j - ref_j|^2`` per sample ``j`` (dim 0) and
+    ``z = mean(d) / (std(d) / sqrt(N))`` (``inf`` / ``-inf`` / 0 when every ``d_j`` is equal); ``z > HARM_Z``
+    means the held-back runs show that ``after`` ends further from ``ref`` than ``before``."""
+    if not before.shape == after.shape == ref.shape or before.dim() < 1 or before.shape[0] < 2:
+        raise ValueError(f"need three equal shapes with >= 2 samples in dim 0, got {tuple(before.shape)}, "
+                         f"{tuple(after.shape)}, {tuple(ref.shape)}")
+    def sq(x: torch.Tensor) -> torch.Tensor:
+        return (x.double() - ref.double()).flatten(1).pow(2).sum(1)
+
+    d = sq(after) - sq(before)
+    mean, std = float(d.mean()), float(d.std(unbiased=True))
+    if std == 0.0:  # every sample moved by the same amount (e.g. none moved)
+        return mean, float("inf") if mean > 0 else float("-inf") if mean < 0 else 0.0
+    return mean, mean / (std / d.numel() ** 0.5)
 
 
 @torch.no_grad()
@@ -94,7 +122,7 @@ def match_prediction_spread(
 
     Returns:
         ``prepared``; the report ``{"kept", "prediction_type", "spread", "centre" (per group, channel means),
-        "held_mismatch_before", "held_mismatch_after", "held_rel_l2_before", "held_rel_l2_after"}`` in
+        "held_mismatch_before", "held_mismatch_after", "held_rel_l2_before", "held_rel_l2_after", "held_harm_z"}`` in
         ``graph_info(prepared).prediction_spread``.
 
     Raises:
@@ -178,7 +206,8 @@ def match_prediction_spread(
     after = run_sampler(plan, quantized, noise(1), corrected, seed + 1)
     mismatch = (_spread_mismatch(before, ref), _spread_mismatch(after, ref))
     rel_l2 = tuple(float((x - ref).norm() / ref.norm()) for x in (before, after))
-    kept = mismatch[1] < mismatch[0] and rel_l2[1] <= rel_l2[0]
+    _, harm_z = paired_harm(before, after, ref)
+    kept = mismatch[1] < mismatch[0] and harm_z <= HARM_Z
     if kept:
         layout = existing.layout() if existing is not None else {"gain": False, "input_gain": False}
         module = add_output_correction(prepared, num, channels, gain=layout["gain"], input_gain=layout["input_gain"],
@@ -192,8 +221,8 @@ def match_prediction_spread(
     report = {"kept": kept, "prediction_type": kind, "spread": [float(v) for v in spread.mean(1)],
               "centre": [float(v) for v in centre.mean(1)], "held_mismatch_before": mismatch[0],
               "held_mismatch_after": mismatch[1], "held_rel_l2_before": rel_l2[0], "held_rel_l2_after": rel_l2[1],
-              "num_trajectories": num_trajectories, "num_inference_steps": num_inference_steps}
+              "held_harm_z": harm_z, "num_trajectories": num_trajectories, "num_inference_steps": num_inference_steps}
     update_graph_info(prepared, prediction_spread=report)
-    logger.info("denoised spread %s: held-back spread mismatch %.4f -> %.4f, rel. L2 to float %.4f -> %.4f",
-                "kept" if kept else "not kept", *mismatch, *rel_l2)
+    logger.info("denoised spread %s: held-back spread mismatch %.4f -> %.4f, rel. L2 to float %.4f -> %.4f "
+                "(paired harm z %.2f)", "kept" if kept else "not kept", *mismatch, *rel_l2, harm_z)
     return prepared
