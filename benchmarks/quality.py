@@ -271,7 +271,7 @@ def main() -> None:
                    "keep_float": list(qunet.quantization_info["config"]["keep_float"]),
                    "float_tail_below": (qunet.quantization_info.get("float_tail") or {}).get("below"),
                    "reconstruction_choice": (qunet.quantization_info.get("reconstruction") or {}).get("choice"),
-                   # the passes' keep/drop decisions (None on correction variant rows: they carry the base run's info)
+                   # the passes' keep/drop decisions (None where the row's correction pass did not run)
                    "spread_kept": (qunet.quantization_info.get("prediction_spread") or {}).get("kept"),
                    "spread_harm_z": (qunet.quantization_info.get("prediction_spread") or {}).get("held_harm_z"),
                    "output_correction_groups_kept": (qunet.quantization_info.get("bias_correction") or {}).get(
@@ -326,8 +326,10 @@ def main() -> None:
                 except ValueError as err:  # e.g. the output layer was kept in float: no bias to fold into
                     print(f"[{args.model}] {label}: skipped ({err})", flush=True)
                     continue
+                info = qdiff_ao.graph_info(prepared)  # this variant's own correction decisions
+                decisions = {"bias_correction": info.bias_correction, "prediction_spread": info.prediction_spread}
                 variant_qunet = qdiff_ao.QuantizedUNet(qdiff_ao.convert(prepared), like=unet)
-                variant_qunet.quantization_info = qunet.quantization_info
+                variant_qunet.quantization_info = {**qunet.quantization_info, **decisions}
                 finish(label + tag, variant_qunet, seconds)
     write_tables(args, results)
 
