@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,7 @@ def test_paired_harm_sees_a_move_away_and_nothing_in_no_move(n: int, shift: floa
     # the same pair read the other way round is a measured improvement: the mean flips sign exactly
     back_mean, back_z = paired_harm(away, before, ref)
     assert back_mean == pytest.approx(-mean, rel=1e-9) and back_z < -HARM_Z
+    assert math.isfinite(z) and math.isfinite(back_z)  # the reports are written as strict JSON
 
 
 def test_paired_harm_does_not_let_one_diverged_sample_decide() -> None:

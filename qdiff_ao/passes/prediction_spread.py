@@ -76,18 +76,19 @@ HARM_Z = 2.0
 
 def paired_harm(before: torch.Tensor, after: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     """``(mean(d), z)`` with ``d_j = |after_j - ref_j|^2 - |before_j - ref_j|^2`` per sample ``j`` (dim 0) and
-    ``z = mean(d) / (std(d) / sqrt(N))`` (``inf`` / ``-inf`` / 0 when every ``d_j`` is equal); ``z > HARM_Z``
-    means the held-back runs show that ``after`` ends further from ``ref`` than ``before``."""
+    ``z = mean(d) / (std(d) / sqrt(N))``, with ``std(d)`` floored at ``1e-12`` of the mean squared distances (so
+    ``z`` stays finite, as the strict-JSON reports need, and is huge when every ``d_j`` is the same nonzero
+    value); ``z > HARM_Z`` means the held-back runs show that ``after`` ends further from ``ref`` than ``before``."""
     if not before.shape == after.shape == ref.shape or before.dim() < 1 or before.shape[0] < 2:
         raise ValueError(f"need three equal shapes with >= 2 samples in dim 0, got {tuple(before.shape)}, "
                          f"{tuple(after.shape)}, {tuple(ref.shape)}")
+
     def sq(x: torch.Tensor) -> torch.Tensor:
         return (x.double() - ref.double()).flatten(1).pow(2).sum(1)
 
     d = sq(after) - sq(before)
-    mean, std = float(d.mean()), float(d.std(unbiased=True))
-    if std == 0.0:  # every sample moved by the same amount (e.g. none moved)
-        return mean, float("inf") if mean > 0 else float("-inf") if mean < 0 else 0.0
+    floor = 1e-12 * float(sq(before).mean() + sq(after).mean()) + 1e-300
+    mean, std = float(d.mean()), max(float(d.std(unbiased=True)), floor)
     return mean, mean / (std / d.numel() ** 0.5)
 
 
