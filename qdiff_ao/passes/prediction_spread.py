@@ -86,8 +86,9 @@ def paired_harm(before: torch.Tensor, after: torch.Tensor, ref: torch.Tensor) ->
     def sq(x: torch.Tensor) -> torch.Tensor:
         return (x.double() - ref.double()).flatten(1).pow(2).sum(1)
 
-    d = sq(after) - sq(before)
-    floor = 1e-12 * float(sq(before).mean() + sq(after).mean()) + 1e-300
+    sq_before, sq_after = sq(before), sq(after)
+    d = sq_after - sq_before
+    floor = 1e-12 * float(sq_before.mean() + sq_after.mean()) + 1e-300
     mean, std = float(d.mean()), max(float(d.std(unbiased=True)), floor)
     return mean, mean / (std / d.numel() ** 0.5)
 
