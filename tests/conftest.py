@@ -23,6 +23,7 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 _EXAMPLES = {"count": 0}
+_WORKER_EXAMPLES = {"count": 0}  # summed from the xdist workers' reports (controller only)
 
 
 def _counting(inner):  # type: ignore[no-untyped-def]
@@ -43,7 +44,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             handle.inner_test._qdiff_counted = True
 
 
-def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+def pytest_configure(config: pytest.Config) -> None:
+    # Under pytest-xdist (scripts/test.sh runs `-n 2`) the cores are shared out between the worker processes:
+    # each worker keeping torch's default of one thread per core would put 2N busy threads on N cores. Tests that
+    # need a given thread count (the golden recipe, the distributed ranks) still set it themselves.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if os.environ.get("PYTEST_XDIST_WORKER") and workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+def _examples_here() -> int:
+    """Hypothesis examples generated in this process: the wrapped tests' and the property-test kit's own."""
     total = _EXAMPLES["count"]
     try:
         from qdiff_ao.testing import examples_run  # the property-test kit counts its own examples
@@ -51,12 +64,29 @@ def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untype
         total += examples_run()
     except ImportError:
         pass
+    return total
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:  # an xdist worker: the controller prints the summary, so hand it this worker's count
+        output["hypothesis_examples"] = _examples_here()
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: absent (and never called) without pytest-xdist
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    _WORKER_EXAMPLES["count"] += int(getattr(node, "workeroutput", {}).get("hypothesis_examples", 0))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    total = _examples_here() + _WORKER_EXAMPLES["count"]
     terminalreporter.write_line(f"hypothesis: {total} generated examples ran in this session")
 
 
 @pytest.fixture(scope="session")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], tuple[Any, Path]]:
-    """(arch, scheme) -> (in-memory quantized UNet, its checkpoint directory), built once per test session.
+    """(arch, scheme) -> (in-memory quantized UNet, its checkpoint directory), built once per test process (per
+    pytest-xdist worker that needs it).
 
     Shared by tests/test_checkpoint.py and tests/test_checkpoint_validation.py (quantizing is the slow part).
     """
