@@ -48,6 +48,7 @@ from qdiff_ao.calibration.calibration_set import CalibrationSet
 from qdiff_ao.capture.graph_state import update_graph_info
 from qdiff_ao.passes.denoised_view import alpha_bar_at, predicted_x0, rescale_x0_spread
 from qdiff_ao.passes.output_correction import OUTPUT_CORRECTION, TimestepOutputCorrection, add_output_correction
+from qdiff_ao.passes.paired_trajectories import paired_z
 from qdiff_ao.passes.sampler_runs import float_denoiser, prediction_view, quantized_denoiser, run_sampler
 from qdiff_ao.quantizers.timestep_grids import contiguous_groups, group_boundaries
 
@@ -76,9 +77,9 @@ HARM_Z = 2.0
 
 def paired_harm(before: torch.Tensor, after: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     """``(mean(d), z)`` with ``d_j = |after_j - ref_j|^2 - |before_j - ref_j|^2`` per sample ``j`` (dim 0) and
-    ``z = mean(d) / (std(d) / sqrt(N))``, with ``std(d)`` floored at ``1e-12`` of the mean squared distances (so
-    ``z`` stays finite, as the strict-JSON reports need, and is huge when every ``d_j`` is the same nonzero
-    value); ``z > HARM_Z`` means the held-back runs show that ``after`` ends further from ``ref`` than ``before``."""
+    ``z = mean(d) / (std(d) / sqrt(N))`` (``passes.paired_trajectories.paired_z`` on the squared distances: ``z``
+    stays finite); ``z > HARM_Z`` means the held-back runs show that ``after`` ends further from ``ref`` than
+    ``before``."""
     if not before.shape == after.shape == ref.shape or before.dim() < 1 or before.shape[0] < 2:
         raise ValueError(f"need three equal shapes with >= 2 samples in dim 0, got {tuple(before.shape)}, "
                          f"{tuple(after.shape)}, {tuple(ref.shape)}")
@@ -86,11 +87,7 @@ def paired_harm(before: torch.Tensor, after: torch.Tensor, ref: torch.Tensor) ->
     def sq(x: torch.Tensor) -> torch.Tensor:
         return (x.double() - ref.double()).flatten(1).pow(2).sum(1)
 
-    sq_before, sq_after = sq(before), sq(after)
-    d = sq_after - sq_before
-    floor = 1e-12 * float(sq_before.mean() + sq_after.mean()) + 1e-300
-    mean, std = float(d.mean()), max(float(d.std(unbiased=True)), floor)
-    return mean, mean / (std / d.numel() ** 0.5)
+    return paired_z(sq(before), sq(after))
 
 
 @torch.no_grad()

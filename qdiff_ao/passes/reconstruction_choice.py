@@ -58,6 +58,7 @@ from qdiff_ao.calibration.distributed import rank_and_world
 from qdiff_ao.capture.graph_state import graph_info, update_graph_info
 from qdiff_ao.config import ReconstructionConfig
 from qdiff_ao.passes.denoised_view import alpha_bar_at, predicted_x0
+from qdiff_ao.passes.paired_trajectories import switch_confidence
 from qdiff_ao.passes.prediction_spread import SAMPLER_ARGUMENTS
 from qdiff_ao.passes.reconstruction.resume_state import ReconstructionState
 from qdiff_ao.passes.reconstruction.runner import reconstruct
@@ -180,22 +181,6 @@ def sample_score(candidates: list[fx.GraphModule], plan: SamplerPlan, *, num_tra
     reference, errors = trajectory_errors(candidates, plan, num_trajectories=num_trajectories,
                                           score_timestep=score_timestep, seed=seed)
     return _scores_and_ratios(reference, errors)
-
-
-def switch_confidence(costs_a: torch.Tensor, costs_b: torch.Tensor, *, resamples: int = 2000, seed: int = 0) -> float:
-    """How sure the trajectories are that B is better than A: the share of paired bootstrap resamples of the ``N``
-    trajectories (the same indices for A and B, since both ran from the same noise) in which
-    ``mean(costs_b) < mean(costs_a)``; costs are per trajectory, lower is better (e.g. ``sample_distance``).
-
-    Why: with ``N`` = 64 trajectories two runs that sample alike get means a few hundredths apart by chance;
-    switching on such a difference only trades one random draw for another.
-    """
-    n = costs_a.numel()
-    if costs_b.numel() != n:
-        raise ValueError(f"costs_a and costs_b must hold one cost per trajectory each, got {n} and {costs_b.numel()}")
-    idx = torch.randint(0, n, (resamples, n), generator=torch.Generator().manual_seed(seed))
-    better = costs_b.double()[idx].mean(1) < costs_a.double()[idx].mean(1)
-    return float(better.double().mean())
 
 
 def reconstruct_and_choose(
