@@ -45,9 +45,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # Under pytest-xdist (scripts/test.sh runs `-n 2`) the cores are shared out between the worker processes:
-    # each worker keeping torch's default of one thread per core would put 2N busy threads on N cores. Tests that
-    # need a given thread count (the golden recipe, the distributed ranks) still set it themselves.
+    # Under pytest-xdist (scripts/test.sh runs `-n auto`: one worker per core) the cores are shared out between the
+    # worker processes: each keeping torch's default of one thread per core would put 2N busy threads on N cores.
+    # Tests that need a given thread count (the golden recipe, the distributed ranks) still set it themselves.
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if os.environ.get("PYTEST_XDIST_WORKER") and workers > 1:
         import torch
