@@ -28,7 +28,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -51,9 +50,9 @@ from qdiff_ao.config import QuantConfig
 from qdiff_ao.deploy.quantized_unet import QuantizedUNet
 from qdiff_ao.deploy.timestep_dispatch import lower_groups
 from qdiff_ao.passes.attention_operands import choose_attention_grids
+from qdiff_ao.passes.fallback_rounds import run_fallback_rounds
 from qdiff_ao.passes.float_tail_choice import choose_float_tail
 from qdiff_ao.passes.output_correction import correct_output
-from qdiff_ao.passes.precision_fallback import choose_float_layers
 from qdiff_ao.passes.prediction_spread import SAMPLER_ARGUMENTS, match_prediction_spread
 from qdiff_ao.passes.reconstruction.runner import reconstruct as run_reconstruction
 from qdiff_ao.passes.reconstruction_choice import reconstruct_and_choose
@@ -121,35 +120,6 @@ def convert(prepared: fx.GraphModule, *, inplace: bool = False) -> fx.GraphModul
     if not has_graph_info(prepared):
         return chosen.convert(prepared)
     return lower_groups(prepared, chosen.convert)[0]
-
-
-def _fallback_rounds(
-    unet: nn.Module, cfg: QuantConfig, prepared: fx.GraphModule, calib: CalibrationSet, example_rows: int,
-    split: bool, batch_size: int, progress: bool, rounds: int, budget: float = 0.05,
-) -> tuple[dict[str, Any], QuantConfig, fx.GraphModule]:
-    """Measured float fallback, repeated; returns (merged report, config with keep_float, calibrated graph).
-
-    Round k's budget is what is left of ``budget`` (a share of the original quantized multiply-accumulates),
-    expressed as a share of the layers still quantized: ``(budget - used) / (1 - used)``.
-    """
-    used, forwards, done = 0.0, 0, 0
-    layers: list[str] = []
-    harmful: list[dict[str, Any]] = []
-    for _ in range(rounds):
-        decision = choose_float_layers(prepared, calib, max_macs_fraction=max(0.0, (budget - used) / (1 - used)))
-        done += 1
-        forwards += decision.forwards
-        harmful += [dict(h, round=done) for h in decision.harmful]
-        new_layers = tuple(n for n in decision.layers if n not in cfg.keep_float)
-        if not new_layers:
-            break
-        used += decision.macs_fraction * (1 - used)
-        layers += new_layers
-        cfg = dataclasses.replace(cfg, keep_float=cfg.keep_float + new_layers)
-        prepared = prepare(unet, cfg, calib.example_inputs(example_rows), split=split)
-        calibrate(prepared, calib, batch_size=batch_size, progress=progress)
-    report = {"layers": layers, "harmful": harmful, "macs_fraction": used, "forwards": forwards, "rounds": done}
-    return report, cfg, prepared
 
 
 def scoring_sampler(scheduler: Any) -> DDIMScheduler:
@@ -242,7 +212,8 @@ def quantize(
             5% of the quantized multiply-accumulates (``qdiff_ao.passes.choose_float_layers``); the chosen names
             go to ``cfg.keep_float``. Weights-only configs (``act_bits=None``): only weight quantizers compete.
         fallback_rounds: measurement rounds of the fallback: after each round that keeps new layers in float the
-            model is prepared and calibrated again and measured again (a dominant quantizer hides the next one:
+            model is prepared again (observer statistics copied over, ``qdiff_ao.passes.fallback_rounds``) and
+            measured again (a dominant quantizer hides the next one:
             the input quantizer's error near t = 0 dwarfs the rest until it is gone), until a round finds nothing
             or the 5% budget, shared by all rounds, is spent.
         calib: a ready CalibrationSet.
@@ -312,8 +283,9 @@ def quantize(
     fallback = None
     if precision_fallback:  # weights-only too: a 4-bit output layer can carry most of the error alone
         t0 = time.perf_counter()
-        fallback, cfg, prepared = _fallback_rounds(unet, cfg, prepared, calib, example_rows, split, batch_size,
-                                                   progress, fallback_rounds)
+        fallback, cfg, prepared = run_fallback_rounds(
+            prepared, cfg, calib, lambda c: prepare(unet, c, calib.example_inputs(example_rows), split=split),
+            rounds=fallback_rounds, batch_size=batch_size, progress=progress)
         timings["precision_fallback_s"] = time.perf_counter() - t0
     attention_grids = None
     if cfg.attention_symmetric == "measured" and cfg.act_bits is not None:  # on the final calibration
