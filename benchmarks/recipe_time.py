@@ -59,8 +59,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| **total (wall, around the call)** | {total:.1f} | **{total / 60:.2f}** |")
     fallback = qunet.quantization_info.get("precision_fallback") or {}
     if fallback:
-        # each round that keeps new layers prepares and calibrates the graph again: its cost is in this step's time
-        print(f"precision fallback: {fallback.get('rounds')} rounds, {fallback.get('forwards')} simulation forwards, "
+        # each round that keeps new layers prepares the graph again (and calibrates it again only when its observer
+        # statistics could not be copied over: "recalibrations"); its cost is in this step's time
+        print(f"precision fallback: {fallback.get('rounds')} rounds ({fallback.get('recalibrations')} calibrated "
+              f"again), {fallback.get('forwards')} simulation forwards, "
               f"{len(fallback.get('harmful', []))} harmful quantizers, {len(fallback.get('layers', []))} layers kept "
               f"in float ({100 * fallback.get('macs_fraction', 0.0):.2f}% of MACs): {fallback.get('layers')}")
     recon = qunet.quantization_info.get("reconstruction") or {}
