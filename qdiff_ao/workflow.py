@@ -213,9 +213,9 @@ def quantize(
             go to ``cfg.keep_float``. Weights-only configs (``act_bits=None``): only weight quantizers compete.
         fallback_rounds: measurement rounds of the fallback: after each round that keeps new layers in float the
             model is prepared again (observer statistics copied over, ``qdiff_ao.passes.fallback_rounds``) and
-            measured again (a dominant quantizer hides the next one:
-            the input quantizer's error near t = 0 dwarfs the rest until it is gone), until a round finds nothing
-            or the 5% budget, shared by all rounds, is spent.
+            measured again (a dominant quantizer hides the next one: the input quantizer's error near t = 0 dwarfs
+            the rest until it is gone), until a round finds nothing or the 5% budget, shared by all rounds, is
+            spent.
         calib: a ready CalibrationSet.
         batch_size: calibration batch size.
         seed: seed of calibration sampling.
