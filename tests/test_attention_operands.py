@@ -166,6 +166,10 @@ def test_openvino_runs_the_attention_matmuls_on_int8_operands() -> None:
     """With symmetric Q, K, V OpenVINO fuses each attention into a subgraph with three INT8 inputs (Q, K, V);
     with the default affine ones it does not; the measured choice (all cheap on this model) gives the first."""
     pytest.importorskip("openvino")
+    if torch.backends.cpu.get_cpu_capability() == "AVX2":
+        # seen on an AVX2-only AMD EPYC (2026-12-07): OpenVINO builds no INT8 attention subgraph there, with either
+        # grid, so the comparison this test makes does not exist on that CPU kind
+        pytest.skip("OpenVINO fuses INT8 attention only on CPUs with AVX-512 (this one is AVX2-only)")
     from qdiff_ao.deploy.openvino_runtime import OpenVINOGraph
 
     def int8_attention_subgraphs(cfg: qdiff_ao.QuantConfig) -> int:

@@ -39,7 +39,16 @@ def test_view_equals_the_prepared_graphs_fake_quant_copy(family: str, weight_bit
     assert sum(isinstance(m, WeightQDQ) for m in view.modules()) == counts["weight_qdq"]
     x = unet_inputs(family, 3, t=400, seed=5)
     with torch.no_grad():
-        assert torch.equal(_sample(view(**x)), _sample(simulation(**x)))
+        a, b = _sample(view(**x)), _sample(simulation(**x))
+    if torch.backends.cpu.get_cpu_capability() != "AVX2":
+        assert torch.equal(a, b)
+    else:
+        # AVX2-only CPUs (AMD EPYC, 2026-12-07, also on 51ac3bd): the two graphs' float convs round differently,
+        # and a value on a rounding boundary of a quantizer moves one code and propagates (4-attn: 21% of the
+        # outputs moved, most by one output step; which cases differ changes between runs). Bounded by 5% rel.
+        # L2 here; a mistranslated module (a dropped ReLU, a wrong scale) moves the output by far more.
+        moved = float((a != b).float().mean())
+        assert float((a - b).norm()) < 0.05 * float(b.norm()), f"{moved:.1%} of the outputs moved"
     assert converted.graph.find_nodes(op="call_function", target=torch.quantize_per_tensor)  # input untouched
 
 
