@@ -50,12 +50,12 @@ def _plain(value: Any) -> bool:
     return isinstance(value, _PLAIN)
 
 
-def configuration(module: nn.Module) -> _Key:
+def _configuration(module: nn.Module) -> _Key:
     """What makes two observers record the same statistics from the same values: the type, the plain public
     attributes, the buffer names, and the same of every submodule (e.g. a timestep-aware observer's base)."""
     attributes = tuple(sorted((k, repr(v)) for k, v in vars(module).items()
                               if not k.startswith("_") and k != "training" and _plain(v)))
-    children = tuple((name, configuration(child)) for name, child in module.named_children())
+    children = tuple((name, _configuration(child)) for name, child in module.named_children())
     return (type(module).__module__, type(module).__qualname__, attributes, tuple(sorted(module._buffers)), children)
 
 
@@ -85,7 +85,7 @@ def _observer_keys(gm: fx.GraphModule) -> dict[str, tuple[list[_Key], list[str]]
         chain, current = [], node
         while (quantizer := quantizer_of(current)) is not None:
             if quantizer not in configs:
-                configs[quantizer] = configuration(gm.get_submodule(quantizer))
+                configs[quantizer] = _configuration(gm.get_submodule(quantizer))
             chain.append(configs[quantizer])
             arg = current.args[0] if current.args else None
             current = arg if isinstance(arg, fx.Node) else None
@@ -122,9 +122,10 @@ def transfer_observer_statistics(source: fx.GraphModule, target: fx.GraphModule)
         not empty nothing was copied: calibrate ``target`` instead.
     """
     source_keys, target_keys = _observer_keys(source), _observer_keys(target)
-    if target_keys == {} and not _updates_buffers_in_forward(target):
+    refused = _updates_buffers_in_forward(target)
+    if target_keys == {} and not refused:
         return []  # nothing observes (weights-only): nothing to calibrate
-    if source_keys is None or target_keys is None or _updates_buffers_in_forward(target):
+    if source_keys is None or target_keys is None or refused:
         return sorted(target_keys) if target_keys else ["<graph>"]
     owner = {key: name for name, (keys, _) in source_keys.items() for key in keys}
     plan: dict[str, str] = {}
