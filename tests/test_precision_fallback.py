@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import pytest
 import torch
 from torch import nn
 
 import qdiff_ao
 from qdiff_ao.passes.precision_fallback import choose_float_layers
+from qdiff_ao.quantizers.simulation import Simulation
 from tests.quality_fixtures import SHAPE, benign_calib, build_unet, calibrated_prepared, late_step_calib
 
 
@@ -118,16 +121,16 @@ def test_groups_hold_one_kind_so_4_bit_weights_do_not_split_every_group(monkeypa
     switched_on: list[tuple[bool, frozenset[str]]] = []  # per forward: any weight quantizer on, activations on
     build = fallback.build_simulation
 
-    def spying(prepared: torch.fx.GraphModule):  # type: ignore[no-untyped-def]
+    def spying(prepared: torch.fx.GraphModule) -> Simulation:
         sim = build(prepared)
         run = sim.run
 
-        def recorded(inputs):  # type: ignore[no-untyped-def]
+        def recorded(inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
             switched_on.append((any(layer.enabled for layer in sim.layers.values()),
                                 frozenset(n for n, a in sim.acts.items() if a.enabled and a.quant is not None)))
             return run(inputs)
 
-        sim.run = recorded  # type: ignore[method-assign]
+        monkeypatch.setattr(sim, "run", recorded)
         return sim
 
     calib = benign_calib()
