@@ -4,11 +4,13 @@ Model level (default): W4A8 plain calibration (4 batches), frozen TorchScript, r
 interleaved rounds (``benchmarks.common.interleaved_ratios``):
 
 - ``fbgemm default``: ``convert_fx``'s f32 attention matmuls on grid values (``integer_attention=False``);
-- ``fbgemm default, integer attention``: ``deploy.integer_attention`` (the ``optimize_for_inference`` default);
+- ``fbgemm default, integer attention``: ``deploy.integer_attention`` (the ``optimize_for_inference`` default),
+  with the GEMM of the codes that ``deploy.gemm_choice`` measures as faster here, and with each GEMM forced;
 - ``fbgemm float attention``: ``QuantConfig(quantize_attention=False)`` (PyTorch's SDPA in f32).
 
-``--kernel``: the attention kernel alone on head layouts of the benchmark models (median ms), integer kernel vs
-the f32 chain vs f32 SDPA.
+``--kernel``: the attention kernel alone on head layouts of the benchmark models (median ms): the integer kernel
+with its codes multiplied on ``torch._int_mm`` and on the exact f32 GEMM (``deploy.gemm_choice``; the same
+numbers), vs the f32 chain vs f32 SDPA.
 
 Usage: ``python benchmarks/integer_attention_speed.py --model {cifar10,cifar10-32heads,sd-shaped} [--rounds 5]``
 """
@@ -36,6 +38,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from benchmarks.distributed_scaling import cpu_flags  # noqa: E402
 from qdiff_ao.deploy.freezing import freeze_graph  # noqa: E402
+from qdiff_ao.deploy.gemm_choice import int_gemm_is_faster  # noqa: E402
 from qdiff_ao.deploy.integer_attention import integer_attention_kernel, lower_integer_attention  # noqa: E402
 
 MODELS = {"cifar10": lambda: cifar10_ddpm_unet(0), "cifar10-32heads": lambda: cifar10_ddpm_unet(0, heads32=True),
@@ -52,15 +55,22 @@ def model_table(name: str, rounds: int) -> None:
     rows: dict[str, Any] = {"FP32 eager": lambda x: unet(**x).sample}
     graph = quantize_plain(unet, qdiff_ao.QuantConfig(weight_bits=4, act_bits=8), calib)
     f32_chain = freeze_graph(graph, example)
-    integer = freeze_graph(lower_integer_attention(graph), example)
+    integer = freeze_graph(lower_integer_attention(graph), example)  # the GEMM the probe picks here
+    on_int_mm = freeze_graph(lower_integer_attention(graph, int_gemm=True), example)
+    on_f32_gemm = freeze_graph(lower_integer_attention(graph, int_gemm=False), example)
     float_attention = freeze_graph(
         quantize_plain(unet, qdiff_ao.QuantConfig(weight_bits=4, act_bits=8, quantize_attention=False), calib), example)
     rows["fbgemm default, f32 attention matmuls"] = lambda x: f32_chain(**x)
-    rows["fbgemm default, integer attention"] = lambda x: integer(**x)
+    rows["fbgemm default, integer attention (the probe's GEMM)"] = lambda x: integer(**x)
+    rows["fbgemm default, integer attention on _int_mm"] = lambda x: on_int_mm(**x)
+    rows["fbgemm default, integer attention on the exact f32 GEMM"] = lambda x: on_f32_gemm(**x)
     rows["fbgemm float attention"] = lambda x: float_attention(**x)
     with torch.no_grad():
         x = unet_inputs(unet, 2, 500, seed=5)
         a, b = f32_chain(**x), integer(**x)
+        same = torch.equal(on_int_mm(**x), on_f32_gemm(**x))
+    print(f"the probe's GEMM here: {'torch._int_mm' if int_gemm_is_faster() else 'exact f32 GEMM'}; "
+          f"integer attention on _int_mm and on the f32 GEMM bit-identical at batch 2: {same}")
     print(f"integer vs f32 attention matmuls, rel. L2 at batch 2: {float((a - b).norm() / a.norm()):.4f} "
           "(code-level differences grown through this random-weight UNet's requantizations)")
     batches = [1, 2] if name == "sd-shaped" else [1, 8]
@@ -83,7 +93,8 @@ def _median_ms(fn: Any, n: int = 7) -> float:
 
 
 def _kernel_row(shape: tuple[int, int, int, int], g: torch.Generator) -> list[float]:
-    """(integer kernel, f32 chain, f32 SDPA) median ms on one attention of ``shape`` = (B, N, heads, d)."""
+    """(integer kernel on torch._int_mm, on the exact f32 GEMM, f32 chain, f32 SDPA) median ms on one attention of
+    ``shape`` = (B, N, heads, d)."""
     b, n, h, d = shape
 
     def source(scale: float, zero: int) -> torch.Tensor:  # a projection's quantized output [B, N, heads * d]
@@ -103,14 +114,19 @@ def _kernel_row(shape: tuple[int, int, int, int], g: torch.Generator) -> list[fl
         return torch.quantize_per_tensor(probs, 1 / 255, 0, torch.quint8).dequantize() @ heads(v_src.dequantize())
 
     with torch.no_grad():
-        return [_median_ms(lambda: integer_attention_kernel(q, k.transpose(-1, -2), v, factor, 1 / 255, 0)),
+        return [*(_median_ms(lambda gemm=int_gemm: integer_attention_kernel(q, k.transpose(-1, -2), v, factor,
+                                                                            1 / 255, 0, int_gemm=gemm))
+                  for int_gemm in (True, False)),
                 _median_ms(chain),
                 _median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qf, kf, vf))]
 
 
 def kernel_table() -> None:
-    print("| model's attention (B, N, heads, d) | integer kernel (ms) | f32 chain (ms) | f32 SDPA (ms) |")
-    print("|---|---:|---:|---:|")
+    print(f"the kernel's GEMM on this CPU (measured once per process): "
+          f"{'torch._int_mm' if int_gemm_is_faster() else 'exact f32 GEMM'}")
+    print("| model's attention (B, N, heads, d) | kernel, _int_mm (ms) | kernel, exact f32 GEMM (ms) | f32 chain (ms) "
+          "| f32 SDPA (ms) |")
+    print("|---|---:|---:|---:|---:|")
     g = torch.Generator().manual_seed(0)
     for name, shape in KERNEL_SHAPES.items():
         cells = _kernel_row(shape, g)

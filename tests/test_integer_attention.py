@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import qdiff_ao
 from qdiff_ao.deploy import integer_attention
+from qdiff_ao.deploy.gemm_choice import EXACT_TERMS, int_gemm_is_faster
 from qdiff_ao.deploy.integer_attention import (
     MIN_SCORES_PER_HEAD,
     IntegerAttention,
@@ -46,12 +47,18 @@ def test_kernel_equals_the_float_chain(lead: list[int], n: int, m: int, d: int, 
                                        seed: int) -> None:
     """Any shapes, zero points, scales, block sizes and probability grids (1/300: probabilities near 1 clip, the
     kernel's clamp path): the integer kernel equals the f32 chain up to f32 rounding, except that a probability on
-    a rounding tie may land one code away (bounded by one code of P times the largest |V|)."""
+    a rounding tie may land one code away (bounded by one code of P times the largest |V|). Both GEMMs of the
+    codes give bit for bit the same output, also when the f32 GEMM cuts its reductions into pieces."""
     q = _quantized((*lead, n, d), scales[0], zeros[0], seed)
     k_t = _quantized((*lead, m, d), scales[1], zeros[1], seed + 1).transpose(-1, -2)
     v = _quantized((*lead, m, e), scales[2], zeros[2], seed + 2)
     p_scale = 1.0 / p_bits
-    out = integer_attention_kernel(q, k_t, v, factor, p_scale, 0, block, min_scores=0)  # integer path at any size
+    # integer path at any size (min_scores=0), on torch._int_mm
+    out = integer_attention_kernel(q, k_t, v, factor, p_scale, 0, block, min_scores=0, int_gemm=True)
+    for terms in (EXACT_TERMS, 3):  # 3: every reduction longer than 3 codes is summed from f32 pieces in int32
+        on_f32 = integer_attention_kernel(q, k_t, v, factor, p_scale, 0, block, min_scores=0, int_gemm=False,
+                                          exact_terms=terms)
+        assert torch.equal(on_f32, out)
     ref = _float_chain(q, k_t, v, factor, p_scale, 0)
     assert out.shape == ref.shape and out.dtype == torch.float32
     one_code = p_scale * float(v.dequantize().abs().max())
@@ -59,14 +66,36 @@ def test_kernel_equals_the_float_chain(lead: list[int], n: int, m: int, d: int, 
     assert float((out - ref).abs().mean()) <= 1e-3 * one_code + 1e-5 * (1 + float(ref.abs().max()))
 
 
-def test_kernel_is_exact_up_to_f32_rounding_on_typical_operands() -> None:
+@pytest.mark.parametrize("int_gemm", [True, False])
+def test_kernel_is_exact_up_to_f32_rounding_on_typical_operands(int_gemm: bool) -> None:
     """Affine Q/K (zero points away from 128), symmetric V, 256 keys: no probability changes code."""
     q = _quantized((2, 4, 64, 16), 0.02, 110, 0)
     k_t = _quantized((2, 4, 256, 16), 0.03, 150, 1).transpose(-1, -2)
     v = _quantized((2, 4, 256, 16), 0.025, 128, 2)
-    out = integer_attention_kernel(q, k_t, v, 0.25, 1 / 255, 0, min_scores=0)
+    out = integer_attention_kernel(q, k_t, v, 0.25, 1 / 255, 0, min_scores=0, int_gemm=int_gemm)
     ref = _float_chain(q, k_t, v, 0.25, 1 / 255, 0)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_f32_gemm_is_exact_at_its_longest_reduction() -> None:
+    """The worst case of the f32 GEMM's bound: EXACT_TERMS products of -128 x -128 sum to exactly 2^24 (and one
+    more term would not fit: 2^24 + 1 is not an f32); a longer reduction is cut into pieces and stays exact."""
+    a = torch.full((2, EXACT_TERMS), -128.0)
+    b = torch.full((EXACT_TERMS, 3), -128.0)
+    exact = torch._int_mm(a.to(torch.int8), b.to(torch.int8))
+    assert torch.equal(integer_attention._exact_f32_matmul(a, b, EXACT_TERMS).to(torch.int32), exact)
+    assert int(exact[0, 0]) == 1 << 24
+    odd = torch.cat([a, torch.ones(2, 1)], 1), torch.cat([b, torch.ones(1, 3)], 0)  # 2^24 + 1: needs the pieces
+    assert torch.equal(integer_attention._exact_f32_matmul(*odd, EXACT_TERMS), exact + 1)
+
+
+def test_gemm_choice_is_measured_once_per_process() -> None:
+    """The probe answers a bool and is cached: every later lowering gets the same choice without timing again."""
+    first = int_gemm_is_faster()
+    hits = int_gemm_is_faster.cache_info().hits
+    assert isinstance(first, bool) and int_gemm_is_faster() is first
+    assert int_gemm_is_faster.cache_info().hits == hits + 1
+    assert IntegerAttention(0.5).int_gemm is first
 
 
 def test_signed_operands_keep_the_f32_chain() -> None:
@@ -143,22 +172,31 @@ def test_float_and_16_bit_attention_are_left_alone() -> None:
             assert torch.equal(converted(**inputs), lowered(**inputs))
 
 
-def test_frozen_quantized_unet_uses_integer_attention_at_any_batch() -> None:
+def test_frozen_quantized_unet_uses_integer_attention_at_any_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frozen with either GEMM of the codes (the one the probe picks is forced here): the frozen graph runs the
+    chosen one (freezing folds the other branch away), any batch size runs, and the two give the same output."""
     cfg = qdiff_ao.QuantConfig(weight_bits=8, act_bits=8)
     unet, prepared = calibrated_unet("attn", cfg)
+    monkeypatch.setattr(integer_attention, "MIN_SCORES_PER_HEAD", 0)  # the tiny UNet's heads take the GEMM path
     graph = qdiff_ao.convert(prepared)
     eager = qdiff_ao.QuantizedUNet(graph, like=unet)
-    fast = qdiff_ao.QuantizedUNet(graph, like=unet).optimize_for_inference()
     plain = qdiff_ao.QuantizedUNet(graph, like=unet).optimize_for_inference(integer_attention=False)
-    assert "aten::_int_mm" in str(fast._frozen[0].graph)
     assert "aten::_int_mm" not in str(plain._frozen[0].graph)
-    for batch in (1, 5):  # the example batch is 1: the per-head loop must not be unrolled
-        x = unet_inputs("attn", batch, seed=batch)
-        with torch.no_grad():
-            ref = eager(x["sample"], x["timestep"]).sample
-            assert torch.equal(plain(x["sample"], x["timestep"]).sample, ref)
-            out = fast(x["sample"], x["timestep"]).sample
-        assert float((out - ref).norm() / ref.norm()) < 1e-3
+    outs: dict[bool, list[torch.Tensor]] = {}
+    for int_gemm in (True, False):
+        monkeypatch.setattr(integer_attention, "int_gemm_is_faster", lambda answer=int_gemm: answer)
+        fast = qdiff_ao.QuantizedUNet(graph, like=unet).optimize_for_inference()
+        assert ("aten::_int_mm" in str(fast._frozen[0].graph)) is int_gemm
+        outs[int_gemm] = []
+        for batch in (1, 5):  # the example batch is 1: the per-head loop must not be unrolled
+            x = unet_inputs("attn", batch, seed=batch)
+            with torch.no_grad():
+                ref = eager(x["sample"], x["timestep"]).sample
+                assert torch.equal(plain(x["sample"], x["timestep"]).sample, ref)
+                out = fast(x["sample"], x["timestep"]).sample
+            assert float((out - ref).norm() / ref.norm()) < 1e-3
+            outs[int_gemm].append(out)
+    assert all(torch.equal(a, b) for a, b in zip(outs[True], outs[False], strict=True))
 
 
 def test_refuses_what_is_not_a_graph_module() -> None:

@@ -38,6 +38,7 @@ import torch
 from torch import fx, nn
 
 from qdiff_ao.capture.view_ops import is_view_op
+from qdiff_ao.deploy.gemm_choice import EXACT_TERMS, int_gemm_is_faster
 from qdiff_ao.qconfig import MATMUL_TARGETS
 
 __all__ = ["BLOCK_ELEMENTS", "MIN_SCORES_PER_HEAD", "IntegerAttention", "integer_attention_kernel",
@@ -65,8 +66,27 @@ def _signed_codes(x: torch.Tensor) -> torch.Tensor:
     return torch.bitwise_xor(x.int_repr().to(torch.int8), -128)
 
 
+def _exact_f32_matmul(a: torch.Tensor, b: torch.Tensor, terms: int) -> torch.Tensor:
+    """``a @ b`` of f32 tensors holding int8 codes, exact (:mod:`~qdiff_ao.deploy.gemm_choice`): f32 when the
+    reduction has at most ``terms`` (``EXACT_TERMS``) terms, else int32 summed over pieces of that length."""
+    k = a.size(-1)
+    if k <= terms:
+        return torch.matmul(a, b)
+    out = torch.matmul(a.narrow(-1, 0, terms), b.narrow(-2, 0, terms)).to(torch.int32)
+    for c0 in range(terms, k, terms):
+        c = min(terms, k - c0)
+        out += torch.matmul(a.narrow(-1, c0, c), b.narrow(-2, c0, c)).to(torch.int32)
+    return out
+
+
+def _gemm(a: torch.Tensor, b: torch.Tensor, int_gemm: bool, terms: int) -> torch.Tensor:
+    """The exact product of two 2-D code matrices: int32 from ``torch._int_mm`` (int8 operands), or the same
+    integers from an f32 GEMM (f32 operands)."""
+    return torch._int_mm(a, b) if int_gemm else _exact_f32_matmul(a, b, terms)
+
+
 def _kernel(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, factor: float, p_scale: float, p_zero: int,
-            block_elements: int, min_scores: int) -> torch.Tensor:
+            block_elements: int, min_scores: int, int_gemm: bool, exact_terms: int) -> torch.Tensor:
     """TorchScript body of :func:`integer_attention_kernel`."""
     n, d, m, e = q.size(-2), q.size(-1), k_t.size(-1), v.size(-1)
     # small heads: one batched f32 matmul beats a GEMM call per head; other code types (qint8): the codes below
@@ -82,11 +102,13 @@ def _kernel(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, factor: float, 
     vi = _signed_codes(v).reshape(-1, m, e).contiguous()
     zq, zv, zp = q.q_zero_point() - 128, v.q_zero_point() - 128, p_zero - 128
     groups = qi.size(0)
-    if zv != 0:  # a column of ones: the P V product then also yields each row's code sum, for the z'_V term
-        vi = torch.cat([vi, torch.ones(groups, m, 1, dtype=torch.int8)], -1)
     scale = q.q_scale() * k_t.q_scale() * factor
     key_bias = ki.sum(-2, keepdim=True, dtype=torch.int32) * (-zq * scale)  # [G, 1, M] f32
-    value_offset = (zp * vi[:, :, :e].sum(-2, keepdim=True, dtype=torch.int32) - m * zp * zv)  # [G, 1, e] int32
+    value_offset = (zp * vi.sum(-2, keepdim=True, dtype=torch.int32) - m * zp * zv)  # [G, 1, e] int32
+    if zv != 0:  # a column of ones: the P V product then also yields each row's code sum, for the z'_V term
+        vi = torch.cat([vi, torch.ones(groups, m, 1, dtype=torch.int8)], -1)
+    if not int_gemm:  # the same codes as f32 for an exact f32 GEMM
+        qi, ki, vi = qi.float(), ki.float(), vi.float()
     out_scale = p_scale * v.q_scale()
     inv_p = 1.0 / p_scale
     clamp = p_scale * (127 - zp) < 1.0  # else every probability in [0, 1] has a code in [zp, 127]
@@ -100,18 +122,24 @@ def _kernel(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, factor: float, 
             q_g, k_g, v_g, bias_g, offset_g = qi[g0], ki[g0], vi[g0], key_bias[g0], value_offset[g0]
             for r0 in range(0, n, rows):
                 r1 = min(n, r0 + rows)
-                probs = torch.softmax(torch.add(bias_g, torch._int_mm(q_g[r0:r1], k_g), alpha=scale), -1)
-                acc = torch._int_mm(_probability_codes(probs, inv_p, zp, clamp), v_g)
-                torch.mul(_value_terms(acc, offset_g, zv, e), out_scale, out=out[g0, r0:r1])
+                probs = torch.softmax(torch.add(bias_g, _gemm(q_g[r0:r1], k_g, int_gemm, exact_terms), alpha=scale), -1)
+                acc = _gemm(_probability_codes(probs, inv_p, zp, clamp, int_gemm), v_g, int_gemm, exact_terms)
+                torch.mul(_value_terms(acc.to(torch.int32), offset_g, zv, e), out_scale, out=out[g0, r0:r1])
         else:  # several whole heads per block
-            scores = torch.empty(g1 - g0, n, m, dtype=torch.int32)
-            for g in range(g0, g1):
-                torch._int_mm(qi[g], ki[g], out=scores[g - g0])
+            if int_gemm:
+                scores = torch.empty(g1 - g0, n, m, dtype=torch.int32)
+                for g in range(g0, g1):
+                    torch._int_mm(qi[g], ki[g], out=scores[g - g0])
+            else:  # one batched GEMM for the block's heads
+                scores = _exact_f32_matmul(qi[g0:g1], ki[g0:g1], exact_terms)
             probs = torch.softmax(torch.add(key_bias[g0:g1], scores, alpha=scale), -1)
-            pi = _probability_codes(probs, inv_p, zp, clamp)
-            acc = torch.empty(g1 - g0, n, vi.size(-1), dtype=torch.int32)
-            for g in range(g0, g1):
-                torch._int_mm(pi[g - g0], vi[g], out=acc[g - g0])
+            pi = _probability_codes(probs, inv_p, zp, clamp, int_gemm)
+            if int_gemm:
+                acc = torch.empty(g1 - g0, n, vi.size(-1), dtype=torch.int32)
+                for g in range(g0, g1):
+                    torch._int_mm(pi[g - g0], vi[g], out=acc[g - g0])
+            else:
+                acc = _exact_f32_matmul(pi, vi[g0:g1], exact_terms).to(torch.int32)
             torch.mul(_value_terms(acc, value_offset[g0:g1], zv, e), out_scale, out=out[g0:g1])
     shape = list(lead) + [n, e]
     return out.reshape(shape)
@@ -125,11 +153,13 @@ def _value_terms(acc: torch.Tensor, offset: torch.Tensor, zv: int, e: int) -> to
     return acc.narrow(-1, 0, e) - acc.narrow(-1, e, 1) * zv - offset
 
 
-def _probability_codes(probs: torch.Tensor, inv_p: float, zp: int, clamp: bool) -> torch.Tensor:
-    """The probabilities' quint8 codes minus 128 as int8, computed in place on ``probs`` (round half to even, as
-    quantize_per_tensor does); clamped only where the grid ends below probability 1."""
+def _probability_codes(probs: torch.Tensor, inv_p: float, zp: int, clamp: bool, as_int8: bool) -> torch.Tensor:
+    """The probabilities' quint8 codes minus 128, computed in place on ``probs`` (round half to even, as
+    quantize_per_tensor does); clamped only where the grid ends below probability 1. int8 for ``torch._int_mm``,
+    else left in f32 (integer values) for the f32 GEMM."""
     codes = probs.mul_(inv_p).round_().add_(zp)
-    return (codes.clamp_(-128, 127) if clamp else codes).to(torch.int8)
+    codes = codes.clamp_(-128, 127) if clamp else codes
+    return codes.to(torch.int8) if as_int8 else codes
 
 
 @functools.cache
@@ -144,7 +174,8 @@ def _scripted_kernel() -> Any:
 
 def integer_attention_kernel(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, factor: float, p_scale: float,
                              p_zero: int, block_elements: int = BLOCK_ELEMENTS,
-                             min_scores: int = MIN_SCORES_PER_HEAD) -> torch.Tensor:
+                             min_scores: int = MIN_SCORES_PER_HEAD, int_gemm: bool | None = None,
+                             exact_terms: int = EXACT_TERMS) -> torch.Tensor:
     """``quantize(softmax(c Q Kᵀ), s_P, z_P) V`` on integer matmuls (module docstring), in f32.
 
     Softmax ignores a constant added to a row, so of the zero-point terms of the scores only ``-z'_Q Σ_d k'`` (one
@@ -159,8 +190,16 @@ def integer_attention_kernel(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor
         p_scale, p_zero: the probabilities' 8-bit unsigned grid.
         block_elements: scores per block (:data:`BLOCK_ELEMENTS`).
         min_scores: heads with fewer scores (N x M) run convert_fx's f32 chain instead (:data:`MIN_SCORES_PER_HEAD`).
+        int_gemm: multiply the codes on ``torch._int_mm`` (True) or exactly on an f32 GEMM (False); the same
+            numbers either way. None: whichever is faster on this CPU
+            (:func:`~qdiff_ao.deploy.gemm_choice.int_gemm_is_faster`).
+        exact_terms: the f32 GEMM's longest exact reduction (:data:`~qdiff_ao.deploy.gemm_choice.EXACT_TERMS`;
+            smaller values only cut reductions into more pieces, for tests).
     """
-    return cast(torch.Tensor, _scripted_kernel()(q, k_t, v, factor, p_scale, p_zero, block_elements, min_scores))
+    if int_gemm is None:
+        int_gemm = int_gemm_is_faster()
+    return cast(torch.Tensor, _scripted_kernel()(q, k_t, v, factor, p_scale, p_zero, block_elements, min_scores,
+                                                 int_gemm, exact_terms))
 
 
 class IntegerAttention(nn.Module):
@@ -168,19 +207,21 @@ class IntegerAttention(nn.Module):
 
     ``q``, ``k_t`` and ``v`` are the quantized operands in head layout (``k_t`` transposed); the probability grid is
     read from the graph's own qparam buffers at call time, so each timestep group's graph keeps its own.
+    ``int_gemm``: which exact GEMM multiplies the codes (:func:`integer_attention_kernel`; None: the faster here).
     """
 
-    def __init__(self, factor: float) -> None:
+    def __init__(self, factor: float, int_gemm: bool | None = None) -> None:
         super().__init__()
         self.factor = factor
+        self.int_gemm = int_gemm_is_faster() if int_gemm is None else bool(int_gemm)
 
     def forward(self, q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, p_scale: torch.Tensor,
                 p_zero: torch.Tensor) -> torch.Tensor:
         return cast(torch.Tensor, _scripted_kernel()(q, k_t, v, self.factor, float(p_scale), int(p_zero),
-                                                     BLOCK_ELEMENTS, MIN_SCORES_PER_HEAD))
+                                                     BLOCK_ELEMENTS, MIN_SCORES_PER_HEAD, self.int_gemm, EXACT_TERMS))
 
     def extra_repr(self) -> str:
-        return f"factor={self.factor}"
+        return f"factor={self.factor}, gemm={'int8' if self.int_gemm else 'f32 (exact)'}"
 
 
 @dataclass
@@ -277,11 +318,12 @@ def _replay(graph: fx.Graph, source: fx.Node, chain: list[fx.Node]) -> fx.Node:
     return node
 
 
-def lower_integer_attention(converted: fx.GraphModule) -> fx.GraphModule:
+def lower_integer_attention(converted: fx.GraphModule, int_gemm: bool | None = None) -> fx.GraphModule:
     """A copy of ``converted`` whose 8-bit quantized attentions run on integer matmuls (:class:`IntegerAttention`).
 
     The copy shares every submodule (packed weights) with ``converted``, which is left unchanged. Attentions that
     do not match (float attention, 16-bit probabilities, masked scores, a scaled V) keep their float chain.
+    ``int_gemm`` picks the exact GEMM of the codes (:class:`IntegerAttention`; None: the faster on this CPU).
 
     Raises:
         TypeError: ``converted`` is not a GraphModule.
@@ -294,7 +336,7 @@ def lower_integer_attention(converted: fx.GraphModule) -> fx.GraphModule:
     order = {node: i for i, node in enumerate(gm.graph.nodes)}  # graph order of the nodes the matches walked
     for index, m in enumerate(matches):
         name = f"{_PREFIX}{index}"
-        gm.add_submodule(name, IntegerAttention(m.factor))
+        gm.add_submodule(name, IntegerAttention(m.factor, int_gemm))
         with gm.graph.inserting_before(m.pv):
             q, k_t, v = (_replay(gm.graph, source, chain) for source, chain in m.operands)
             scale, zero = m.quant.args[1], m.quant.args[2]
