@@ -89,6 +89,17 @@ def test_f32_gemm_is_exact_at_its_longest_reduction() -> None:
     assert torch.equal(integer_attention._exact_f32_matmul(*odd, EXACT_TERMS), exact + 1)
 
 
+def test_f32_gemm_rows_too_long_for_an_f32_sum_take_the_ones_column() -> None:
+    """Probability rows longer than 128 x exact_terms codes are not summed in f32 (it could round): V gets the
+    column of ones, as on _int_mm, and the output stays bit for bit that of _int_mm (exact_terms=1: 200 keys)."""
+    q = _quantized((1, 2, 8, 4), 0.02, 110, 0)
+    k_t = _quantized((1, 2, 200, 4), 0.03, 150, 1).transpose(-1, -2)
+    v = _quantized((1, 2, 200, 3), 0.025, 140, 2)  # z'_V = 12: the row sums are needed
+    on_int = integer_attention_kernel(q, k_t, v, 0.5, 1 / 255, 0, min_scores=0, int_gemm=True)
+    on_f32 = integer_attention_kernel(q, k_t, v, 0.5, 1 / 255, 0, min_scores=0, int_gemm=False, exact_terms=1)
+    assert torch.equal(on_f32, on_int)
+
+
 def test_gemm_choice_is_measured_once_per_process() -> None:
     """The probe answers a bool and is cached: every later lowering gets the same choice without timing again."""
     first = int_gemm_is_faster()
