@@ -14,7 +14,9 @@ codes. With ``x = s (q - z)`` on each operand's grid and the codes moved to int8
     O = s_P s_V · [p'v' - z'_V Σ_m p' - z'_P Σ_m v' + m z'_P z'_V]
 
 The same numbers as the f32 chain up to f32 rounding of the sums (a probability on a rounding tie may move one
-code); the matmuls run on ``torch._int_mm`` (oneDNN's int8 GEMM, VNNI where the CPU has it). The per-head loop is
+code); the matmuls run on ``torch._int_mm`` (oneDNN's int8 GEMM, VNNI where the CPU has it) or, where that is the
+slower of the two (measured once per process: :mod:`qdiff_ao.deploy.gemm_choice`; without VNNI it was ~40x
+slower), on an f32 GEMM of the same codes, which yields the same integers (bit-identical outputs). The per-head loop is
 TorchScript, so :func:`~qdiff_ao.deploy.freezing.freeze_graph` keeps it as a loop and any batch size runs.
 
 Heads with fewer than :data:`MIN_SCORES_PER_HEAD` scores run the f32 chain itself inside the kernel (a GEMM call
