@@ -25,6 +25,7 @@ import qdiff_ao  # noqa: E402
 from benchmarks.quality import MODELS, load_subject  # noqa: E402
 from qdiff_ao.calibration.sampler_view import ErrorProbe  # noqa: E402
 from qdiff_ao.calibration.sensitivity import _output_tensor  # noqa: E402
+from qdiff_ao.passes.fallback_rounds import round_budget, spent_after_round  # noqa: E402
 from qdiff_ao.quantizers.simulation import build_simulation  # noqa: E402
 
 
@@ -66,14 +67,13 @@ def main() -> None:
                       f"t=0 {at0:.4f}, mean over t>0 {mean:.4f}", flush=True)
                 if rnd == args.rounds:
                     break
-                budget = max(0.0, (0.05 - used) / (1 - used))
                 decision = qdiff_ao.passes.choose_float_layers(prepared, calib, min_error=args.min_error,
-                                                               max_macs_fraction=budget)
+                                                               max_macs_fraction=round_budget(0.05, used))
                 new = tuple(layer for layer in decision.layers if layer not in keep)
                 if not new:
                     break
                 keep += new
-                used += decision.macs_fraction * (1 - used)
+                used = spent_after_round(used, decision.macs_fraction)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,12 @@ from collections.abc import Mapping
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 import qdiff_ao
+from qdiff_ao.passes.fallback_rounds import round_budget, spent_after_round
 from qdiff_ao.passes.precision_fallback import choose_float_layers
 from qdiff_ao.quantizers.simulation import Simulation
 from tests.quality_fixtures import SHAPE, benign_calib, build_unet, calibrated_prepared, late_step_calib
@@ -144,3 +147,18 @@ def test_groups_hold_one_kind_so_4_bit_weights_do_not_split_every_group(monkeypa
     assert any(weights for weights, _ in searched) and any(acts - background for _, acts in searched)
     assert not any(weights and acts - background for weights, acts in searched)
     assert decision.harmful == () and decision.forwards < 40  # 28 here; with groups of both kinds 138
+
+
+@given(budget=st.floats(0.0, 0.5), shares=st.lists(st.floats(0.0, 1.0), max_size=6))
+def test_rounds_never_spend_more_than_the_budget(budget: float, shares: list[float]) -> None:
+    """Rounds that each spend any part of their own budget (a share of the layers still quantized) never move
+    more than ``budget`` of the original MACs to float in total, and a round that spends all of its budget ends
+    exactly there (up to rounding)."""
+    used = 0.0
+    for share in shares:
+        allowed = round_budget(budget, used)
+        assert allowed >= 0.0
+        used = spent_after_round(used, share * allowed)
+        assert used <= budget + 1e-12
+    if shares and shares[-1] == 1.0:
+        assert used == pytest.approx(budget, abs=1e-12)

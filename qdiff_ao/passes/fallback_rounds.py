@@ -27,9 +27,20 @@ from qdiff_ao.calibration.observer_transfer import transfer_observer_statistics
 from qdiff_ao.config import QuantConfig
 from qdiff_ao.passes.precision_fallback import choose_float_layers
 
-__all__ = ["run_fallback_rounds"]
+__all__ = ["round_budget", "run_fallback_rounds", "spent_after_round"]
 
 logger = logging.getLogger(__name__)
+
+
+def round_budget(budget: float, used: float) -> float:
+    """A round's budget as a share of the layers still quantized: ``max(0, (budget - used) / (1 - used))``."""
+    return max(0.0, (budget - used) / (1 - used))
+
+
+def spent_after_round(used: float, macs_fraction: float) -> float:
+    """The share of the original MACs in float after a round that moved ``macs_fraction`` of the still-quantized
+    ones: ``used + macs_k (1 - used)``."""
+    return used + macs_fraction * (1 - used)
 
 
 def run_fallback_rounds(
@@ -63,14 +74,14 @@ def run_fallback_rounds(
     layers: list[str] = []
     harmful: list[dict[str, Any]] = []
     for _ in range(rounds):
-        decision = choose_float_layers(prepared, calib, max_macs_fraction=max(0.0, (budget - used) / (1 - used)))
+        decision = choose_float_layers(prepared, calib, max_macs_fraction=round_budget(budget, used))
         done += 1
         forwards += decision.forwards
         harmful += [dict(h, round=done) for h in decision.harmful]
         new_layers = tuple(n for n in decision.layers if n not in cfg.keep_float)
         if not new_layers:
             break
-        used += decision.macs_fraction * (1 - used)
+        used = spent_after_round(used, decision.macs_fraction)
         layers += new_layers
         cfg = dataclasses.replace(cfg, keep_float=cfg.keep_float + new_layers)
         again = prepare_again(cfg)
