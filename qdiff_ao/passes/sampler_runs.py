@@ -85,7 +85,8 @@ def quantized_forward(prepared: fx.GraphModule, like: nn.Module, device: torch.d
     copy of the graph lowered to INT8 kernels (with its timestep groups and any output correction) and frozen
     (``QuantizedUNet.optimize_for_inference``; ``like`` is the float UNet it stands in for). That is the model
     whose outputs count, and on the CIFAR-size UNet it runs a batch of 64 in 1.4 s where the fake-quant simulation
-    takes 5.7 s (the float UNet 5.5 s); its outputs differ from the simulation's by the lowering's rounding
+    takes 5.7 s (the float UNet 5.5 s; an AMX CPU; its integer attention multiplies on whichever exact GEMM is
+    faster on the CPU, see ``deploy.gemm_choice``); its outputs differ from the simulation's by the lowering's rounding
     (integer requantization, the kernels' accumulation order). Elsewhere (a GPU, another backend or dtype) it is
     the fake-quant simulation, its output on ``device``. Lowering costs a deep copy, ``convert`` and a freeze
     (~8 s on the CIFAR-size UNet), so callers use it for many rows.
