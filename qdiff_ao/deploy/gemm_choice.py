@@ -1,9 +1,10 @@
 """Which GEMM multiplies int8 codes fastest on this CPU: ``torch._int_mm`` or an f32 GEMM on the same codes.
 
 ``torch._int_mm`` runs oneDNN's int8 GEMM. With AVX-512 VNNI (or AMX) that is the fast path, but on a CPU
-without VNNI torch falls back to a slow kernel: on a 2-core AVX2-only AMD EPYC (2 threads) a 256 x 256 x 256
-product took 9.1 ms on ``_int_mm`` against 0.23 ms as an f32 GEMM, and the integer attention kernel ran the
-CIFAR UNet's attention 36x slower than the f32 chain it replaces (180.8 vs 5.1 ms).
+without VNNI it can be far slower than f32: on a 2-core AVX2-only AMD EPYC (2 threads) a 256 x 256 x 256 product
+took 9.1 ms on ``_int_mm`` against 0.23 ms as an f32 GEMM, and the integer attention kernel ran the CIFAR UNet's
+attention 36x slower than the f32 chain it replaces (180.8 vs 5.1 ms). Why oneDNN is that slow there was not
+looked into; the measurement below does not need to know.
 
 An f32 GEMM gives the *same* integers whenever every partial sum is exact in f32: codes in [-128, 127] make each
 product at most 2^14 in magnitude, so a dot product of at most :data:`EXACT_TERMS` = 2^24 / 2^14 = 1024 terms has
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -29,11 +31,11 @@ _PROBE_SIZE = 256
 _PROBE_REPEATS = 5
 
 
-def _best_seconds(fn: object, repeats: int) -> float:
+def _best_seconds(fn: Callable[[], object], repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()  # type: ignore[operator]
+        fn()
         best = min(best, time.perf_counter() - start)
     return best
 
