@@ -5,7 +5,7 @@ interleaved rounds (``benchmarks.common.interleaved_ratios``):
 
 - ``fbgemm default``: ``convert_fx``'s f32 attention matmuls on grid values (``integer_attention=False``);
 - ``fbgemm default, integer attention``: ``deploy.integer_attention`` (the ``optimize_for_inference`` default),
-  with the GEMM of the codes that ``deploy.gemm_choice`` measures as faster here, and with each GEMM forced;
+  with each GEMM of the codes forced; the one ``deploy.gemm_choice`` measures as faster here is marked;
 - ``fbgemm float attention``: ``QuantConfig(quantize_attention=False)`` (PyTorch's SDPA in f32).
 
 ``--kernel``: the attention kernel alone on head layouts of the benchmark models (median ms): the integer kernel
@@ -55,22 +55,24 @@ def model_table(name: str, rounds: int) -> None:
     rows: dict[str, Any] = {"FP32 eager": lambda x: unet(**x).sample}
     graph = quantize_plain(unet, qdiff_ao.QuantConfig(weight_bits=4, act_bits=8), calib)
     f32_chain = freeze_graph(graph, example)
-    integer = freeze_graph(lower_integer_attention(graph), example)  # the GEMM the probe picks here
     on_int_mm = freeze_graph(lower_integer_attention(graph, int_gemm=True), example)
     on_f32_gemm = freeze_graph(lower_integer_attention(graph, int_gemm=False), example)
+    probe_int = int_gemm_is_faster()  # which of the two optimize_for_inference() runs here
+    integer = on_int_mm if probe_int else on_f32_gemm
+    mark = " (the default here)"
     float_attention = freeze_graph(
         quantize_plain(unet, qdiff_ao.QuantConfig(weight_bits=4, act_bits=8, quantize_attention=False), calib), example)
     rows["fbgemm default, f32 attention matmuls"] = lambda x: f32_chain(**x)
-    rows["fbgemm default, integer attention (the probe's GEMM)"] = lambda x: integer(**x)
-    rows["fbgemm default, integer attention on _int_mm"] = lambda x: on_int_mm(**x)
-    rows["fbgemm default, integer attention on the exact f32 GEMM"] = lambda x: on_f32_gemm(**x)
+    rows[f"fbgemm default, integer attention on _int_mm{mark if probe_int else ''}"] = lambda x: on_int_mm(**x)
+    rows[f"fbgemm default, integer attention on the exact f32 GEMM{'' if probe_int else mark}"] = \
+        lambda x: on_f32_gemm(**x)
     rows["fbgemm float attention"] = lambda x: float_attention(**x)
     with torch.no_grad():
         x = unet_inputs(unet, 2, 500, seed=5)
         a, b = f32_chain(**x), integer(**x)
         same = torch.equal(on_int_mm(**x), on_f32_gemm(**x))
-    print(f"the probe's GEMM here: {'torch._int_mm' if int_gemm_is_faster() else 'exact f32 GEMM'}; "
-          f"integer attention on _int_mm and on the f32 GEMM bit-identical at batch 2: {same}")
+    print(f"the probe's GEMM here: {_probe_choice()}; integer attention on _int_mm and on the f32 GEMM "
+          f"bit-identical at batch 2: {same}")
     print(f"integer vs f32 attention matmuls, rel. L2 at batch 2: {float((a - b).norm() / a.norm()):.4f} "
           "(code-level differences grown through this random-weight UNet's requantizations)")
     batches = [1, 2] if name == "sd-shaped" else [1, 8]
@@ -79,6 +81,10 @@ def model_table(name: str, rounds: int) -> None:
     print("|---|" + "---:|" * len(batches))
     for label, values in cells.items():
         print(f"| {label} | " + " | ".join(values) + " |")
+
+
+def _probe_choice() -> str:
+    return "torch._int_mm" if int_gemm_is_faster() else "exact f32 GEMM"
 
 
 def _median_ms(fn: Any, n: int = 7) -> float:
@@ -122,8 +128,7 @@ def _kernel_row(shape: tuple[int, int, int, int], g: torch.Generator) -> list[fl
 
 
 def kernel_table() -> None:
-    print(f"the kernel's GEMM on this CPU (measured once per process): "
-          f"{'torch._int_mm' if int_gemm_is_faster() else 'exact f32 GEMM'}")
+    print(f"the kernel's GEMM on this CPU (measured once per process): {_probe_choice()}")
     print("| model's attention (B, N, heads, d) | kernel, _int_mm (ms) | kernel, exact f32 GEMM (ms) | f32 chain (ms) "
           "| f32 SDPA (ms) |")
     print("|---|---:|---:|---:|---:|")
