@@ -105,7 +105,7 @@ def test_correction_group_is_the_interval_holding_t(bounds: list[float], ts: lis
     assert torch.equal(out[:, 0, 0, 0], -groups.float())
 
 
-def test_output_correction_is_kept_only_where_it_helps_held_back_rows() -> None:
+def test_output_correction_is_kept_only_where_it_helps_left_out_trajectories() -> None:
     calib = _calibration_over_steps()
     unet, prepared = calibrated_prepared(calib, qdiff_ao.QuantConfig())
     correct_output(prepared, calib, unet, num_groups=3, gain=True, input_term=True)  # every candidate offered
@@ -118,6 +118,9 @@ def test_output_correction_is_kept_only_where_it_helps_held_back_rows() -> None:
         # the held-back winner among none / offset / gain / input; "none" wins ties
         assert row["mse_after"] == min(row["mse_before"], row["mse_offset"], row["mse_gain"], row["mse_input"])
         assert row["kept"] == (row["mse_after"] < row["mse_before"]) == (row["kind"] != "none")
+        # the paired z agrees with the summed errors: a kept candidate lowered the mean left-out error
+        assert (row["z"] < 0) if row["kept"] else (row["z"] == 0)
+        assert row["num_trajectories"] == 4  # every trajectory of the set was left out once
         assert bool(module.bias[g].abs().sum() > 0) == row["kept"]
         assert bool((module.gain[g] != 1).any()) == (row["kind"] in ("gain", "input"))
         if module.input_gain is not None:
@@ -172,24 +175,70 @@ def test_input_term_is_offered_and_lowered_as_a_y_plus_c_x_minus_b() -> None:
 def test_fit_recovers_a_planted_correction(gain: float, input_gain: float, offset: float, seed: int) -> None:
     """y_fp = a y_q + c x + d exactly  =>  the input fit returns (a, c, -d), and with c = 0 the gain fit returns
     (a, 0, -d); the offset candidate is the mean difference."""
-    from qdiff_ao.passes.output_correction import _channel_moments, _fit
+    from qdiff_ao.passes.output_fit import channel_moments, fit_candidates
 
     g = torch.Generator().manual_seed(seed)
     y_q = torch.randn(6, 2, 4, 4, generator=g, dtype=torch.float64)
     x = torch.randn(6, 2, 4, 4, generator=g, dtype=torch.float64)
     y_fp = gain * y_q + input_gain * x + offset
-    a, c, b = _fit(_channel_moments(y_q, y_fp, x))["input"]
+    a, c, b = fit_candidates(channel_moments(y_q, y_fp, x))["input"]
     for got, want in ((a, gain), (c, input_gain), (b, -offset)):
         assert torch.allclose(got, torch.full((2,), want, dtype=torch.float64), atol=1e-6)
-    a, c, b = _fit(_channel_moments(y_q, gain * y_q + offset, None))["gain"]
+    a, c, b = fit_candidates(channel_moments(y_q, gain * y_q + offset, None))["gain"]
     assert torch.allclose(a, torch.full((2,), gain, dtype=torch.float64), atol=1e-6)
     assert torch.equal(c, torch.zeros(2, dtype=torch.float64))
     assert torch.allclose(b, torch.full((2,), -offset, dtype=torch.float64), atol=1e-6)
-    _, _, b_offset = _fit(_channel_moments(y_q, y_fp, x))["offset"]
+    _, _, b_offset = fit_candidates(channel_moments(y_q, y_fp, x))["offset"]
     assert torch.allclose(b_offset, (y_q - y_fp).mean(dim=(0, 2, 3)), atol=1e-9)
     # a regressor without variance keeps its neutral coefficient instead of an arbitrary one
-    a, c, _ = _fit(_channel_moments(torch.ones_like(y_fp), y_fp, torch.zeros_like(x)))["input"]
+    a, c, _ = fit_candidates(channel_moments(torch.ones_like(y_fp), y_fp, torch.zeros_like(x)))["input"]
     assert torch.equal(a, torch.ones(2, dtype=torch.float64)) and torch.equal(c, torch.zeros(2, dtype=torch.float64))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 5), st.integers(1, 3), st.floats(-0.5, 0.5), st.integers(0, 2**16))
+def test_left_out_errors_equal_the_direct_computation(trajectories: int, channels: int, offset: float,
+                                                      seed: int) -> None:
+    """For every trajectory j and candidate, the moment-based left-out error equals fitting on the other
+    trajectories' outputs directly and summing |a q + c x - b - f|^2 over j's own outputs."""
+    from qdiff_ao.passes.output_fit import KINDS, channel_moments, fit_candidates, left_out_errors, row_moments
+
+    g = torch.Generator().manual_seed(seed)
+    y_q = torch.randn(trajectories, channels, 3, 3, generator=g, dtype=torch.float64)
+    x = torch.randn(trajectories, channels, 3, 3, generator=g, dtype=torch.float64)
+    y_fp = 0.9 * y_q + 0.1 * x + offset + 0.05 * torch.randn(y_q.shape, generator=g, dtype=torch.float64)
+    errors, values = left_out_errors(row_moments(y_q, y_fp, x), KINDS)
+    assert values == y_q.numel()
+    for j in range(trajectories):
+        others = [k for k in range(trajectories) if k != j]
+        fits = fit_candidates(channel_moments(y_q[others], y_fp[others], x[others]), KINDS)
+        for i, kind in enumerate(KINDS):
+            a, c, b = (v.view(1, -1, 1, 1) for v in fits[kind])
+            direct = (a * y_q[j:j + 1] + c * x[j:j + 1] - b - y_fp[j:j + 1]).pow(2).sum()
+            assert torch.allclose(errors[i, j], direct, rtol=1e-6, atol=1e-9), (kind, j)
+    # a candidate not offered and a trajectory without rows are NaN
+    only, _ = left_out_errors(torch.cat([row_moments(y_q, y_fp, x), torch.zeros(1, channels, 4, 4,
+                                                                                 dtype=torch.float64)]),
+                              ("none", "offset"))
+    assert only[2:].isnan().all() and only[:, -1].isnan().all() and only[:2, :-1].isfinite().all()
+
+
+def test_a_planted_output_offset_is_kept_with_strong_paired_evidence() -> None:
+    """y_q = y_fp + 0.1 + small noise on every trajectory: the offset wins in every group, the left-out error
+    falls by nearly all of it and the paired z is far below 0; the fitted bias is the planted 0.1."""
+    from qdiff_ao.passes.output_fit import KINDS, fit_candidates, left_out_errors, row_moments
+
+    g = torch.Generator().manual_seed(0)
+    y_fp = torch.randn(8, 3, 4, 4, generator=g, dtype=torch.float64)
+    y_q = y_fp + 0.1 + 0.01 * torch.randn(y_fp.shape, generator=g, dtype=torch.float64)
+    moments = row_moments(y_q, y_fp, None)
+    errors, _ = left_out_errors(moments, ("none", "offset"))
+    assert errors[1].sum() < 0.02 * errors[0].sum()
+    from qdiff_ao.passes.paired_trajectories import paired_z
+
+    assert paired_z(errors[0], errors[KINDS.index("offset")])[1] < -10
+    _, _, b = fit_candidates(moments.sum(0), ("offset",))["offset"]
+    assert torch.allclose(b, torch.full((3,), 0.1, dtype=torch.float64), atol=0.01)
 
 
 def test_gain_correction_commutes_with_the_guided_combination() -> None:

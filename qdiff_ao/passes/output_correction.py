@@ -1,4 +1,4 @@
-"""Output correction per group of timesteps, kept only where it lowers the error on held-back rows.
+"""Output correction per group of timesteps, kept only where it lowers the error on rows left out of its fit.
 
 The quantization error of a UNet's noise prediction has a systematic part that changes along the trajectory
 (PTQD, He et al. 2023: ``eps_q ~ (1 + k_t) eps + b_t``). A single static bias (``correct_output_bias``) removes
@@ -16,9 +16,21 @@ with ``y_q`` the quantized model's output (``sampler_runs.quantized_forward``: o
 elsewhere the fake-quant simulation) and ``y_fp`` the float model's, both as the sampler uses them
 (with classifier-free guidance, the guided combination ``u + s (c - u)`` of each trajectory's two rows: the
 weights ``1 - s`` and ``s`` add up to 1, so applying ``a y - b`` to both rows applies it to the guided output).
-Rows of every timestep are split by trajectory into a fitting half and a held-back half: each candidate is
-fitted on the first and the one with the lowest mean squared error ``|y' - y_fp|^2`` on the second is chosen
-(nothing wins ties), then re-estimated on all rows of the group: it never makes a group worse on held-back data.
+Each candidate is scored by leaving one trajectory out at a time (a row's trajectory is its position at its
+timestep: the collection records trajectory ``j`` at every selected step): it is fitted on the group's other
+trajectories and its squared error ``|y' - y_fp|^2`` is measured on the left-out one's rows. All of this comes from
+per-trajectory channel moments of ``(y_q, x, y_fp, 1)``, so no output is kept in memory. The candidate with the
+lowest summed left-out error is chosen (nothing wins ties), then re-estimated on all rows of the group: it never
+makes a group worse on rows it was not fitted on. The report gives, per group, that error for every candidate and
+the paired ``z`` of the chosen one against none over the trajectories (``passes.paired_trajectories.paired_z``;
+negative: the correction lowers the error).
+
+Why leave-one-out rather than one split into a fitting and a held-back half (the rule until 2026-12-07): every
+trajectory is scored, so the decision rests on twice the held-back rows, and each fit uses all but one trajectory,
+so it is close to the one that is applied. On shapes16-cond W8A8 the offsets are tiny (mean |b| ~ 5e-4) and the
+held-back error changed by 0.01-0.9% per group, so the old half-split decision moved with the CPU's rounding (4 of 8
+groups kept on an AVX2-only CPU, 7 on AMX); forcing every group on did not change the samples' FD
+(README, quality).
 
 Lowering: a :class:`TimestepOutputCorrection` node after the graph's output computes ``a[g(t)] y - b[g(t)]``
 with ``g(t)`` = the group whose timestep interval holds ``t`` (boundaries half-way between adjacent groups), in
@@ -40,6 +52,8 @@ from qdiff_ao.capture.devices import inputs_device, module_device, to_device
 from qdiff_ao.capture.graph_state import update_graph_info
 from qdiff_ao.capture.input_guards import is_input_guard
 from qdiff_ao.passes.denoised_view import PREDICTION_TYPES, alpha_bar_at, rescale_x0_spread
+from qdiff_ao.passes.output_fit import FEATURES, KINDS, fit_candidates, left_out_errors, row_moments
+from qdiff_ao.passes.paired_trajectories import paired_z
 from qdiff_ao.passes.sampler_runs import quantized_forward
 from qdiff_ao.quantizers.simulation import output_tensor
 from qdiff_ao.quantizers.timestep_grids import contiguous_groups, group_boundaries
@@ -187,71 +201,6 @@ def add_output_correction(gm: fx.GraphModule, num_groups: int, channels: int,
     return wanted
 
 
-_FEATURES = 4  # per channel: q (quantized output), x (the UNet input), f (float output), 1
-
-
-def _channel_moments(y_q: torch.Tensor, y_fp: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
-    """``(C, 4, 4)`` float64: per channel (dim 1) the sums of products ``sum z z^T`` of ``z = (q, x, f, 1)``
-    over rows and positions (``x = 0`` where the input cannot serve as a regressor)."""
-    q, f = y_q.double(), y_fp.double()
-    xs = torch.zeros_like(q) if x is None else x.double()
-    z = torch.stack([q, xs, f, torch.ones_like(q)])  # (4, N, C, ...)
-    z = z.transpose(1, 2).reshape(_FEATURES, q.shape[1], -1)  # (4, C, M)
-    return torch.einsum("icm,jcm->cij", z, z)
-
-
-def _plane(moments: torch.Tensor, regressors: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Least-squares ``f ~ a q + c x + d`` per channel over the given regressors (0 = q, 1 = x), as ``(a, c, b)``
-    of ``y' = a y + c x - b`` (``b = -d``), from centred moments. A regressor without variance (<= 1e-12 of its
-    second moment, e.g. ``x = 0``) is left out with its neutral coefficient (``a = 1``, ``c = 0``) instead of
-    getting an arbitrary one; collinear regressors get the minimum-norm solution."""
-    n = moments[:, 3, 3]
-    mean = moments[:, :3, 3] / n[:, None]  # (C, 3): q, x, f
-    cov = moments[:, :3, :3] / n[:, None, None] - mean[:, :, None] * mean[:, None, :]
-    coef = torch.zeros(moments.shape[0], 2, dtype=moments.dtype)
-    coef[:, 0] = 1.0
-    for ch in range(moments.shape[0]):
-        second = moments[ch, [0, 1], [0, 1]] / n[ch]
-        keep = [i for i in regressors if cov[ch, i, i] > 1e-12 * second[i].clamp_min(1e-30)]
-        if not keep:
-            continue
-        fixed = [i for i in (0, 1) if i not in keep]
-        # the target minus the fixed terms: f - a q where q is left out with a = 1
-        rhs = cov[ch, keep, 2] - sum(coef[ch, i] * cov[ch, keep, i] for i in fixed)
-        sol = torch.linalg.lstsq(cov[ch][keep][:, keep], rhs.unsqueeze(1), driver="gelsd").solution[:, 0]
-        coef[ch, keep] = sol
-    offset = mean[:, 2] - coef[:, 0] * mean[:, 0] - coef[:, 1] * mean[:, 1]
-    return coef[:, 0], coef[:, 1], -offset
-
-
-def _fit(moments: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Every candidate correction from the ``(C, 4, 4)`` moments, as ``(a, c, b)`` of ``y' = a y + c x - b``:
-
-    * ``offset``: ``a = 1, c = 0, b = mean(q - f)``;
-    * ``gain``: the least-squares line ``f ~ a q + d`` (``c = 0, b = -d``);
-    * ``input``: the least-squares plane ``f ~ a q + c x + d`` (``b = -d``), i.e. the best linear estimate of
-      the float output from the quantized output and the UNet's own input.
-    """
-    n = moments[:, 3, 3]
-    ones, zeros = torch.ones_like(n), torch.zeros_like(n)
-    return {"offset": (ones, zeros, (moments[:, 0, 3] - moments[:, 2, 3]) / n),
-            "gain": _plane(moments, [0]), "input": _plane(moments, [0, 1])}
-
-
-def _apply(fit: tuple[torch.Tensor, torch.Tensor, torch.Tensor], y: torch.Tensor, x: torch.Tensor | None
-           ) -> torch.Tensor:
-    a, c, b = (_view(v, y) for v in fit)
-    out = a * y - b
-    return out if x is None else out + c * x
-
-
-def _view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.view(1, -1, *([1] * (like.dim() - 2)))
-
-
-_KINDS = ("none", "offset", "gain", "input")
-
-
 @torch.no_grad()
 def correct_output(
     prepared: fx.GraphModule,
@@ -269,7 +218,7 @@ def correct_output(
 
     Args:
         prepared: a calibrated output of ``qdiff_ao.prepare``.
-        calib: calibration set with at least 2 rows per timestep (one to fit, one to check).
+        calib: calibration set with at least 2 trajectories per timestep (one left out, the others to fit).
         model: the float diffusers UNet the graph was traced from.
         num_groups: ``G``, at most the number of calibration timesteps.
         gain: also offer each group the gain-and-offset correction (default ``False``: the gains lowered the
@@ -285,9 +234,11 @@ def correct_output(
 
     Returns:
         ``prepared``, with the report ``{"groups": [{"timesteps", "kept", "kind", "mse_before", "mse_after",
-        "mse_offset", "mse_gain", "mse_input", "mean_abs_offset", "mean_gain", "mean_input_gain"}], "boundaries",
-        "num_groups_kept"}`` in ``graph_info(prepared).bias_correction`` (``kind``: ``"none"``, ``"offset"``,
-        ``"gain"`` or ``"input"``; ``mse_*`` on the held-back rows, ``None`` for candidates not offered).
+        "mse_offset", "mse_gain", "mse_input", "z", "num_trajectories", "mean_abs_offset", "mean_gain",
+        "mean_input_gain"}], "boundaries", "num_groups_kept"}`` in ``graph_info(prepared).bias_correction``
+        (``kind``: ``"none"``, ``"offset"``, ``"gain"`` or ``"input"``; ``mse_*``: mean squared error per output
+        value with each trajectory left out of the fit, ``None`` for candidates not offered; ``z``: the chosen
+        candidate's paired z against none over the trajectories, 0 when none is chosen).
 
     Raises:
         TypeError / ValueError: wrong argument types, ``num_groups < 1``, a set with fewer than 2 rows at some
@@ -302,17 +253,18 @@ def correct_output(
     if num_groups < 1 or batch_size < 1:
         raise ValueError(f"need num_groups >= 1 and batch_size >= 1, got {num_groups}, {batch_size}")
     all_t = calib.timesteps()
-    halves = {float(t): timestep_rows(calib, t).split() for t in all_t}  # (fit, held) rows per timestep
-    if min(len(part) for parts in halves.values() for part in parts) == 0:
-        raise ValueError("correct_output needs >= 2 trajectories per timestep (half to fit, half to check); collect "
-                         "the calibration set with samples_per_timestep >= 2")
+    parts = {float(t): timestep_rows(calib, t) for t in all_t}
+    counts = [p.pairs if p.pairs is not None else len(p) for p in parts.values()]  # trajectories per timestep
+    if min(counts) < 2:
+        raise ValueError("correct_output needs >= 2 trajectories per timestep (one left out to check the others' "
+                         "fit); collect the calibration set with samples_per_timestep >= 2")
     config = getattr(model, "config", None)
     # the input can stand in for the output only where they are the same kind of tensor (same channels)
     input_term = input_term and getattr(config, "in_channels", None) == getattr(config, "out_channels", None)
     offered = ("none", "offset") + (("gain",) if gain else ()) + (("input",) if input_term else ())
     device, dtype = module_device(model), next((p.dtype for p in model.parameters()), torch.float32)
     quantized = quantized_forward(prepared, model, device, dtype)  # with timestep groups: each row's group's grids
-    timesteps = [float(t) for t in calib.timesteps()]
+    timesteps = [float(t) for t in all_t]
     groups = contiguous_groups(timesteps, num_groups)
     group_of_t = {t: gi for gi, ts in enumerate(groups) for t in ts}
 
@@ -327,58 +279,39 @@ def correct_output(
         # guidance rows of a pair share x_t, so a y + c x - b on both rows applies it to the guided output
         return q, f, (xs if input_term and xs.shape == q.shape else None)
 
-    # Per group: channel moments of the fitting half and of all rows, and the held-back outputs. On a process
-    # group each rank runs its share of the timesteps and the moments are added up over the ranks.
-    fit_mom: dict[int, torch.Tensor] = {}
-    all_mom: dict[int, torch.Tensor] = {}
-    held: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = [[] for _ in groups]
+    # Per group and trajectory (the row's position at its timestep: the collection records trajectory j at every
+    # selected step), the channel moments of its outputs. On a process group each rank runs its share of the
+    # timesteps and the moments are added up over the ranks.
+    moments: dict[int, torch.Tensor] = {}
     for ti in deal(len(all_t)):
-        t = all_t[ti]
-        gi = group_of_t[float(t)]
-        for part, rows in zip(("fit", "held"), halves[float(t)], strict=True):
-            y_q, y_fp, x = outputs(rows)
-            m = _channel_moments(y_q, y_fp, x)
-            all_mom[gi] = all_mom[gi] + m if gi in all_mom else m
-            if part == "fit":
-                fit_mom[gi] = fit_mom[gi] + m if gi in fit_mom else m
-            else:
-                held[gi].append((y_q, y_fp, x))
+        t = float(all_t[ti])
+        gi = group_of_t[t]
+        rows = row_moments(*outputs(parts[t]))  # (P_t, C, 4, 4)
+        if gi not in moments:
+            moments[gi] = torch.zeros(max(counts), *rows.shape[1:], dtype=torch.float64)
+        moments[gi][: rows.shape[0]] += rows
     # every rank with rows knows the output's channel count C; a rank without rows learns it here
-    have, total = sum_over_ranks([float(bool(all_mom)), float(next((v.shape[0] for v in all_mom.values()), 0))])
+    have, total = sum_over_ranks([float(bool(moments)), float(next((v.shape[1] for v in moments.values()), 0))])
     channels = round(total / have)
-
-    def over_ranks(moments: dict[int, torch.Tensor]) -> torch.Tensor:
-        zero = torch.zeros(channels, _FEATURES, _FEATURES, dtype=torch.float64)
-        return sum_tensor_over_ranks(torch.stack([moments.get(g, zero) for g in range(len(groups))]))
-
-    fit_total, all_total = over_ranks(fit_mom), over_ranks(all_mom)
-    # held-back squared error of each candidate (rows of _KINDS, then the value count): sums over this rank's
-    # rows, then over ranks
-    held_sq = torch.zeros(len(_KINDS) + 1, len(groups), dtype=torch.float64)
-    for gi in range(len(groups)):
-        fits = _fit(fit_total[gi])
-        for q, f, x in held[gi]:
-            y_q, y_fp = q.double(), f.double()
-            xd = None if x is None else x.double()
-            held_sq[0, gi] += (y_q - y_fp).pow(2).sum()
-            for i, kind in enumerate(_KINDS[1:], start=1):
-                if kind in offered:  # a candidate is only scored when it is offered
-                    held_sq[i, gi] += (_apply(fits[kind], y_q, xd) - y_fp).pow(2).sum()
-            held_sq[-1, gi] += y_q.numel()
-    held_sq = sum_tensor_over_ranks(held_sq)
+    zero = torch.zeros(max(counts), channels, FEATURES, FEATURES, dtype=torch.float64)
+    per_trajectory = sum_tensor_over_ranks(torch.stack([moments.get(g, zero) for g in range(len(groups))]))
     bias = torch.zeros(len(groups), channels, dtype=torch.float64)
     gains = torch.ones(len(groups), channels, dtype=torch.float64)
     input_gains = torch.zeros(len(groups), channels, dtype=torch.float64)
     report_groups = []
     for gi, ts in enumerate(groups):
-        mse = {kind: float(held_sq[i, gi] / held_sq[-1, gi]) for i, kind in enumerate(_KINDS) if kind in offered}
+        errors, values = left_out_errors(per_trajectory[gi], offered)
+        used = errors[0].isfinite()  # trajectories with rows in this group
+        mse = {kind: float(errors[i, used].sum() / values) for i, kind in enumerate(KINDS) if kind in offered}
         kind = min(offered, key=lambda k: mse[k])  # min keeps the first of equals: "none" wins ties
+        z = paired_z(errors[0, used], errors[KINDS.index(kind), used])[1] if kind != "none" else 0.0
         if kind != "none":
-            a_all, c_all, b_all = _fit(all_total[gi])[kind]
+            a_all, c_all, b_all = fit_candidates(per_trajectory[gi].sum(0), (kind,))[kind]
             gains[gi], input_gains[gi], bias[gi] = a_all, c_all, b_all
         report_groups.append({"timesteps": ts, "kept": kind != "none", "kind": kind, "mse_before": mse["none"],
                               "mse_after": mse[kind], "mse_offset": mse["offset"], "mse_gain": mse.get("gain"),
-                              "mse_input": mse.get("input"), "mean_abs_offset": float(bias[gi].abs().mean()),
+                              "mse_input": mse.get("input"), "z": z, "num_trajectories": int(used.sum()),
+                              "mean_abs_offset": float(bias[gi].abs().mean()),
                               "mean_gain": float(gains[gi].mean()), "mean_input_gain": float(input_gains[gi].mean())})
     kinds = {g["kind"] for g in report_groups}
     # the module carries gains when they were offered (the layout of earlier checkpoints), input gains only where
