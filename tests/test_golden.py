@@ -52,7 +52,11 @@ its kept run changed); its AVX2 pin was dropped, so it too skips on AVX2 until r
 Sixteenth session: AdaRound's gradients became hand-written (equal to autograd's to float rounding, not bit for bit)
 and the reconstruction choice and the spread correction began sampling with the lowered INT8 model; every family
 changed, so all six were re-recorded on AVX-512 + AMX (the session's CPU) and the AVX2 and AVX-512 records were
-dropped: the test skips on those capabilities until someone records them there."""
+dropped: the test skips on those capabilities until someone records them there.
+Twenty-sixth session (2026-12-07): the output correction scores its candidates leaving one trajectory out instead of
+on one held-back half, which changes its decisions and the summation order of its offsets; every family changed, so
+all six were re-recorded on AVX2 (AMD EPYC, the session's CPU) and the AVX512+AMX record was dropped (no such CPU
+this session): the test skips there until someone records it."""
 _TIMESTEPS = (900, 600, 300, 50)
 
 
