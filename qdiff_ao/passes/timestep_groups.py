@@ -5,7 +5,7 @@ late steps, whose inputs are small, get the coarse step the noisy early steps se
 timesteps are cut into ``G`` contiguous groups (equal counts) and each group may get its own grid for every
 per-tensor activation quantizer of up to 8 bits (weights stay shared):
 
-1. On the fitting half of every timestep's rows (trajectories split in two, as the output correction splits them)
+1. On the fitting half of every timestep's rows (trajectories split in two by ``RowGroup.split``)
    the float input range of each quantizer is recorded per timestep.
 2. Group ``g``'s candidate grid for a quantizer maps its final grid (after calibration and reconstruction) from
    the range over all timesteps onto the group's range
