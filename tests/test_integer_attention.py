@@ -14,6 +14,7 @@ import qdiff_ao
 from qdiff_ao.deploy import integer_attention
 from qdiff_ao.deploy.gemm_choice import EXACT_TERMS, int_gemm_is_faster
 from qdiff_ao.deploy.integer_attention import (
+    GEMM_ROWS,
     MIN_SCORES_PER_HEAD,
     IntegerAttention,
     integer_attention_kernel,
@@ -41,7 +42,7 @@ def _float_chain(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, factor: fl
        d=st.integers(1, 24), e=st.integers(1, 24), zeros=st.tuples(*[st.integers(0, 255)] * 3),
        scales=st.tuples(*[st.floats(1e-3, 0.1)] * 3), factor=st.floats(0.05, 2.0),
        p_bits=st.sampled_from([255, 127, 300]),
-       block=st.sampled_from([1, 7, 1 << 18]), seed=st.integers(0, 2**16))
+       block=st.sampled_from([1, 7, 100, 1 << 18]), seed=st.integers(0, 2**16))
 def test_kernel_equals_the_float_chain(lead: list[int], n: int, m: int, d: int, e: int, zeros: tuple[int, ...],
                                        scales: tuple[float, ...], factor: float, p_bits: int, block: int,
                                        seed: int) -> None:
@@ -55,9 +56,12 @@ def test_kernel_equals_the_float_chain(lead: list[int], n: int, m: int, d: int, 
     p_scale = 1.0 / p_bits
     # integer path at any size (min_scores=0), on torch._int_mm
     out = integer_attention_kernel(q, k_t, v, factor, p_scale, 0, block, min_scores=0, int_gemm=True)
-    for terms in (EXACT_TERMS, 3):  # 3: every reduction longer than 3 codes is summed from f32 pieces in int32
+    # exact_terms 3 and 1: reductions longer than that are summed from f32 pieces in int32 (at 1 also the P V
+    # product's keys, and V gets the column of ones); gemm_rows 2 and 1: the score product in row chunks (where
+    # the head dimension is exact in one GEMM)
+    for terms, gemm_rows in ((EXACT_TERMS, GEMM_ROWS), (EXACT_TERMS, 2), (3, 2), (1, 1)):
         on_f32 = integer_attention_kernel(q, k_t, v, factor, p_scale, 0, block, min_scores=0, int_gemm=False,
-                                          exact_terms=terms)
+                                          exact_terms=terms, gemm_rows=gemm_rows)
         assert torch.equal(on_f32, out)
     ref = _float_chain(q, k_t, v, factor, p_scale, 0)
     assert out.shape == ref.shape and out.dtype == torch.float32
@@ -75,6 +79,24 @@ def test_kernel_is_exact_up_to_f32_rounding_on_typical_operands(int_gemm: bool) 
     out = integer_attention_kernel(q, k_t, v, 0.25, 1 / 255, 0, min_scores=0, int_gemm=int_gemm)
     ref = _float_chain(q, k_t, v, 0.25, 1 / 255, 0)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_large_heads_take_row_blocks_and_chunked_score_products() -> None:
+    """SD-sized heads (1,024 keys, head dimension 16): each block holds some rows of one head, whose score product
+    runs on the f32 GEMM in chunks of GEMM_ROWS rows. Bit for bit the _int_mm output, and the f32 chain's up to
+    f32 rounding (a code on a rounding tie may move: at most one code of P times the largest |V|)."""
+    q = _quantized((1, 2, 512, 16), 0.02, 110, 0)
+    k_t = _quantized((1, 2, 1024, 16), 0.03, 150, 1).transpose(-1, -2)
+    v = _quantized((1, 2, 1024, 16), 0.025, 140, 2)
+    rows = integer_attention.BLOCK_ELEMENTS // 1024
+    assert rows < 512 and rows % GEMM_ROWS == 0 and rows > GEMM_ROWS  # the chunked one-head branch
+    on_f32 = integer_attention_kernel(q, k_t, v, 0.25, 1 / 255, 0, int_gemm=False)
+    assert torch.equal(on_f32, integer_attention_kernel(q, k_t, v, 0.25, 1 / 255, 0, int_gemm=True))
+    assert torch.equal(on_f32, integer_attention_kernel(q, k_t, v, 0.25, 1 / 255, 0, int_gemm=False, gemm_rows=0))
+    ref = _float_chain(q, k_t, v, 0.25, 1 / 255, 0)
+    one_code = float(v.dequantize().abs().max()) / 255
+    assert float((on_f32 - ref).abs().max()) <= one_code + 1e-5 * (1 + float(ref.abs().max()))
+    assert float((on_f32 - ref).abs().mean()) <= 1e-3 * one_code
 
 
 def test_f32_gemm_is_exact_at_its_longest_reduction() -> None:
