@@ -1,5 +1,6 @@
-"""Quantized attention on integer matmuls (``qdiff_ao.deploy.integer_attention``): the kernel against the f32 chain
-that ``convert_fx`` emits, the graph rewrite on tiny UNets, and the frozen fbgemm path that uses it."""
+"""Quantized attention on integer matmuls (``qdiff_ao.deploy.attention_kernel`` and ``.integer_attention``): the
+kernel against the f32 chain that ``convert_fx`` emits, the graph rewrite on tiny UNets, and the frozen fbgemm path
+that uses it."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import qdiff_ao
-from qdiff_ao.deploy import integer_attention
+from qdiff_ao.deploy import attention_kernel, integer_attention
 from qdiff_ao.deploy.gemm_choice import EXACT_TERMS, int_gemm_is_faster
 from qdiff_ao.deploy.integer_attention import (
     GEMM_ROWS,
@@ -57,8 +58,8 @@ def test_kernel_equals_the_float_chain(lead: list[int], n: int, m: int, d: int, 
     # integer path at any size (min_scores=0), on torch._int_mm
     out = integer_attention_kernel(q, k_t, v, factor, p_scale, 0, block, min_scores=0, int_gemm=True)
     # exact_terms 3 and 1: reductions longer than that are summed from f32 pieces in int32 (at 1 also the P V
-    # product's keys, and V gets the column of ones); gemm_rows 2 and 1: the score product in row chunks (where
-    # the head dimension is exact in one GEMM)
+    # product's keys); gemm_rows 2 and 1: the score product in row chunks (where the head dimension is exact in one
+    # GEMM)
     for terms, gemm_rows in ((EXACT_TERMS, GEMM_ROWS), (EXACT_TERMS, 2), (3, 2), (1, 1)):
         on_f32 = integer_attention_kernel(q, k_t, v, factor, p_scale, 0, block, min_scores=0, int_gemm=False,
                                           exact_terms=terms, gemm_rows=gemm_rows)
@@ -88,7 +89,7 @@ def test_large_heads_take_row_blocks_and_chunked_score_products() -> None:
     q = _quantized((1, 2, 512, 16), 0.02, 110, 0)
     k_t = _quantized((1, 2, 1024, 16), 0.03, 150, 1).transpose(-1, -2)
     v = _quantized((1, 2, 1024, 16), 0.025, 140, 2)
-    rows = integer_attention.BLOCK_ELEMENTS // 1024
+    rows = attention_kernel.BLOCK_ELEMENTS // 1024
     assert rows < 512 and rows % GEMM_ROWS == 0 and rows > GEMM_ROWS  # the chunked one-head branch
     on_f32 = integer_attention_kernel(q, k_t, v, 0.25, 1 / 255, 0, int_gemm=False)
     assert torch.equal(on_f32, integer_attention_kernel(q, k_t, v, 0.25, 1 / 255, 0, int_gemm=True))
@@ -105,15 +106,16 @@ def test_f32_gemm_is_exact_at_its_longest_reduction() -> None:
     a = torch.full((2, EXACT_TERMS), -128.0)
     b = torch.full((EXACT_TERMS, 3), -128.0)
     exact = torch._int_mm(a.to(torch.int8), b.to(torch.int8))
-    assert torch.equal(integer_attention._exact_f32_matmul(a, b, EXACT_TERMS).to(torch.int32), exact)
+    assert torch.equal(attention_kernel._exact_f32_matmul(a, b, EXACT_TERMS).to(torch.int32), exact)
     assert int(exact[0, 0]) == 1 << 24
     odd = torch.cat([a, torch.ones(2, 1)], 1), torch.cat([b, torch.ones(1, 3)], 0)  # 2^24 + 1: needs the pieces
-    assert torch.equal(integer_attention._exact_f32_matmul(*odd, EXACT_TERMS), exact + 1)
+    assert torch.equal(attention_kernel._exact_f32_matmul(*odd, EXACT_TERMS), exact + 1)
 
 
-def test_f32_gemm_rows_too_long_for_an_f32_sum_take_the_ones_column() -> None:
-    """Probability rows longer than 128 x exact_terms codes are not summed in f32 (it could round): V gets the
-    column of ones, as on _int_mm, and the output stays bit for bit that of _int_mm (exact_terms=1: 200 keys)."""
+def test_f32_gemm_cuts_long_probability_rows_into_exact_pieces() -> None:
+    """Where the codes of a probability row could sum past 2^24 against V's codes (here forced by exact_terms=1, 200
+    keys), the f32 P V product is summed from pieces of keys in int32, and the output stays bit for bit that of
+    _int_mm."""
     q = _quantized((1, 2, 8, 4), 0.02, 110, 0)
     k_t = _quantized((1, 2, 200, 4), 0.03, 150, 1).transpose(-1, -2)
     v = _quantized((1, 2, 200, 3), 0.025, 140, 2)  # z'_V = 12: the row sums are needed
