@@ -37,34 +37,35 @@ def _float_chain(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, factor: fl
 
 
 @settings(max_examples=40, deadline=None)
-@example(lead=[1], n=1, m=2, d=1, e=1, zeros=(0, 0, 0), scales=(0.0625,) * 3, factor=0.5, p_bits=255, block=7,
-         seed=0)  # a size-1 head dimension: transposed code views whose strides _int_mm misread
+@example(lead=[1], n=1, m=2, d=1, e=1, zeros=(0, 0, 0), scales=(0.0625,) * 3, factor=0.5, p_bits=255, p_zero=0,
+         block=7, seed=0)  # a size-1 head dimension: transposed code views whose strides _int_mm misread
 @given(lead=st.lists(st.integers(1, 3), min_size=1, max_size=2), n=st.integers(1, 40), m=st.integers(1, 40),
        d=st.integers(1, 24), e=st.integers(1, 24), zeros=st.tuples(*[st.integers(0, 255)] * 3),
        scales=st.tuples(*[st.floats(1e-3, 0.1)] * 3), factor=st.floats(0.05, 2.0),
-       p_bits=st.sampled_from([255, 127, 300]),
+       p_bits=st.sampled_from([255, 127, 300]), p_zero=st.sampled_from([0, 0, 37, 128]),
        block=st.sampled_from([1, 7, 100, 1 << 18]), seed=st.integers(0, 2**16))
 def test_kernel_equals_the_float_chain(lead: list[int], n: int, m: int, d: int, e: int, zeros: tuple[int, ...],
-                                       scales: tuple[float, ...], factor: float, p_bits: int, block: int,
-                                       seed: int) -> None:
-    """Any shapes, zero points, scales, block sizes and probability grids (1/300: probabilities near 1 clip, the
-    kernel's clamp path): the integer kernel equals the f32 chain up to f32 rounding, except that a probability on
-    a rounding tie may land one code away (bounded by one code of P times the largest |V|). Both GEMMs of the
-    codes give bit for bit the same output, also when the f32 GEMM cuts its reductions into pieces."""
+                                       scales: tuple[float, ...], factor: float, p_bits: int, p_zero: int,
+                                       block: int, seed: int) -> None:
+    """Any shapes, zero points, scales, block sizes and probability grids (1/300, or a zero point above 0:
+    probabilities near 1 clip, the kernel's clamp path): the integer kernel equals the f32 chain up to f32 rounding,
+    except that a probability on a rounding tie may land one code away (bounded by one code of P times the largest
+    |V|). Both GEMMs of the codes give bit for bit the same output, also when the f32 GEMM cuts its reductions into
+    pieces."""
     q = _quantized((*lead, n, d), scales[0], zeros[0], seed)
     k_t = _quantized((*lead, m, d), scales[1], zeros[1], seed + 1).transpose(-1, -2)
     v = _quantized((*lead, m, e), scales[2], zeros[2], seed + 2)
     p_scale = 1.0 / p_bits
     # integer path at any size (min_scores=0), on torch._int_mm
-    out = integer_attention_kernel(q, k_t, v, factor, p_scale, 0, block, min_scores=0, int_gemm=True)
+    out = integer_attention_kernel(q, k_t, v, factor, p_scale, p_zero, block, min_scores=0, int_gemm=True)
     # exact_terms 3 and 1: reductions longer than that are summed from f32 pieces in int32 (at 1 also the P V
     # product's keys); gemm_rows 2 and 1: the score product in row chunks (where the head dimension is exact in one
     # GEMM)
     for terms, gemm_rows in ((EXACT_TERMS, GEMM_ROWS), (EXACT_TERMS, 2), (3, 2), (1, 1)):
-        on_f32 = integer_attention_kernel(q, k_t, v, factor, p_scale, 0, block, min_scores=0, int_gemm=False,
+        on_f32 = integer_attention_kernel(q, k_t, v, factor, p_scale, p_zero, block, min_scores=0, int_gemm=False,
                                           exact_terms=terms, gemm_rows=gemm_rows)
         assert torch.equal(on_f32, out)
-    ref = _float_chain(q, k_t, v, factor, p_scale, 0)
+    ref = _float_chain(q, k_t, v, factor, p_scale, p_zero)
     assert out.shape == ref.shape and out.dtype == torch.float32
     one_code = p_scale * float(v.dequantize().abs().max())
     assert float((out - ref).abs().max()) <= one_code + 1e-5 * (1 + float(ref.abs().max()))
