@@ -53,9 +53,10 @@ AVX-512 + VNNI, ``/work/runs/s14/block_sweep.py`` in the session note): 8 x 32 h
 
 GEMM_ROWS = 64
 """On the f32 GEMM, a one-head block's score product ``q'k'`` (rows x d x M) runs as a batch of chunks of this many
-rows: with head dimension 16 and 1,024 keys, MKL's f32 GEMM on 2 threads took longer for 256 rows at once than one
-thread did (177 vs 139 us), and 4 chunks of 64 rows as one ``bmm`` 89 us (AVX2-only AMD EPYC, 2 threads; the
-SD-shaped attention's whole kernel 32 -> 27 ms). ``_int_mm`` (VNNI) is left as it was measured."""
+rows: with head dimension 16 and 1,024 keys, MKL's f32 GEMM took longer for 256 rows at once on 2 threads than on
+one (229 vs 139 us), and 4 chunks of 64 rows as one ``bmm`` took 89 us against 177 us for the single GEMM (another
+run; AVX2-only AMD EPYC; the SD-shaped attention's whole kernel 32 -> 27 ms). ``_int_mm`` (VNNI) is left as it was
+measured."""
 
 
 def _signed_codes(x: torch.Tensor) -> torch.Tensor:
@@ -122,8 +123,8 @@ def _kernel(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, factor: float, 
     heads = max(1, block_elements // (n * m)) if rows == n else 1
     one = heads == 1  # one head per block, rows at a time: 2-D ops; else whole heads, 3-D
     if not one and not int_gemm:
-        # several heads: the P V product as (w^T u^T)^T, which MKL ran 1.2-3.7x faster than u w for e <= 32
-        # (4 heads of 256 x 256 scores, e = 8: 53 vs 198 us; AVX2, 2 threads) and as fast for e = 256
+        # several heads: the P V product as (w^T u^T)^T, which MKL ran 1.16-3.7x faster than u w for e <= 32
+        # (4 heads of 256 x 256 scores, e = 8: 53 vs 198 us; AVX2, 2 threads) and as fast for e = 256 or 77 keys
         vi = vi.transpose(-1, -2).contiguous()
     out = torch.empty(groups, n, e)
     for g0 in range(0, groups, heads):
