@@ -115,6 +115,7 @@ def _kernel(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, factor: float, 
     groups = ki.size(0)
     # scores in base 2 (softmax(x) = 2^(x log2 e) / sum 2^(x log2 e)): exp2 took half the time of exp on AVX2
     scale = q.q_scale() * k_t.q_scale() * factor * 1.4426950408889634
+    inv_p = 1.0 / p_scale
     top = 255 - zp  # the largest code above the zero point: u <= top
     clamp = p_scale * top < 1.0  # else every probability in [0, 1] rounds to a code <= top
     out_scale = p_scale * v.q_scale()
@@ -132,13 +133,14 @@ def _kernel(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, factor: float, 
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
             if int_gemm:
-                scores = _int_scores(qi, ki, g0, g1, r0, r1, one).add_(key_bias[g0] if one else key_bias[g0:g1])
+                scores = (_int_mm_heads(qi[g0, r0:r1], ki[g0]).add_(key_bias[g0]) if one
+                          else _int_mm_heads(qi[g0:g1], ki[g0:g1]).add_(key_bias[g0:g1]))
             else:
                 scores = _f32_scores(qi, ki, g0, g1, r0, r1, one, score_terms, gemm_rows)
-            units = _probability_units(scores, scale, 1.0 / p_scale, top, clamp)
+            units = _probability_units(scores, scale, inv_p, top, clamp)
             v_g = vi[g0] if one else vi[g0:g1]
             if int_gemm:
-                acc = _int_products(units.add_(float(zp - 128)).to(torch.int8), v_g)
+                acc = _int_mm_heads(units.add_(float(zp - 128)).to(torch.int8), v_g)
                 if zv != 128:
                     acc = acc.narrow(-1, 0, e) - acc.narrow(-1, e, 1) * (zv - 128)
                 values = acc - (value_offset[g0] if one else value_offset[g0:g1])
@@ -151,16 +153,6 @@ def _kernel(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, factor: float, 
             torch.mul(values, out_scale, out=out[g0, r0:r1] if one else out[g0:g1])
     shape = list(lead) + [n, e]
     return out.reshape(shape)
-
-
-def _int_scores(qi: torch.Tensor, ki: torch.Tensor, g0: int, g1: int, r0: int, r1: int, one: bool) -> torch.Tensor:
-    """``q'k'`` on ``torch._int_mm`` (int32): rows ``r0:r1`` of head ``g0`` (``one``) or whole heads ``g0:g1``."""
-    if one:
-        return torch._int_mm(qi[g0, r0:r1], ki[g0])
-    scores = torch.empty(g1 - g0, qi.size(1), ki.size(-1), dtype=torch.int32)
-    for g in range(g0, g1):
-        torch._int_mm(qi[g], ki[g], out=scores[g - g0])
-    return scores
 
 
 def _f32_scores(qi: torch.Tensor, ki: torch.Tensor, g0: int, g1: int, r0: int, r1: int, one: bool, terms: int,
@@ -190,14 +182,15 @@ def _probability_units(scores: torch.Tensor, scale: float, inv_p: float, top: in
     return units.clamp_max_(float(top)) if clamp else units
 
 
-def _int_products(codes: torch.Tensor, v_codes: torch.Tensor) -> torch.Tensor:
-    """``codes @ v_codes`` of int8 matrices (one head) or stacks of them (several heads) on ``torch._int_mm``."""
-    if codes.dim() == 2:
-        return torch._int_mm(codes, v_codes)
-    acc = torch.empty(codes.size(0), codes.size(1), v_codes.size(-1), dtype=torch.int32)
-    for g in range(codes.size(0)):
-        torch._int_mm(codes[g], v_codes[g], out=acc[g])
-    return acc
+def _int_mm_heads(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of int8 matrices (one head) or stacks of them (several heads) on ``torch._int_mm``, int32 (it takes
+    2-D operands only, so a stack is multiplied head by head into one output)."""
+    if a.dim() == 2:
+        return torch._int_mm(a, b)
+    out = torch.empty(a.size(0), a.size(1), b.size(-1), dtype=torch.int32)
+    for g in range(a.size(0)):
+        torch._int_mm(a[g], b[g], out=out[g])
+    return out
 
 
 @functools.cache

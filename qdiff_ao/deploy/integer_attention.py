@@ -19,7 +19,6 @@ import logging
 import math
 import operator
 from dataclasses import dataclass
-from typing import cast
 
 import torch
 from torch import fx, nn
@@ -29,7 +28,6 @@ from qdiff_ao.deploy.attention_kernel import (
     BLOCK_ELEMENTS,
     GEMM_ROWS,
     MIN_SCORES_PER_HEAD,
-    _scripted_kernel,
     integer_attention_kernel,
 )
 from qdiff_ao.deploy.gemm_choice import EXACT_TERMS, int_gemm_is_faster
@@ -58,9 +56,8 @@ class IntegerAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, p_scale: torch.Tensor,
                 p_zero: torch.Tensor) -> torch.Tensor:
-        return cast(torch.Tensor, _scripted_kernel()(q, k_t, v, self.factor, float(p_scale), int(p_zero),
-                                                     BLOCK_ELEMENTS, MIN_SCORES_PER_HEAD, self.int_gemm, EXACT_TERMS,
-                                                     GEMM_ROWS))
+        return integer_attention_kernel(q, k_t, v, self.factor, float(p_scale), int(p_zero), BLOCK_ELEMENTS,
+                                        MIN_SCORES_PER_HEAD, self.int_gemm, EXACT_TERMS, GEMM_ROWS)
 
     def extra_repr(self) -> str:
         return f"factor={self.factor}, gemm={'int8' if self.int_gemm else 'f32 (exact)'}"
