@@ -41,8 +41,9 @@ from qdiff_ao.backends.base import Backend
 from qdiff_ao.backends.x86 import X86Backend
 from qdiff_ao.calibration._plan import is_pipeline, resolve_components
 from qdiff_ao.calibration.calibration_set import CalibrationSet
-from qdiff_ao.calibration.collection import calibrate, collect_calibration_data
+from qdiff_ao.calibration.collection import collect_calibration_data
 from qdiff_ao.calibration.distributed import init_from_environment, is_main_process
+from qdiff_ao.calibration.observation import calibrate
 from qdiff_ao.calibration.range_report import activation_ranges
 from qdiff_ao.capture.graph_state import graph_info, has_graph_info
 from qdiff_ao.capture.tracing import trace

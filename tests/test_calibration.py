@@ -201,10 +201,12 @@ def test_pipeline_prompts_are_encoded_with_encode_prompt() -> None:
 
 def test_memory_estimate_is_exact_and_refusal_happens_before_sampling() -> None:
     unet = tiny_unet()
-    calib = collect(unet, DDIMScheduler())
+    calib = collect(unet, DDIMScheduler())  # x_t, t, step index and the UNet's output on each row
+    assert calib.nbytes == len(calib) * (3 * 8 * 8 * 4 + 8 + 8 + 3 * 8 * 8 * 4)
+    assert calib.bytes_per_sample == 2 * 3 * 8 * 8 * 4 + 16
+    assert collect(unet, DDIMScheduler(), max_memory_bytes=calib.nbytes).float_output is not None  # exactly enough
+    calib = collect(unet, DDIMScheduler(), record_float_output=False)  # the inputs alone decide the refusal
     assert calib.nbytes == len(calib) * (3 * 8 * 8 * 4 + 8 + 8)
-    assert calib.bytes_per_sample == 3 * 8 * 8 * 4 + 16
-    collect(unet, DDIMScheduler(), max_memory_bytes=calib.nbytes)  # exactly enough
     calls = count_calls(unet)
     with pytest.raises(ValueError, match=f"need {calib.nbytes:,} bytes.*samples_per_timestep"):
         collect(unet, DDIMScheduler(), max_memory_bytes=calib.nbytes - 1)

@@ -14,6 +14,9 @@ Row ``i`` of the set is one UNet input exactly as the model saw it during sampli
     step_index[i]             position of t in the sampler's timestep list (several steps may share a t)
     guidance_pair[i]          classifier-free guidance: -k on the unconditional, +k on the conditional row of
                               pair k >= 1 (one trajectory at one step); the scale is metadata["guidance_scale"]
+    float_output[i]           the float UNet's own output on row i (raw, before guidance), recorded by the
+                              collector: passes that compare with the float model read it instead of running the
+                              model again (:mod:`qdiff_ao.calibration.float_reference` checks it first)
 
 Example:
     >>> import torch
@@ -46,7 +49,7 @@ _VERSION_KEY = "qdiff_ao_format_version"
 _VERSION = "2"  # 2: the tensors' SHA-256 in the metadata (version 1 files load without that check)
 _SHA_KEY = "qdiff_ao_tensors_sha256"
 _READABLE_VERSIONS = ("1", _VERSION)
-_OPTIONAL = ("encoder_hidden_states", "class_labels", "step_index", "guidance_pair")
+_OPTIONAL = ("encoder_hidden_states", "class_labels", "step_index", "guidance_pair", "float_output")
 
 
 def _as_number(value: torch.Tensor) -> int | float:
@@ -65,6 +68,8 @@ class CalibrationSet:
         step_index: optional index of each row's step in the sampler's timestep list, shape ``[N]``.
         guidance_pair: optional classifier-free guidance pairing, shape ``[N]``: ``-k`` / ``+k`` on the
             unconditional / conditional row of pair ``k >= 1``; needs ``metadata["guidance_scale"]``.
+        float_output: optional float UNet output on each row, shape ``[N, ...]`` (not a UNet input: ``batches``
+            and ``example_inputs`` leave it out).
         metadata: string key/value pairs saved with the set (strategy, scheduler, seed, ...).
 
     Raises:
@@ -81,6 +86,7 @@ class CalibrationSet:
         step_index: torch.Tensor | None = None,
         guidance_pair: torch.Tensor | None = None,
         metadata: dict[str, str] | None = None,
+        float_output: torch.Tensor | None = None,
     ) -> None:
         named = {
             "sample": sample,
@@ -89,6 +95,7 @@ class CalibrationSet:
             "class_labels": class_labels,
             "step_index": step_index,
             "guidance_pair": guidance_pair,
+            "float_output": float_output,
         }
         for name, value in named.items():
             if value is not None and not isinstance(value, torch.Tensor):
@@ -115,12 +122,18 @@ class CalibrationSet:
             raise ValueError(f"CalibrationSet: sample must be a finite floating-point tensor (got {sample.dtype}"
                              f"{'' if not sample.is_floating_point() else ' with NaN/Inf values'}); calibrating "
                              "on it would give observers meaningless ranges")
+        if float_output is not None and (not float_output.is_floating_point()
+                                         or not bool(torch.isfinite(float_output).all())):
+            kind = "with NaN/Inf values" if float_output.is_floating_point() else "not floating point"
+            raise ValueError(f"CalibrationSet: float_output must hold the float UNet's finite outputs, got "
+                             f"{float_output.dtype} {kind}; pass float_output=None and the passes run the model")
         self.sample = sample
         self.timestep = timestep
         self.encoder_hidden_states = encoder_hidden_states
         self.class_labels = class_labels
         self.step_index = step_index
         self.guidance_pair = guidance_pair
+        self.float_output = float_output
         self.metadata: dict[str, str] = {str(k): str(v) for k, v in (metadata or {}).items()}
         if guidance_pair is not None:
             _check_guidance_pairs(guidance_pair, self.metadata)
@@ -150,7 +163,7 @@ class CalibrationSet:
 
     @property
     def bytes_per_sample(self) -> int:
-        """Bytes of one row (x_t + t + cond + labels + step index): ``nbytes // len(self)``."""
+        """Bytes of one row (x_t + t + cond + labels + step index + float output): ``nbytes // len(self)``."""
         return self.nbytes // len(self)
 
     def timesteps(self) -> list[int | float]:

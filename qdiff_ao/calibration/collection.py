@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 from typing import Any
 
 import torch
@@ -35,9 +36,7 @@ from qdiff_ao.calibration._plan import (
 )
 from qdiff_ao.calibration.calibration_set import CalibrationSet
 from qdiff_ao.calibration.distributed import chunk_seed, init_from_environment, rank_and_world
-from qdiff_ao.capture.devices import module_device, to_device
-from qdiff_ao.observers.merging import all_reduce_observers
-from qdiff_ao.observers.timestep_context import timestep_context
+from qdiff_ao.calibration.observation import calibrate
 
 __all__ = ["STRATEGIES", "select_step_indices", "collect_calibration_data", "calibrate"]
 
@@ -101,6 +100,7 @@ def collect_calibration_data(
     max_memory_bytes: int = 2**31,
     progress: bool = True,
     keep_shards: bool = False,
+    record_float_output: bool = True,
 ) -> CalibrationSet:
     """Run the FP sampler and record the UNet inputs ``(x_t, t[, cond])`` at timestep-uniform steps.
 
@@ -112,7 +112,9 @@ def collect_calibration_data(
     the model input is ``[x_in; x_in]`` with ``[uncond; cond]`` embeddings and the update uses
     ``eps = eps_u + guidance_scale * (eps_c - eps_u)``; both halves are recorded, so each selected step holds
     ``2 * samples_per_timestep`` rows. Sample ``j`` uses conditioning row ``j mod P`` (P prompts / classes).
-    Sampling stops after the last selected step.
+    Sampling stops after the last selected step. The UNet's own output on every recorded row is kept too
+    (``float_output``, before the guidance combination): the passes that compare with the float model read it
+    instead of running the model again (one more forward per chunk, at the last selected step).
 
     Args:
         model: a diffusers UNet (``UNet2DModel``/``UNet2DConditionModel``) or a diffusers pipeline holding
@@ -139,6 +141,9 @@ def collect_calibration_data(
         keep_shards: under a process group of N > 1 ranks, keep on each rank only the rows it sampled (its
             chunks of ``batch_size`` trajectories, ``metadata["shard"] = "rank/N"``) instead of gathering the
             whole set on every rank. Without a process group it changes nothing.
+        record_float_output: keep the UNet's outputs (``CalibrationSet.float_output``; skipped with a warning
+            when they alone would take the set past ``max_memory_bytes``, or the UNet's config has no
+            ``out_channels``).
 
     Under torch.distributed (an initialised group, or torchrun's environment), chunk ``c`` of ``batch_size``
     trajectories runs on rank ``c mod N`` with its own seeded generator and the rows are then shared, so every
@@ -177,6 +182,12 @@ def collect_calibration_data(
     rows_per_step = samples_per_timestep * plan.rows_per_trajectory
     num_rows = num_timesteps * rows_per_step
     needed = num_rows * plan.bytes_per_row
+    output_shape = _output_shape(plan) if record_float_output else None
+    output_bytes = num_rows * math.prod(output_shape) * plan.dtype.itemsize if output_shape is not None else 0
+    if output_shape is not None and needed <= max_memory_bytes < needed + output_bytes:
+        logger.warning("the float outputs would take the calibration set past max_memory_bytes=%s: not recorded "
+                       "(the passes run the float model instead)", f"{max_memory_bytes:,}")
+        output_shape = None
     if needed > max_memory_bytes:
         raise ValueError(
             f"the calibration set would need {needed:,} bytes ({num_rows:,} rows x {plan.bytes_per_row:,} "
@@ -185,7 +196,7 @@ def collect_calibration_data(
         )
     init_from_environment()
     rank, world = rank_and_world()
-    store = _allocate(plan, num_rows)
+    store = _allocate(plan, num_rows, output_shape)
     _run_sampler(plan, store, indices, samples_per_timestep, batch_size, seed, progress and rank == 0)
     own_rows = None
     if world > 1:
@@ -214,7 +225,15 @@ def collect_calibration_data(
     return calib
 
 
-def _allocate(plan: SamplerPlan, num_rows: int) -> dict[str, torch.Tensor]:
+def _output_shape(plan: SamplerPlan) -> tuple[int, ...] | None:
+    """Shape of one UNet output row, ``(out_channels, *spatial)`` from the UNet's config (``None``: unknown)."""
+    channels = getattr(getattr(plan.unet, "config", None), "out_channels", None)
+    if isinstance(channels, bool) or not isinstance(channels, int):
+        return None
+    return (channels, *plan.sample_shape[1:])
+
+
+def _allocate(plan: SamplerPlan, num_rows: int, output_shape: tuple[int, ...] | None) -> dict[str, torch.Tensor]:
     store = {
         "sample": torch.empty((num_rows, *plan.sample_shape), dtype=plan.dtype),
         "timestep": torch.empty(num_rows, dtype=plan.timesteps.dtype),
@@ -227,6 +246,8 @@ def _allocate(plan: SamplerPlan, num_rows: int) -> dict[str, torch.Tensor]:
         store["class_labels"] = torch.empty((num_rows, *labels.shape[1:]), dtype=labels.dtype)
     if plan.cfg:
         store["guidance_pair"] = torch.empty(num_rows, dtype=torch.int64)
+    if output_shape is not None:
+        store["float_output"] = torch.empty((num_rows, *output_shape), dtype=plan.dtype)
     return store
 
 
@@ -287,17 +308,29 @@ def _run_sampler(
                         store["guidance_pair"][rows] = torch.cat([-pair, pair])
                     for name, value in extra.items():
                         store[name][rows] = value.cpu()
-                if i == last:
+                if i == last and "float_output" not in store:
                     bar.update(1)
                     break
                 out = plan.unet(sample=model_in, timestep=t_vec, **extra, return_dict=False)[0]
                 _check_finite(out, "the UNet output", plan, i, t)
+                if i in position and "float_output" in store:
+                    _record_output(store["float_output"], chunk_rows[chunk][position[i]], out)
+                if i == last:
+                    bar.update(1)
+                    break
                 if plan.cfg:
                     uncond, cond = out.chunk(2)
                     out = uncond + plan.guidance_scale * (cond - uncond)
                 x = scheduler.step(out, t, x, **step_kwargs, return_dict=False)[0]
                 _check_finite(x, "the scheduler's next sample", plan, i, t)
                 bar.update(1)
+
+
+def _record_output(store: torch.Tensor, rows: slice, out: torch.Tensor) -> None:
+    if tuple(out.shape[1:]) != tuple(store.shape[1:]):
+        raise ValueError(f"the UNet's output rows have shape {tuple(out.shape[1:])}, not (config.out_channels, "
+                         f"*sample spatial) = {tuple(store.shape[1:])}; collect with record_float_output=False")
+    store[rows] = out.to(store.dtype).cpu()
 
 
 def _chunk_rows(indices: list[int], samples_per_timestep: int, batch_size: int, factor: int) -> list[list[slice]]:
@@ -325,76 +358,3 @@ def _share_rows(store: dict[str, torch.Tensor], chunks: list[list[slice]], keep_
                 view = store[name][sl]  # rows are the first dimension: a contiguous block
                 dist.broadcast(view, src=c % world)
     return None
-
-
-def _accepted_inputs(model: Any) -> tuple[set[str], set[str]] | None:
-    """(accepted, required) keyword names of ``model.forward``, or None if it takes ``**kwargs``."""
-    try:
-        params = inspect.signature(model.forward if hasattr(model, "forward") else model).parameters
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return None
-    accepted = {n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL}
-    required = {
-        n
-        for n, p in params.items()
-        if p.default is inspect.Parameter.empty
-        and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    }
-    return accepted, required
-
-
-def calibrate(model: Any, calib: CalibrationSet, *, batch_size: int = 32, progress: bool = True) -> None:
-    """Feed every row of ``calib`` through ``model`` so its observers see each timestep.
-
-    For each timestep ``t`` (decreasing) and each batch of rows with that ``t``:
-    ``with timestep_context(t): model(**inputs)`` under ``torch.no_grad``, with inputs moved to the model's
-    device. The model's train/eval mode is left as it is.
-
-    Under a torch.distributed process group of N > 1 ranks, batch ``b`` runs on rank ``b mod N`` (a set from
-    ``keep_shards=True`` is fed whole: it already is this rank's share), then every observer's statistics are
-    merged exactly across ranks (:func:`qdiff_ao.observers.merging.all_reduce_observers`): each rank ends with
-    the qparams one process computes on the whole set.
-
-    Args:
-        model: a callable module taking UNet keyword inputs: a prepared ``torch.fx.GraphModule`` whose
-            placeholders are named ``sample``, ``timestep``, ... or a plain diffusers UNet.
-        calib: the :class:`CalibrationSet` to feed.
-        batch_size: maximum rows per forward pass.
-        progress: show a tqdm bar.
-
-    Raises:
-        TypeError: if ``model`` is not callable or ``calib`` is not a :class:`CalibrationSet`.
-        ValueError: if ``batch_size < 1`` or ``model`` does not take the set's inputs (e.g. it was traced
-            without ``encoder_hidden_states``).
-        TypeError: under a process group, an observer whose statistics cannot be merged exactly (EMA).
-    """
-    if not isinstance(calib, CalibrationSet):
-        raise TypeError(f"calib must be a CalibrationSet (from collect_calibration_data), got {type(calib).__name__}")
-    if not callable(model):
-        raise TypeError(f"model must be a callable module, got {type(model).__name__}")
-    keys = set(calib.example_inputs(1))
-    signature = _accepted_inputs(model)
-    if signature is not None:
-        accepted, required = signature
-        if keys - accepted or required - keys:
-            raise ValueError(
-                f"model takes inputs {sorted(accepted)} (required {sorted(required)}) but the calibration set "
-                f"provides {sorted(keys)}; trace/prepare the model with calib.example_inputs() of this set"
-            )
-    device = module_device(model) if isinstance(model, torch.nn.Module) else torch.device("cpu")
-    init_from_environment()
-    rank, world = rank_and_world()
-    deal = world > 1 and "shard" not in calib.metadata
-    total = calib.num_batches(batch_size)
-    bar = tqdm(total=total, disable=not progress or rank != 0, desc="calibrate", unit="batch")
-    with torch.no_grad(), bar:
-        for b, (t, inputs) in enumerate(calib.batches(batch_size)):
-            if not deal or b % world == rank:
-                with timestep_context(t):
-                    model(**to_device(inputs, device))
-            bar.update(1)
-    if world > 1 and isinstance(model, torch.nn.Module):
-        all_reduce_observers(model)
-    logger.info("calibrated on %d rows, %d timesteps, %d batches", len(calib), len(calib.timesteps()), total)

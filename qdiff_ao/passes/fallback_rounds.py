@@ -22,7 +22,7 @@ from typing import Any
 from torch import fx
 
 from qdiff_ao.calibration.calibration_set import CalibrationSet
-from qdiff_ao.calibration.collection import calibrate
+from qdiff_ao.calibration.observation import calibrate
 from qdiff_ao.calibration.observer_transfer import transfer_observer_statistics
 from qdiff_ao.config import QuantConfig
 from qdiff_ao.passes.precision_fallback import choose_float_layers

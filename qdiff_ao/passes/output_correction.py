@@ -47,6 +47,7 @@ from torch import fx, nn
 
 from qdiff_ao.calibration.calibration_set import CalibrationSet
 from qdiff_ao.calibration.distributed import deal, sum_over_ranks, sum_tensor_over_ranks
+from qdiff_ao.calibration.float_reference import FloatReference
 from qdiff_ao.calibration.sampler_view import RowGroup, timestep_rows
 from qdiff_ao.capture.devices import inputs_device, module_device, to_device
 from qdiff_ao.capture.graph_state import update_graph_info
@@ -268,12 +269,18 @@ def correct_output(
     groups = contiguous_groups(timesteps, num_groups)
     group_of_t = {t: gi for gi, ts in enumerate(groups) for t in ts}
 
+    # the float outputs the collector recorded, when the model reproduces them; else the model runs on every row
+    float_outputs = FloatReference(
+        calib, lambda inputs: output_tensor(model(**to_device(inputs, device))).to(inputs_device(inputs)),
+        what="output correction")
+
     def outputs(group: RowGroup) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         y_q, y_fp, x = [], [], []
         for start in range(0, len(group), batch_size):
-            inputs = calib._rows(group.index[start:start + batch_size])
+            index = group.index[start:start + batch_size]
+            inputs = calib._rows(index)
             y_q.append(quantized(inputs).to(inputs_device(inputs)))
-            y_fp.append(output_tensor(model(**to_device(inputs, device))).to(inputs_device(inputs)))
+            y_fp.append(float_outputs(index, inputs))
             x.append(inputs["sample"])
         q, f, xs = (group.sampler_output(torch.cat(v)) for v in (y_q, y_fp, x))
         # guidance rows of a pair share x_t, so a y + c x - b on both rows applies it to the guided output

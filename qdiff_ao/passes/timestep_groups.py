@@ -21,7 +21,9 @@ with its group's grids (so the output correction, run after this pass, is fitted
 ``qdiff_ao.convert`` lowers each kept group into its own qparams (``QuantizedUNet`` dispatches on the timestep; the
 packed weights are shared).
 
-Cost: one float forward over half the calibration rows, and two simulation forwards over the other half.
+Cost: one float forward over half the calibration rows (recording ranges), and two simulation forwards over the
+other half; the float reference on that half is the collector's recorded output
+(:class:`~qdiff_ao.calibration.float_reference.FloatReference`), or a third forward when the set has none.
 On a process group every rank runs all rows (the choice is the same on every rank).
 """
 
@@ -34,6 +36,7 @@ import torch
 from torch import fx
 
 from qdiff_ao.calibration.calibration_set import CalibrationSet
+from qdiff_ao.calibration.float_reference import FloatReference
 from qdiff_ao.calibration.sampler_view import RowGroup, timestep_rows
 from qdiff_ao.capture.graph_state import graph_info, update_graph_info
 from qdiff_ao.passes.attention_operands import is_symmetric_observer
@@ -101,6 +104,14 @@ def _sampler_output(sim: Simulation, calib: CalibrationSet, rows: RowGroup, batc
     return rows.sampler_output(torch.cat(out)).double()
 
 
+def _float_sampler_output(sim: Simulation, calib: CalibrationSet, rows: RowGroup, batch_size: int,
+                          float_outputs: FloatReference) -> torch.Tensor:
+    """The sampler output (float64) of the float model on ``rows``: recorded by the collector, or run."""
+    if float_outputs.recorded:
+        return rows.sampler_output(float_outputs(rows.index, calib._rows(rows.index[:1]))).double()
+    return _sampler_output(sim, calib, rows, batch_size, None, fp=True)
+
+
 def _squared_error(sim: Simulation, calib: CalibrationSet, rows: RowGroup, batch_size: int, group: int | None,
                    reference: torch.Tensor) -> tuple[float, int]:
     """(sum of squared errors of the sampler output vs ``reference``, the float model's, number of values)."""
@@ -152,6 +163,12 @@ def choose_timestep_groups(
     groups = contiguous_groups(timesteps, num_groups)
     sim = build_simulation(prepared)
     sim.gm.eval()
+
+    def float_forward(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        with sim.state.precision(True):
+            return sim.run(inputs)
+
+    float_outputs = FloatReference(calib, float_forward, what="timestep groups")
     quants = _grouped_quantizers(sim)
     names = sorted(quants)
     ranges = _record_ranges(sim, calib, {t: halves[t][0] for t in timesteps}, names, batch_size)
@@ -175,7 +192,7 @@ def choose_timestep_groups(
         count = 0
         for t in ts:
             # the float output once per timestep (each timestep is in one group), as a reference for both
-            reference = _sampler_output(sim, calib, halves[t][1], batch_size, None, fp=True)
+            reference = _float_sampler_output(sim, calib, halves[t][1], batch_size, float_outputs)
             a, n = _squared_error(sim, calib, halves[t][1], batch_size, None, reference)
             b, _ = _squared_error(sim, calib, halves[t][1], batch_size, gi, reference)
             err_single, err_group, count = err_single + a, err_group + b, count + n
