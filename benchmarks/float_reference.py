@@ -1,0 +1,91 @@
+"""What the recorded float outputs save: timestep groups + output correction with and without
+``CalibrationSet.float_output``, timed in one process.
+
+    python benchmarks/float_reference.py [--threads 2] [--timesteps 20] [--samples 16] [--repeats 2]
+
+The CIFAR-10-size UNet (google/ddpm-cifar10-32's configuration, random weights, DDPM with 1,000 linear betas, as
+``benchmarks/recipe_time.py``). Calibration data come from the float sampler (100 steps, ``--timesteps`` x
+``--samples`` rows; the recipe's default set is 20 x 64, so its passes handle 4x these rows); W4A8 defaults are
+prepared and calibrated once. Then, alternating ``--repeats`` times, a copy of the calibrated graph goes through
+``choose_timestep_groups`` and ``correct_output`` (the recipe's two passes that read the recorded outputs) with the
+collected set, and with the same set without its ``float_output`` (the float model runs on every row, as before
+2026-12-07). Printed: median seconds of each pass both ways and the ratio, and the largest difference between the
+two runs' reports (the same decisions; the numbers differ by float rounding only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import qdiff_ao  # noqa: E402
+from benchmarks.common import cifar10_ddpm_unet  # noqa: E402
+from benchmarks.distributed_scaling import cpu_flags  # noqa: E402
+from qdiff_ao.calibration.calibration_set import CalibrationSet  # noqa: E402
+from qdiff_ao.passes.output_correction import correct_output  # noqa: E402
+from qdiff_ao.passes.timestep_groups import choose_timestep_groups  # noqa: E402
+
+
+def _without_outputs(calib: CalibrationSet) -> CalibrationSet:
+    tensors = {k: v for k, v in calib._tensors().items() if k != "float_output"}
+    return CalibrationSet(metadata=calib.metadata, **tensors)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--timesteps", type=int, default=20)
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
+          f"flags: {cpu_flags()}", flush=True)
+    unet = cifar10_ddpm_unet()
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
+    t0 = time.perf_counter()
+    calib = qdiff_ao.collect_calibration_data(unet, scheduler, num_inference_steps=100, num_timesteps=args.timesteps,
+                                              samples_per_timestep=args.samples, batch_size=32, progress=False)
+    print(f"collected {len(calib)} rows in {time.perf_counter() - t0:.1f} s", flush=True)
+    prepared = qdiff_ao.prepare(unet, qdiff_ao.QuantConfig(), calib.example_inputs(2))
+    qdiff_ao.calibrate(prepared, calib, progress=False)
+    sets = {"recorded float outputs": calib, "float model run (before)": _without_outputs(calib)}
+    seconds: dict[tuple[str, str], list[float]] = {}
+    reports: dict[str, list[dict]] = {}
+    for _ in range(args.repeats):
+        for name, c in sets.items():
+            graph = copy.deepcopy(prepared)
+            t0 = time.perf_counter()
+            choose_timestep_groups(graph, c, num_groups=4, batch_size=32)
+            t1 = time.perf_counter()
+            correct_output(graph, c, unet, num_groups=8, batch_size=32)
+            t2 = time.perf_counter()
+            seconds.setdefault((name, "timestep groups"), []).append(t1 - t0)
+            seconds.setdefault((name, "output correction"), []).append(t2 - t1)
+            info = qdiff_ao.graph_info(graph)
+            reports[name] = info.timestep_groups.report["groups"] + info.bias_correction["groups"]
+    print(f"\n| pass ({len(calib)} rows, {torch.get_num_threads()} threads) | recorded (s) | run (s) | ratio |")
+    print("|---|---:|---:|---:|")
+    for step in ("timestep groups", "output correction"):
+        a = statistics.median(seconds[("recorded float outputs", step)])
+        b = statistics.median(seconds[("float model run (before)", step)])
+        print(f"| {step} | {a:.1f} | {b:.1f} | {b / a:.2f}x |")
+    first, second = reports.values()
+    decisions = [(g.get("kept"), g.get("kind")) for g in first] == [(g.get("kept"), g.get("kind")) for g in second]
+    worst = max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for a, b in zip(first, second, strict=True)
+                for k in ("mse_single", "mse_group", "mse_before", "mse_after") if k in a and a[k] is not None)
+    print(f"\nsame decisions: {decisions}; largest relative difference of a reported error: {worst:.2e}")
+
+
+if __name__ == "__main__":
+    main()
