@@ -1,5 +1,5 @@
-"""What the recorded float outputs save: timestep groups + output correction with and without
-``CalibrationSet.float_output``, timed in one process.
+"""What the recorded float outputs save: the output correction with and without ``CalibrationSet.float_output``,
+timed in one process.
 
     python benchmarks/float_reference.py [--threads 2] [--timesteps 20] [--samples 16] [--repeats 2]
 
@@ -7,10 +7,11 @@ The CIFAR-10-size UNet (google/ddpm-cifar10-32's configuration, random weights, 
 ``benchmarks/recipe_time.py``). Calibration data come from the float sampler (100 steps, ``--timesteps`` x
 ``--samples`` rows; the recipe's default set is 20 x 64, so its passes handle 4x these rows); W4A8 defaults are
 prepared and calibrated once. Then, alternating ``--repeats`` times, a copy of the calibrated graph goes through
-``choose_timestep_groups`` and ``correct_output`` (the recipe's two passes that read the recorded outputs) with the
-collected set, and with the same set without its ``float_output`` (the float model runs on every row, as before
-2026-12-07). Printed: median seconds of each pass both ways and the ratio, and the largest difference between the
-two runs' reports (the same decisions; the numbers differ by float rounding only).
+``correct_output`` (the recipe's pass that reads the recorded outputs) with the collected set, and with the same set
+without its ``float_output`` (the float model runs on every row, as before 2026-12-07). Printed: median seconds
+both ways and the ratio, and the largest difference between the two runs' reports (the same decisions; the
+numbers differ by float rounding only). (The first version of this script also timed ``choose_timestep_groups``;
+that pass keeps its own reference, see ``passes/timestep_groups.py``.)
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from benchmarks.common import cifar10_ddpm_unet  # noqa: E402
 from benchmarks.distributed_scaling import cpu_flags  # noqa: E402
 from qdiff_ao.calibration.calibration_set import CalibrationSet  # noqa: E402
 from qdiff_ao.passes.output_correction import correct_output  # noqa: E402
-from qdiff_ao.passes.timestep_groups import choose_timestep_groups  # noqa: E402
 
 
 def _without_outputs(calib: CalibrationSet) -> CalibrationSet:
@@ -60,32 +60,24 @@ def main(argv: list[str] | None = None) -> None:
     prepared = qdiff_ao.prepare(unet, qdiff_ao.QuantConfig(), calib.example_inputs(2))
     qdiff_ao.calibrate(prepared, calib, progress=False)
     sets = {"recorded float outputs": calib, "float model run (before)": _without_outputs(calib)}
-    seconds: dict[tuple[str, str], list[float]] = {}
+    seconds: dict[str, list[float]] = {}
     reports: dict[str, list[dict]] = {}
     for _ in range(args.repeats):
         for name, c in sets.items():
             graph = copy.deepcopy(prepared)
             t0 = time.perf_counter()
-            choose_timestep_groups(graph, c, num_groups=4, batch_size=32)
-            t1 = time.perf_counter()
             correct_output(graph, c, unet, num_groups=8, batch_size=32)
-            t2 = time.perf_counter()
-            seconds.setdefault((name, "timestep groups"), []).append(t1 - t0)
-            seconds.setdefault((name, "output correction"), []).append(t2 - t1)
-            info = qdiff_ao.graph_info(graph)
-            reports[name] = info.timestep_groups.report["groups"] + info.bias_correction["groups"]
+            seconds.setdefault(name, []).append(time.perf_counter() - t0)
+            reports[name] = qdiff_ao.graph_info(graph).bias_correction["groups"]
+    a, b = (statistics.median(seconds[name]) for name in sets)
     print(f"\n| pass ({len(calib)} rows, {torch.get_num_threads()} threads) | recorded (s) | run (s) | ratio |")
     print("|---|---:|---:|---:|")
-    for step in ("timestep groups", "output correction"):
-        a = statistics.median(seconds[("recorded float outputs", step)])
-        b = statistics.median(seconds[("float model run (before)", step)])
-        print(f"| {step} | {a:.1f} | {b:.1f} | {b / a:.2f}x |")
+    print(f"| output correction | {a:.1f} | {b:.1f} | {b / a:.2f}x |")
     first, second = reports.values()
-    decisions = [(g.get("kept"), g.get("kind")) for g in first] == [(g.get("kept"), g.get("kind")) for g in second]
-    worst = max(abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for a, b in zip(first, second, strict=True)
-                for k in ("mse_single", "mse_group", "mse_before", "mse_after") if k in a and a[k] is not None)
+    decisions = [g["kind"] for g in first] == [g["kind"] for g in second]
+    worst = max(abs(x[k] - y[k]) / max(abs(y[k]), 1e-12) for x, y in zip(first, second, strict=True)
+                for k in ("mse_before", "mse_after"))
     print(f"\nsame decisions: {decisions}; largest relative difference of a reported error: {worst:.2e}")
-
 
 if __name__ == "__main__":
     main()

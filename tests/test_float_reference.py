@@ -15,7 +15,7 @@ import qdiff_ao
 from qdiff_ao.calibration.calibration_set import CalibrationSet
 from qdiff_ao.calibration.float_reference import CHECK_ROWS, FloatReference
 from qdiff_ao.passes.output_correction import correct_output
-from qdiff_ao.passes.timestep_groups import choose_timestep_groups
+from qdiff_ao.quantizers.simulation import build_simulation
 from tests.calibration_helpers import collect, count_calls, tiny_cond_unet, tiny_unet
 
 
@@ -107,29 +107,41 @@ def test_reference_reads_recorded_outputs_only_when_the_model_reproduces_them(
         assert not bare.recorded
 
 
-def test_passes_measure_the_same_with_recorded_outputs_and_skip_the_float_model() -> None:
-    """Output correction and timestep groups decide the same on the collected set with and without its recorded
-    outputs; with them the float UNet runs only the check rows."""
+def test_output_correction_fits_the_same_with_recorded_outputs_and_skips_the_float_model() -> None:
+    """The output correction decides the same on the collected set with and without its recorded outputs; with them
+    the float UNet runs only the check rows."""
     unet = tiny_unet()
     calib = collect(unet, DDIMScheduler(), samples_per_timestep=4, num_timesteps=4)
-    cfg = qdiff_ao.QuantConfig(weight_bits=4, act_bits=8)
-    prepared = qdiff_ao.prepare(unet, cfg, calib.example_inputs(2))
+    prepared = qdiff_ao.prepare(unet, qdiff_ao.QuantConfig(weight_bits=4, act_bits=8), calib.example_inputs(2))
     qdiff_ao.calibrate(prepared, calib, progress=False)
     reports: dict[str, Any] = {}
     for name, c in (("recorded", calib), ("run", _without_outputs(calib))):
         graph = copy.deepcopy(prepared)
         calls = count_calls(unet)
-        choose_timestep_groups(graph, c, num_groups=2, batch_size=4)
         correct_output(graph, c, unet, num_groups=2, batch_size=4)
-        info = qdiff_ao.graph_info(graph)
-        reports[name] = (info.timestep_groups.report, info.bias_correction, len(calls))
-    (groups_r, correction_r, calls_r), (groups_f, correction_f, calls_f) = reports["recorded"], reports["run"]
+        reports[name] = (qdiff_ao.graph_info(graph).bias_correction, len(calls))
+    (recorded, calls_r), (run, calls_f) = reports["recorded"], reports["run"]
     assert calls_r == CHECK_ROWS and calls_f == len(calib) // 4  # only the check rows; else a batch per timestep
-    assert [g["kept"] for g in groups_r["groups"]] == [g["kept"] for g in groups_f["groups"]]
-    for a, b in zip(groups_r["groups"], groups_f["groups"], strict=True):
-        assert a["mse_single"] == pytest.approx(b["mse_single"], rel=1e-4)
-        assert a["mse_group"] == pytest.approx(b["mse_group"], rel=1e-4)
-    assert [g["kind"] for g in correction_r["groups"]] == [g["kind"] for g in correction_f["groups"]]
-    for a, b in zip(correction_r["groups"], correction_f["groups"], strict=True):
+    assert [g["kind"] for g in recorded["groups"]] == [g["kind"] for g in run["groups"]]
+    for a, b in zip(recorded["groups"], run["groups"], strict=True):
         assert a["mse_before"] == pytest.approx(b["mse_before"], rel=1e-4)
         assert a["mean_abs_offset"] == pytest.approx(b["mean_abs_offset"], rel=1e-3, abs=1e-7)
+
+
+def test_timestep_groups_keep_their_float_activation_reference() -> None:
+    """After reconstruction the simulation's full-precision graph runs the rounded weights, so the timestep groups'
+    reference is not the float model and the recorded outputs must not stand in for it: the check refuses them."""
+    unet = tiny_unet()
+    calib = collect(unet, DDIMScheduler(), samples_per_timestep=4, num_timesteps=4)
+    prepared = qdiff_ao.prepare(unet, qdiff_ao.QuantConfig(weight_bits=4, act_bits=8), calib.example_inputs(2))
+    qdiff_ao.calibrate(prepared, calib, progress=False)
+    qdiff_ao.passes.reconstruct(prepared, calib, qdiff_ao.ReconstructionConfig(weight_iters=4, act_iters=2,
+                                batch_size=4), model=unet, progress=False)
+    sim = build_simulation(prepared)
+
+    def float_activations(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        with sim.full_precision():
+            return sim.run(inputs)
+
+    with torch.no_grad():
+        assert not FloatReference(calib, float_activations, what="test").recorded

@@ -1,9 +1,11 @@
 """The float model's outputs on calibration rows: read from the set when the collector recorded them, else run.
 
-Passes that measure the quantized graph against the float model on calibration rows (timestep groups, output
-correction) need the float UNet's output ``y_fp`` on those rows. The collector already computed it while sampling
+A pass that measures the quantized graph against the float model on calibration rows (the output correction)
+needs the float UNet's output ``y_fp`` on those rows. The collector already computed it while sampling
 (``CalibrationSet.float_output``); running the model again costs one float forward per row (CIFAR-size UNet,
-2 threads of an AVX2 CPU: about 80 ms a row at batch 32, 1,920 rows over the two passes).
+2 threads of an AVX2 CPU: about 90 ms a row at batch 32, 1,280 rows in the default recipe). The timestep groups
+do not use it: their reference is the simulation with float activations, which after reconstruction runs the
+rounded weights (``passes/timestep_groups.py``).
 
 A recorded output is used only after a check: the model the pass measures against is run on ``CHECK_ROWS``
 rows (the first rows of the highest and the lowest timestep, one forward each) and must reproduce the recorded
