@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import time
@@ -10,6 +11,8 @@ from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
+
+from benchmarks.distributed_scaling import cpu_flags
 
 _CIFAR10_LAYOUT: dict[str, Any] = dict(
     sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
@@ -138,3 +141,21 @@ def ort_runner(path: Any, threads: int) -> Callable[[dict[str, torch.Tensor]], t
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     return lambda x: torch.from_numpy(session.run(None, {k: v.numpy() for k, v in x.items()})[0])
+
+
+def pass_benchmark_parser(description: str | None) -> argparse.ArgumentParser:
+    """Options of the benchmarks that time a pass on a freshly collected calibration set: ``--threads``,
+    ``--timesteps`` x ``--samples`` calibration rows (100 sampler steps) and ``--repeats``."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--timesteps", type=int, default=20)
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=2)
+    return ap
+
+
+def use_threads(threads: int) -> None:
+    """Set torch's CPU threads and print the machine line every timing table starts with (flags included)."""
+    torch.set_num_threads(threads)
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
+          f"flags: {cpu_flags()}", flush=True)

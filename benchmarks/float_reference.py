@@ -16,9 +16,7 @@ that pass keeps its own reference, see ``passes/timestep_groups.py``.)
 
 from __future__ import annotations
 
-import argparse
 import copy
-import os
 import statistics
 import sys
 import time
@@ -30,8 +28,7 @@ from diffusers import DDPMScheduler
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import qdiff_ao  # noqa: E402
-from benchmarks.common import cifar10_ddpm_unet  # noqa: E402
-from benchmarks.distributed_scaling import cpu_flags  # noqa: E402
+from benchmarks.common import cifar10_ddpm_unet, pass_benchmark_parser, use_threads  # noqa: E402
 from qdiff_ao.calibration.calibration_set import CalibrationSet  # noqa: E402
 from qdiff_ao.passes.output_correction import correct_output  # noqa: E402
 
@@ -42,15 +39,9 @@ def _without_outputs(calib: CalibrationSet) -> CalibrationSet:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--timesteps", type=int, default=20)
-    ap.add_argument("--samples", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap = pass_benchmark_parser(__doc__)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
-          f"flags: {cpu_flags()}", flush=True)
+    use_threads(args.threads)
     unet = cifar10_ddpm_unet()
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
     t0 = time.perf_counter()

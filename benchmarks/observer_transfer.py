@@ -15,9 +15,7 @@ ratio.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
 import statistics
 import sys
 import time
@@ -28,22 +26,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import qdiff_ao  # noqa: E402
-from benchmarks.distributed_scaling import cpu_flags  # noqa: E402
+from benchmarks.common import pass_benchmark_parser, use_threads  # noqa: E402
 from benchmarks.quality import MODELS, load_subject  # noqa: E402
 from qdiff_ao.calibration.observer_transfer import transfer_observer_statistics  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = pass_benchmark_parser(__doc__)
     ap.add_argument("--model", choices=MODELS, default="digits")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--timesteps", type=int, default=20)
-    ap.add_argument("--samples", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
-          f"flags: {cpu_flags()}", flush=True)
+    use_threads(args.threads)
     subject = load_subject(args.model)
     unet = subject.unet
     calib = qdiff_ao.collect_calibration_data(unet, subject.scheduler, num_inference_steps=100,

@@ -15,8 +15,8 @@ Row ``i`` of the set is one UNet input exactly as the model saw it during sampli
     guidance_pair[i]          classifier-free guidance: -k on the unconditional, +k on the conditional row of
                               pair k >= 1 (one trajectory at one step); the scale is metadata["guidance_scale"]
     float_output[i]           the float UNet's own output on row i (raw, before guidance), recorded by the
-                              collector: passes that compare with the float model read it instead of running the
-                              model again (:mod:`qdiff_ao.calibration.float_reference` checks it first)
+                              collector: the output correction reads it instead of running the model again
+                              (:mod:`qdiff_ao.calibration.float_reference` checks it first)
 
 Example:
     >>> import torch
