@@ -194,7 +194,7 @@ def quantize(
         timestep_groups: ``G > 1``: offer each of ``G`` contiguous groups of calibration timesteps its own
             activation grids, kept only where they lower the error on held-back calibration rows
             (``qdiff_ao.passes.choose_timestep_groups``); the lowered model runs one graph per kept group, sharing
-            the packed weights (default 4; ``1``: one grid for every timestep; measured in README, quality).
+            the packed weights (default 4; ``1``: one grid for every timestep; measured in docs/quality/HISTORY.md).
         prediction_spread: fit, on sampler runs of the float model and the quantized one (on the CPU the lowered
             INT8 model) from the same noise, a per-timestep-group spread of the denoised estimate ``x0`` that keeps
             the quantized sampler's per-channel spread equal to the float sampler's, kept only where held-back runs
@@ -206,7 +206,7 @@ def quantize(
         correction_input: let a group of the output correction take the linear estimate ``a y + c x - b`` of
             the float output from the quantized output ``y`` and the UNet's input ``x`` where that fits the
             held-back rows best (off by default: shapes32 samples closer to FP, FD not consistently lower,
-            digits slightly worse; see ``passes.correct_output`` and README, quality).
+            digits slightly worse; see ``passes.correct_output`` and docs/quality/HISTORY.md).
         precision_fallback: measure which quantizers the model cannot afford (one quantizer alone causing most
             of its kind's output error at some step, activations against the activations' own error, e.g. the
             input quantizer near ``t = 0`` under linear betas) and keep the layers reading them in float, within

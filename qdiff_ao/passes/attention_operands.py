@@ -24,7 +24,7 @@ costs nothing; a one-sided range (all values >= 0) costs a whole bit and keeps i
 Reconstruction keeps the calibrated step of a symmetric Q, K or V (``quantizers.simulation.FIXED_STEP_ATTR``)
 instead of learning it: paired on shapes32 W4A8 with the same reconstruction seeds, learning those steps made the
 FD 0.17-0.31x FP worse than affine Q/K/V on 3 of 3 seeds; without any step learning symmetric and affine scored
-alike, and with only those steps kept the cost halved (mean 1.256x vs 1.176x FP affine; README, quality).
+alike, and with only those steps kept the cost halved (mean 1.256x vs 1.176x FP affine; docs/quality/HISTORY.md).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 At the last denoising steps ``x_t`` holds the image plus noise of amplitude ``sigma_t`` far below an 8-bit step of
 the image's range, and every feature computed from it carries that noise the same way: the quantized model no
-longer sees what it must remove, and no later step removes what it leaves (README, quality: on shapes16-cond at
+longer sees what it must remove, and no later step removes what it leaves (docs/quality/HISTORY.md: on shapes16-cond at
 W8A8, float outputs at the last 3 of 25 DDIM steps took the 64-sample FD to the float samples from 5.33 to 0.13,
 and float activations alone there to 0.48). No layer is named: per calibration timestep ``t`` the pass measures,
 in the fake-quant simulation on a few rows (guided pairs where the set has them), the relative output error of the

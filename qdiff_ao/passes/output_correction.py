@@ -30,7 +30,7 @@ trajectory is scored, so the decision rests on twice the held-back rows, and eac
 so it is close to the one that is applied. On shapes16-cond W8A8 the offsets are tiny (mean |b| ~ 5e-4) and the
 held-back error changed by 0.01-0.9% per group, so the old half-split decision moved with the CPU's rounding (4 of 8
 groups kept on an AVX2-only CPU, 7 on AMX), while forcing every group on moved that row's FD ratio by only 0.017
-(1.169 -> 1.152x FP on one graph; README, quality).
+(1.169 -> 1.152x FP on one graph; docs/quality/HISTORY.md).
 
 Lowering: a :class:`TimestepOutputCorrection` node after the graph's output computes ``a[g(t)] y - b[g(t)]``
 with ``g(t)`` = the group whose timestep interval holds ``t`` (boundaries half-way between adjacent groups), in
@@ -230,7 +230,7 @@ def correct_output(
             signal part sits below the quantization noise; the estimate shrinks the noisy part towards ``x``
             (``a < 1, c > 0``). Off by default: it brought shapes32 W4A8 samples ~20% closer to the float
             model's (image rel. L2) but did not lower the FD consistently, and on digits it made both slightly
-            worse although the held-back eps error fell (README, quality).
+            worse although the held-back eps error fell (docs/quality/HISTORY.md).
         batch_size: rows per forward.
 
     Returns:

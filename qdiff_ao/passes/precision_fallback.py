@@ -15,7 +15,7 @@ weights float. Why activations are weighed against the activations' error only: 
 reconstruction, when ``e_all`` at 4-bit weights is mostly the rounding error that AdaRound removes afterwards,
 while what an activation quantizer loses no later step can recover. Against ``e_all``, shapes16-cond's input
 quantizer (0.25 of a 0.58 error at ``t = 0``, share 0.19) passed at W4A8 but was kept float at W8A8 of the same
-model; its samples then kept residual noise (README, quality). Testing
+model; its samples then kept residual noise (docs/quality/HISTORY.md). Testing
 every quantizer alone costs one forward each; instead quantizers are tested in groups (one kind per group,
 contiguous in graph order; a group's error is at least about that of each member, since independent errors add in
 quadrature) and only groups above their kind's threshold are split, halving down to single quantizers:

@@ -6,7 +6,7 @@ of the float model's). The loss builds up along the quantized model's *own* traj
 the sampler leaves ``x_t`` with ~0.5% more variance in the middle steps, and from there the denoised estimates
 ``x0`` are shrunk towards their mean (std ratio 0.97 from ``t ~ 550`` on). A correction fitted on float-trajectory
 rows cannot see this; one fitted on sampler runs can. Rescaling each step's ``x0`` to the float run's per-channel
-spread (an oracle with the same noise) brought shapes32's W8A8 FD from 1.10x to 1.01-1.02x FP (README, quality).
+spread (an oracle with the same noise) brought shapes32's W8A8 FD from 1.10x to 1.01-1.02x FP (docs/quality/HISTORY.md).
 
 What: per group ``g`` of timesteps (the output correction's groups) and channel ``c``, a spread ``s_{g,c}`` and
 centre ``m_{g,c}``; the UNet's output then has denoised estimate ``m + s (x0 - m)``

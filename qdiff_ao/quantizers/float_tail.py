@@ -2,7 +2,7 @@
 
 Near ``t = 0`` the noise left in ``x_t`` (and in every feature computed from it) is far smaller than the step of an
 8-bit grid that must also hold the image: the quantized model cannot see the noise it is asked to remove, and
-what it leaves, no later step removes (README, quality: on shapes16-cond at W8A8 the last 3 of 25 steps held the
+what it leaves, no later step removes (docs/quality/HISTORY.md: on shapes16-cond at W8A8 the last 3 of 25 steps held the
 whole gap to the float samples). The tail is the set of timesteps
 
     tail = { t : t <= below }
