@@ -2,13 +2,15 @@
 class-conditional zoo model, the relative error of the guided output, of the guidance signal and of each branch.
 
     python benchmarks/guidance_signal.py --checkpoint DIR [--model shapes16-cond] [--samples 120] [--steps 50]
-    python benchmarks/guidance_signal.py --bits 8 8          # quantize with the defaults first (minutes)
+    python benchmarks/guidance_signal.py --bits 8 8 [--save DIR]  # quantize with the defaults first (minutes)
 
 With classifier-free guidance (scale ``s``) the sampler steps with ``f = y_u + s (y_c - y_u)``; the class lives in
 the guidance signal ``g = y_c - y_u``, a few percent of ``y``. At every step the float model's ``x_t`` is given to
 both models and the script prints, per step and as means over the steps,
 
-    |f_q - f_fp| / |f_fp|,   |g_q - g_fp| / |g_fp|,   |y_q - y_fp| / |y_fp| (u rows),   (c rows)
+    |f_q - f_fp| / |f_fp|,   |g_q - g_fp| / |g_fp|,   |y_q - y_fp| / |y_fp| (u rows),   (c rows),
+    k = <g_q, g_fp> / |g_fp|^2 (the gain of g: below 1, the quantized model weakens the guidance),
+    |g_q - k g_fp| / |g_fp| (what no rescaling of g removes)
 
 for the lowered model (``QuantizedUNet``, which runs each timestep group's activation grids) and for two float
 views of its base graph (``graph_module``: one activation grid for every timestep): Q/DQ as the integer kernels
@@ -40,11 +42,21 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).double().norm() / b.double().norm())
 
 
+def _gain(estimate: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """Least-squares gain ``k = <e, r> / <r, r>`` of ``estimate`` on ``reference`` and the relative error left after
+    it, ``|e - k r| / |r|``: a gain below 1 is guidance the quantized model weakens (a scale could restore it); the
+    error left is noise no scale removes."""
+    e, r = estimate.double().flatten(), reference.double().flatten()
+    k = float(e @ r / (r @ r))
+    return k, float((e - k * r).norm() / r.norm())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="shapes16-cond", help="a class-conditional zoo model")
     parser.add_argument("--checkpoint", help="a QuantizedUNet folder of that model (save_pretrained)")
     parser.add_argument("--bits", type=int, nargs=2, metavar=("W", "A"), help="quantize with the defaults instead")
+    parser.add_argument("--save", help="with --bits: save the quantized model there (save_pretrained)")
     parser.add_argument("--samples", type=int, default=120)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
@@ -61,6 +73,8 @@ def main() -> None:
         cfg = qdiff_ao.QuantConfig(weight_bits=args.bits[0], act_bits=args.bits[1])
         qunet = qdiff_ao.quantize(zoo.unet, zoo.scheduler, cfg, num_timesteps=20, samples_per_timestep=32,
                                   **zoo.calibration_kwargs())
+        if args.save:
+            qunet.save_pretrained(args.save)
     qdq, weights_only = fake_quant_view(qunet.graph_module), fake_quant_view(qunet.graph_module, float_activations=True)
     qunet.optimize_for_inference()
     # every model as keyword inputs -> output tensor (the views are graphs: they return the tensor itself)
@@ -91,15 +105,16 @@ def main() -> None:
         for name, model in models.items():
             uq, cq = branches(model, t)
             table[name].append((int(t), _rel(uq + scale * (cq - uq), f_fp), _rel(cq - uq, g_fp), _rel(uq, u),
-                                _rel(cq, c)))
+                                _rel(cq, c), *_gain(cq - uq, g_fp)))
         x = sched.step(f_fp, t, x).prev_sample
     print(f"{args.model}, guidance scale {scale}, {b} samples, DDIM {args.steps}; |g_fp| / |y_u| from "
           f"{min(signal):.3f} to {max(signal):.3f}")
-    print("\n| model | guided output | guidance signal g | u rows | c rows |\n|---|---:|---:|---:|---:|")
+    print("\n| model | guided output | guidance signal g | u rows | c rows | gain of g | g error after the gain |"
+          "\n|---|---:|---:|---:|---:|---:|---:|")
     for name, rows in table.items():
-        means = [statistics.mean(r[k] for r in rows) for k in range(1, 5)]
+        means = [statistics.mean(r[k] for r in rows) for k in range(1, 7)]
         print(f"| {name} | " + " | ".join(f"{m:.4f}" for m in means) + " |")
-    print("\nper step, lowered model (t: guided, g, u, c):")
+    print("\nper step, lowered model (t: guided, g, u, c, gain of g, g error after the gain):")
     for row in table["lowered"][:: max(1, len(sched.timesteps) // 12)] + [table["lowered"][-1]]:
         print(f"  t={row[0]:4d}: " + ", ".join(f"{v:.4f}" for v in row[1:]))
 
