@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
-from benchmarks.distributed_scaling import cpu_flags
+from benchmarks.machine import cpu_flags
 
 _CIFAR10_LAYOUT: dict[str, Any] = dict(
     sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,

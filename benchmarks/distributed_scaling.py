@@ -25,6 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.machine import cpu_flags  # noqa: E402
+
 PHASES = ("collect_s", "calibrate_s", "precision_fallback_s", "reconstruct_s", "bias_correction_s", "convert_s")
 
 
@@ -64,14 +66,6 @@ def run(label: str, cmd: list[str], threads: int, out: Path) -> dict:
         raise SystemExit(f"{label} failed:\n{done.stderr[-3000:]}")
     ranks = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
     return {"label": label, "total_s": time.perf_counter() - start, "ranks": ranks}
-
-
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "unknown"
-    return " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "amx_int8") if f in flags)
 
 
 def main() -> None:

@@ -51,7 +51,7 @@ from benchmarks.common import (  # noqa: E402
     sd_shaped_unet,
     unet_inputs,
 )
-from benchmarks.distributed_scaling import cpu_flags  # noqa: E402
+from benchmarks.machine import cpu_flags  # noqa: E402
 from qdiff_ao.deploy.openvino_runtime import OpenVINOModel  # noqa: E402
 
 Runner = Callable[[dict[str, torch.Tensor]], Any]

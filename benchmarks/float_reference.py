@@ -70,5 +70,6 @@ def main(argv: list[str] | None = None) -> None:
                 for k in ("mse_before", "mse_after"))
     print(f"\nsame decisions: {decisions}; largest relative difference of a reported error: {worst:.2e}")
 
+
 if __name__ == "__main__":
     main()

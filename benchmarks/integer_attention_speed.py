@@ -36,7 +36,7 @@ from benchmarks.common import (  # noqa: E402
     sd_shaped_unet,
     unet_inputs,
 )
-from benchmarks.distributed_scaling import cpu_flags  # noqa: E402
+from benchmarks.machine import cpu_flags  # noqa: E402
 from qdiff_ao.deploy.freezing import freeze_graph  # noqa: E402
 from qdiff_ao.deploy.gemm_choice import int_gemm_is_faster  # noqa: E402
 from qdiff_ao.deploy.integer_attention import integer_attention_kernel, lower_integer_attention  # noqa: E402

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import qdiff_ao  # noqa: E402
 from benchmarks.common import cifar10_ddpm_unet  # noqa: E402
-from benchmarks.distributed_scaling import cpu_flags  # noqa: E402
+from benchmarks.machine import cpu_flags  # noqa: E402
 
 _BITS = {"W4A8": (4, 8), "W8A8": (8, 8)}
 

@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import qdiff_ao  # noqa: E402
-from benchmarks.distributed_scaling import cpu_flags  # noqa: E402
+from benchmarks.machine import cpu_flags  # noqa: E402
 from benchmarks.quality import MODELS, load_subject  # noqa: E402
 from qdiff_ao.calibration.sampler_view import ErrorProbe  # noqa: E402
 from qdiff_ao.calibration.sensitivity import _output_tensor  # noqa: E402

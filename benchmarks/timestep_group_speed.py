@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import qdiff_ao  # noqa: E402
 from benchmarks.common import time_once  # noqa: E402
-from benchmarks.distributed_scaling import cpu_flags  # noqa: E402
+from benchmarks.machine import cpu_flags  # noqa: E402
 from benchmarks.quality import MODELS, load_subject  # noqa: E402
 from qdiff_ao.capture.graph_state import update_graph_info  # noqa: E402
 
