@@ -5,12 +5,12 @@ interleaved rounds (``benchmarks.common.interleaved_ratios``):
 
 - ``fbgemm default``: ``convert_fx``'s f32 attention matmuls on grid values (``integer_attention=False``);
 - ``fbgemm default, integer attention``: ``deploy.integer_attention`` (the ``optimize_for_inference`` default),
-  with each GEMM of the codes forced; the one ``deploy.gemm_choice`` measures as faster here is marked;
+  with the GEMM of the codes measured per block shape (the default) and with each of the two forced;
 - ``fbgemm float attention``: ``QuantConfig(quantize_attention=False)`` (PyTorch's SDPA in f32).
 
 ``--kernel``: the attention kernel alone on head layouts of the benchmark models (median ms): the integer kernel
 with its codes multiplied on ``torch._int_mm`` and on the exact f32 GEMM (``deploy.gemm_choice``; the same
-numbers), vs the f32 chain vs f32 SDPA.
+numbers), vs the f32 chain vs f32 SDPA, and the GEMM the kernel measures as faster for that shape's blocks.
 
 Usage: ``python benchmarks/integer_attention_speed.py --model {cifar10,cifar10-32heads,sd-shaped} [--rounds 5]``
 """
@@ -37,8 +37,8 @@ from benchmarks.common import (  # noqa: E402
     unet_inputs,
 )
 from benchmarks.machine import cpu_flags  # noqa: E402
+from qdiff_ao.deploy.attention_kernel import measured_int_gemm  # noqa: E402
 from qdiff_ao.deploy.freezing import freeze_graph  # noqa: E402
-from qdiff_ao.deploy.gemm_choice import int_gemm_is_faster  # noqa: E402
 from qdiff_ao.deploy.integer_attention import integer_attention_kernel, lower_integer_attention  # noqa: E402
 
 MODELS = {"cifar10": lambda: cifar10_ddpm_unet(0), "cifar10-32heads": lambda: cifar10_ddpm_unet(0, heads32=True),
@@ -57,22 +57,21 @@ def model_table(name: str, rounds: int) -> None:
     f32_chain = freeze_graph(graph, example)
     on_int_mm = freeze_graph(lower_integer_attention(graph, int_gemm=True), example)
     on_f32_gemm = freeze_graph(lower_integer_attention(graph, int_gemm=False), example)
-    probe_int = int_gemm_is_faster()  # which of the two optimize_for_inference() runs here
-    integer = on_int_mm if probe_int else on_f32_gemm
-    mark = " (the default here)"
+    integer = freeze_graph(lower_integer_attention(graph), example)  # the default: measured per block shape
     float_attention = freeze_graph(
         quantize_plain(unet, qdiff_ao.QuantConfig(weight_bits=4, act_bits=8, quantize_attention=False), calib), example)
     rows["fbgemm default, f32 attention matmuls"] = lambda x: f32_chain(**x)
-    rows[f"fbgemm default, integer attention on _int_mm{mark if probe_int else ''}"] = lambda x: on_int_mm(**x)
-    rows[f"fbgemm default, integer attention on the exact f32 GEMM{'' if probe_int else mark}"] = \
-        lambda x: on_f32_gemm(**x)
+    rows["fbgemm default, integer attention, GEMM measured per shape (the default)"] = lambda x: integer(**x)
+    rows["fbgemm default, integer attention on _int_mm"] = lambda x: on_int_mm(**x)
+    rows["fbgemm default, integer attention on the exact f32 GEMM"] = lambda x: on_f32_gemm(**x)
     rows["fbgemm float attention"] = lambda x: float_attention(**x)
     with torch.no_grad():
         x = unet_inputs(unet, 2, 500, seed=5)
         a, b = f32_chain(**x), integer(**x)
         same = torch.equal(on_int_mm(**x), on_f32_gemm(**x))
-    print(f"the probe's GEMM here: {_probe_choice()}; integer attention on _int_mm and on the f32 GEMM "
-          f"bit-identical at batch 2: {same}")
+        same = same and torch.equal(b, on_int_mm(**x))
+    print(f"the GEMM measured per block shape here: {_frozen_choice(integer)}; integer attention on _int_mm, on the "
+          f"f32 GEMM and measured bit-identical at batch 2: {same}")
     print(f"integer vs f32 attention matmuls, rel. L2 at batch 2: {float((a - b).norm() / a.norm()):.4f} "
           "(code-level differences grown through this random-weight UNet's requantizations)")
     batches = [1, 2] if name == "sd-shaped" else [1, 8]
@@ -83,8 +82,10 @@ def model_table(name: str, rounds: int) -> None:
         print(f"| {label} | " + " | ".join(values) + " |")
 
 
-def _probe_choice() -> str:
-    return "torch._int_mm" if int_gemm_is_faster() else "exact f32 GEMM"
+def _frozen_choice(frozen: Any) -> str:
+    """Which GEMM the frozen graph's attentions run, read from its TorchScript graph."""
+    graph = str(frozen.graph)
+    return "torch._int_mm" if "aten::_int_mm" in graph else "exact f32 GEMM"
 
 
 def _median_ms(fn: Any, n: int = 7) -> float:
@@ -98,9 +99,9 @@ def _median_ms(fn: Any, n: int = 7) -> float:
     return 1e3 * statistics.median(samples)
 
 
-def _kernel_row(shape: tuple[int, int, int, int], g: torch.Generator) -> list[float]:
+def _kernel_row(shape: tuple[int, int, int, int], g: torch.Generator) -> tuple[list[float], bool]:
     """(integer kernel on torch._int_mm, on the exact f32 GEMM, f32 chain, f32 SDPA) median ms on one attention of
-    ``shape`` = (B, N, heads, d)."""
+    ``shape`` = (B, N, heads, d), and whether the kernel's own measurement picks ``_int_mm`` for it."""
     b, n, h, d = shape
 
     def source(scale: float, zero: int) -> torch.Tensor:  # a projection's quantized output [B, N, heads * d]
@@ -120,22 +121,23 @@ def _kernel_row(shape: tuple[int, int, int, int], g: torch.Generator) -> list[fl
         return torch.quantize_per_tensor(probs, 1 / 255, 0, torch.quint8).dequantize() @ heads(v_src.dequantize())
 
     with torch.no_grad():
+        picks_int = measured_int_gemm(q, k.transpose(-1, -2), v)
         return [*(_median_ms(lambda gemm=int_gemm: integer_attention_kernel(q, k.transpose(-1, -2), v, factor,
                                                                             1 / 255, 0, int_gemm=gemm))
                   for int_gemm in (True, False)),
                 _median_ms(chain),
-                _median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qf, kf, vf))]
+                _median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qf, kf, vf))], picks_int
 
 
 def kernel_table() -> None:
-    print(f"the kernel's GEMM on this CPU (measured once per process): {_probe_choice()}")
     print("| model's attention (B, N, heads, d) | kernel, _int_mm (ms) | kernel, exact f32 GEMM (ms) | f32 chain (ms) "
-          "| f32 SDPA (ms) |")
-    print("|---|---:|---:|---:|---:|")
+          "| f32 SDPA (ms) | the kernel's measured pick |")
+    print("|---|---:|---:|---:|---:|---|")
     g = torch.Generator().manual_seed(0)
     for name, shape in KERNEL_SHAPES.items():
-        cells = _kernel_row(shape, g)
-        print(f"| {name} {shape} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+        cells, picks_int = _kernel_row(shape, g)
+        pick = "_int_mm" if picks_int else "f32 GEMM"
+        print(f"| {name} {shape} | " + " | ".join(f"{c:.2f}" for c in cells) + f" | {pick} |")
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ that uses it."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 
 import qdiff_ao
 from qdiff_ao.deploy import attention_kernel, integer_attention
-from qdiff_ao.deploy.gemm_choice import EXACT_TERMS, int_gemm_is_faster
+from qdiff_ao.deploy.gemm_choice import EXACT_TERMS, faster_is_first
 from qdiff_ao.deploy.integer_attention import (
     GEMM_ROWS,
     MIN_SCORES_PER_HEAD,
@@ -125,13 +126,36 @@ def test_f32_gemm_cuts_long_probability_rows_into_exact_pieces() -> None:
     assert torch.equal(on_f32, on_int)
 
 
-def test_gemm_choice_is_measured_once_per_process() -> None:
-    """The probe answers a bool and is cached: every later lowering gets the same choice without timing again."""
-    first = int_gemm_is_faster()
-    hits = int_gemm_is_faster.cache_info().hits
-    assert isinstance(first, bool) and int_gemm_is_faster() is first
-    assert int_gemm_is_faster.cache_info().hits == hits + 1
-    assert IntegerAttention(0.5).int_gemm is first
+def test_gemm_choice_is_measured_once_per_block_shape() -> None:
+    """The probe answers a bool per block shape and is cached: a call whose blocks have that shape gets the same
+    choice without timing again, whatever its batch; a lowered attention leaves the choice to its calls."""
+    first = attention_kernel.int_gemm_is_faster_for(2, 256, 16, 256, 16, attention_kernel.BLOCK_ELEMENTS, EXACT_TERMS,
+                                                    GEMM_ROWS)
+    hits = attention_kernel.int_gemm_is_faster_for.cache_info().hits
+    assert isinstance(first, bool)
+    # 3 batches x 2 heads of 256 x 256 scores: blocks of 4 whole heads (2^18 scores) of head dimension 16, but a
+    # block never holds more heads than there are, so batch 1 probes 2 heads
+    q = _quantized((1, 2, 256, 16), 0.02, 110, 0)
+    k_t = _quantized((1, 2, 256, 16), 0.03, 150, 1).transpose(-1, -2)
+    v = _quantized((1, 2, 256, 16), 0.025, 140, 2)
+    assert attention_kernel.measured_int_gemm(q, k_t, v) is first
+    assert attention_kernel.int_gemm_is_faster_for.cache_info().hits == hits + 1
+    assert IntegerAttention(0.5).int_gemm is None
+    small = _quantized((1, 2, 16, 8), 0.02, 110, 0)
+    assert attention_kernel.measured_int_gemm(small, small.transpose(-1, -2), small) is False  # f32 chain: no GEMM
+
+
+def test_the_faster_candidate_wins() -> None:
+    """``faster_is_first`` ranks by time: a candidate that sleeps 3 ms loses to one that does nothing, either way
+    round."""
+    def slow() -> None:
+        time.sleep(0.003)
+
+    def fast() -> None:
+        return None
+
+    assert faster_is_first(fast, slow) is True
+    assert faster_is_first(slow, fast) is False
 
 
 def test_signed_operands_keep_the_f32_chain() -> None:
@@ -219,8 +243,12 @@ def test_frozen_quantized_unet_uses_integer_attention_at_any_batch(monkeypatch: 
     plain = qdiff_ao.QuantizedUNet(graph, like=unet).optimize_for_inference(integer_attention=False)
     assert "aten::_int_mm" not in str(plain._frozen[0].graph)
     outs: dict[bool, list[torch.Tensor]] = {}
+    measured = qdiff_ao.QuantizedUNet(graph, like=unet).optimize_for_inference()
+    frozen_code = str(measured._frozen[0].graph)
+    # the measurement ran during the trace with the tracer detached: none of its ops entered the frozen graph
+    assert "aten::randint" not in frozen_code and "_make_per_tensor_quantized_tensor" not in frozen_code
     for int_gemm in (True, False):
-        monkeypatch.setattr(integer_attention, "int_gemm_is_faster", lambda answer=int_gemm: answer)
+        monkeypatch.setattr(attention_kernel, "int_gemm_is_faster_for", lambda *shape, answer=int_gemm: answer)
         fast = qdiff_ao.QuantizedUNet(graph, like=unet).optimize_for_inference()
         assert ("aten::_int_mm" in str(fast._frozen[0].graph)) is int_gemm
         outs[int_gemm] = []
@@ -233,6 +261,10 @@ def test_frozen_quantized_unet_uses_integer_attention_at_any_batch(monkeypatch: 
             assert float((out - ref).norm() / ref.norm()) < 1e-3
             outs[int_gemm].append(out)
     assert all(torch.equal(a, b) for a, b in zip(outs[True], outs[False], strict=True))
+    for batch, out in zip((1, 5), outs[True], strict=True):
+        x = unet_inputs("attn", batch, seed=batch)
+        with torch.no_grad():
+            assert torch.equal(measured(x["sample"], x["timestep"]).sample, out)
 
 
 def test_refuses_what_is_not_a_graph_module() -> None:

@@ -18,10 +18,12 @@ Two GEMMs give these integers exactly:
   a row's probabilities sum to 1, ``Σ_m u <= 1/s_P + m/2`` keeps the P V partial sums far below 2^24, where f32
   is exact in any order (longer reductions are cut into pieces summed in int32).
 
-Both give the same integers, so the same output bit for bit; the f32 GEMM runs where ``_int_mm`` is the slower
-(measured once per process: :mod:`qdiff_ao.deploy.gemm_choice`; without VNNI it was ~40x slower). The same numbers
-as the f32 chain up to f32 rounding (a probability on a rounding tie may move one code). The per-head loop is
-TorchScript, so :func:`~qdiff_ao.deploy.freezing.freeze_graph` keeps it as a loop and any batch size runs.
+Both give the same integers, so the same output bit for bit; each block shape runs on the one that was faster for
+that shape here (:func:`int_gemm_is_faster_for`, timed once per shape and process; see
+:mod:`qdiff_ao.deploy.gemm_choice`: without VNNI ``_int_mm`` was ~40x slower, with VNNI faster for large heads and
+slower for many small ones). The same numbers as the f32 chain up to f32 rounding (a probability on a rounding tie
+may move one code). The per-head loop is TorchScript, so :func:`~qdiff_ao.deploy.freezing.freeze_graph` keeps it
+as a loop and any batch size runs.
 
 Heads with fewer than :data:`MIN_SCORES_PER_HEAD` scores run the f32 chain itself inside the kernel (a GEMM call
 per head costs more than it saves there); the choice is made per call from the shapes, as are the blocks.
@@ -30,14 +32,17 @@ per head costs more than it saves there); the choice is made per call from the s
 from __future__ import annotations
 
 import functools
+import math
 import warnings
+from collections.abc import Callable
 from typing import Any, cast
 
 import torch
 
-from qdiff_ao.deploy.gemm_choice import EXACT_TERMS, int_gemm_is_faster
+from qdiff_ao.deploy.gemm_choice import EXACT_TERMS, faster_is_first
 
-__all__ = ["BLOCK_ELEMENTS", "GEMM_ROWS", "MIN_SCORES_PER_HEAD", "integer_attention_kernel"]
+__all__ = ["BLOCK_ELEMENTS", "GEMM_ROWS", "MIN_SCORES_PER_HEAD", "int_gemm_is_faster_for", "integer_attention_kernel",
+           "measured_int_gemm"]
 
 MIN_SCORES_PER_HEAD = 1 << 16
 """Heads with fewer scores than this (N x M) keep the f32 chain: a GEMM call per head costs ~13 us of dispatch,
@@ -119,9 +124,7 @@ def _kernel(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, factor: float, 
     top = 255 - zp  # the largest code above the zero point: u <= top
     clamp = p_scale * top < 1.0  # else every probability in [0, 1] rounds to a code <= top
     out_scale = p_scale * v.q_scale()
-    # Blocks of (heads, query rows) whose scores stay in cache: every pass below reads them again
-    rows = min(n, max(1, block_elements // m))
-    heads = max(1, block_elements // (n * m)) if rows == n else 1
+    heads, rows = _block_shape(n, m, block_elements)
     one = heads == 1  # one head per block, rows at a time: 2-D ops; else whole heads, 3-D
     if not one and not int_gemm:
         # several heads: the P V product as (w^T u^T)^T, which MKL ran 1.16-3.7x faster than u w for e <= 32
@@ -153,6 +156,14 @@ def _kernel(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, factor: float, 
             torch.mul(values, out_scale, out=out[g0, r0:r1] if one else out[g0:g1])
     shape = list(lead) + [n, e]
     return out.reshape(shape)
+
+
+def _block_shape(n: int, m: int, block_elements: int) -> tuple[int, int]:
+    """(heads, query rows) of one block of ``n x m``-score heads: at most ``block_elements`` scores, so the block
+    stays in cache for every pass that reads it again; whole heads where one fits, else rows of one head."""
+    rows = min(n, max(1, block_elements // m))
+    heads = max(1, block_elements // (n * m)) if rows == n else 1
+    return heads, rows
 
 
 def _f32_scores(qi: torch.Tensor, ki: torch.Tensor, g0: int, g1: int, r0: int, r1: int, one: bool, terms: int,
@@ -193,6 +204,45 @@ def _int_mm_heads(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def measured_int_gemm(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, block_elements: int = BLOCK_ELEMENTS,
+                      min_scores: int = MIN_SCORES_PER_HEAD, exact_terms: int = EXACT_TERMS,
+                      gemm_rows: int = GEMM_ROWS) -> bool:
+    """The GEMM of the codes for this call: :func:`int_gemm_is_faster_for` its block shape, where the kernel uses a
+    GEMM at all (False where it keeps the f32 chain: no GEMM of codes runs, nothing to time)."""
+    n, d, m, e = q.size(-2), q.size(-1), k_t.size(-1), v.size(-1)
+    if n * m < min_scores or not q.dtype == k_t.dtype == v.dtype == torch.quint8:
+        return False
+    heads, rows = _block_shape(n, m, block_elements)
+    groups = q.numel() // (n * d) if n * d else 1
+    return int_gemm_is_faster_for(min(heads, max(groups, 1)), rows, d, m, e, block_elements, exact_terms, gemm_rows)
+
+
+@functools.cache
+def int_gemm_is_faster_for(heads: int, rows: int, d: int, m: int, e: int, block_elements: int = BLOCK_ELEMENTS,
+                           exact_terms: int = EXACT_TERMS, gemm_rows: int = GEMM_ROWS) -> bool:
+    """True when the kernel runs one block of ``heads`` heads x ``rows`` query rows (head dimension ``d``, ``m``
+    keys, value dimension ``e``) faster with its codes on ``torch._int_mm`` than on the exact f32 GEMM here.
+
+    Timed on random codes of that shape (:func:`~qdiff_ao.deploy.gemm_choice.faster_is_first`: best of 5 after 2
+    warm-up calls each; well under a second per shape, once per shape and process). The block, not the whole
+    attention, is what the kernel repeats, so its time ranks the two GEMMs for any batch size of that shape.
+    """
+    g = torch.Generator().manual_seed(0)
+
+    def codes(*shape: int) -> torch.Tensor:
+        values = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+        return torch._make_per_tensor_quantized_tensor(values, 0.05, 128)
+
+    q, k_t, v = codes(heads, rows, d), codes(heads, d, m), codes(heads, m, e)
+    kernel = _scripted_kernel()
+
+    def run(int_gemm: bool) -> Callable[[], object]:
+        return lambda: kernel(q, k_t, v, 1.0 / math.sqrt(d), 1.0 / 255, 0, block_elements, 0, int_gemm, exact_terms,
+                              gemm_rows)
+
+    return faster_is_first(run(True), run(False))
+
+
 @functools.cache
 def _scripted_kernel() -> Any:
     """:func:`_kernel` compiled by TorchScript once, on first use (so importing qdiff_ao compiles nothing):
@@ -221,14 +271,14 @@ def integer_attention_kernel(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor
         block_elements: scores per block (:data:`BLOCK_ELEMENTS`).
         min_scores: heads with fewer scores (N x M) run convert_fx's f32 chain instead (:data:`MIN_SCORES_PER_HEAD`).
         int_gemm: multiply the codes on ``torch._int_mm`` (True) or exactly on an f32 GEMM (False); the same
-            numbers either way. None: whichever is faster on this CPU
-            (:func:`~qdiff_ao.deploy.gemm_choice.int_gemm_is_faster`).
+            numbers either way. None: whichever was faster here on a block of this call's shape
+            (:func:`int_gemm_is_faster_for`).
         exact_terms: the f32 GEMM's longest exact reduction (:data:`~qdiff_ao.deploy.gemm_choice.EXACT_TERMS`;
             smaller values only cut reductions into more pieces, for tests).
         gemm_rows: on the f32 GEMM, a one-head block's score product runs as a batch of chunks of this many query
             rows (:data:`GEMM_ROWS`; 0: one GEMM per block).
     """
     if int_gemm is None:
-        int_gemm = int_gemm_is_faster()
+        int_gemm = measured_int_gemm(q, k_t, v, block_elements, min_scores, exact_terms, gemm_rows)
     return cast(torch.Tensor, _scripted_kernel()(q, k_t, v, factor, p_scale, p_zero, block_elements, min_scores,
                                                  int_gemm, exact_terms, gemm_rows))

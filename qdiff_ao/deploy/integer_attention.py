@@ -30,7 +30,7 @@ from qdiff_ao.deploy.attention_kernel import (
     MIN_SCORES_PER_HEAD,
     integer_attention_kernel,
 )
-from qdiff_ao.deploy.gemm_choice import EXACT_TERMS, int_gemm_is_faster
+from qdiff_ao.deploy.gemm_choice import EXACT_TERMS
 from qdiff_ao.qconfig import MATMUL_TARGETS
 
 __all__ = ["BLOCK_ELEMENTS", "GEMM_ROWS", "MIN_SCORES_PER_HEAD", "IntegerAttention", "integer_attention_kernel",
@@ -46,13 +46,15 @@ class IntegerAttention(nn.Module):
 
     ``q``, ``k_t`` and ``v`` are the quantized operands in head layout (``k_t`` transposed); the probability grid is
     read from the graph's own qparam buffers at call time, so each timestep group's graph keeps its own.
-    ``int_gemm``: which exact GEMM multiplies the codes (:func:`integer_attention_kernel`; None: the faster here).
+    ``int_gemm``: which exact GEMM multiplies the codes (:func:`integer_attention_kernel`; None: the faster here for
+    each call's block shape, timed on the first call of a shape: during ``optimize_for_inference``'s trace, so the
+    frozen graph holds the measured choice).
     """
 
     def __init__(self, factor: float, int_gemm: bool | None = None) -> None:
         super().__init__()
         self.factor = factor
-        self.int_gemm = int_gemm_is_faster() if int_gemm is None else bool(int_gemm)
+        self.int_gemm = None if int_gemm is None else bool(int_gemm)
 
     def forward(self, q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, p_scale: torch.Tensor,
                 p_zero: torch.Tensor) -> torch.Tensor:
@@ -60,7 +62,8 @@ class IntegerAttention(nn.Module):
                                         MIN_SCORES_PER_HEAD, self.int_gemm, EXACT_TERMS, GEMM_ROWS)
 
     def extra_repr(self) -> str:
-        return f"factor={self.factor}, gemm={'int8' if self.int_gemm else 'f32 (exact)'}"
+        gemm = "measured per shape" if self.int_gemm is None else "int8" if self.int_gemm else "f32 (exact)"
+        return f"factor={self.factor}, gemm={gemm}"
 
 
 @dataclass
@@ -162,7 +165,7 @@ def lower_integer_attention(converted: fx.GraphModule, int_gemm: bool | None = N
 
     The copy shares every submodule (packed weights) with ``converted``, which is left unchanged. Attentions that
     do not match (float attention, 16-bit probabilities, masked scores, a scaled V) keep their float chain.
-    ``int_gemm`` picks the exact GEMM of the codes (:class:`IntegerAttention`; None: the faster on this CPU).
+    ``int_gemm`` picks the exact GEMM of the codes (:class:`IntegerAttention`; None: the faster here per block shape).
 
     Raises:
         TypeError: ``converted`` is not a GraphModule.
