@@ -128,7 +128,7 @@ def test_output_correction_fits_the_same_with_recorded_outputs_and_skips_the_flo
         assert a["mean_abs_offset"] == pytest.approx(b["mean_abs_offset"], rel=1e-3, abs=1e-7)
 
 
-def test_timestep_groups_keep_their_float_activation_reference() -> None:
+def test_float_reference_refuses_recorded_outputs_after_reconstruction() -> None:
     """After reconstruction the simulation's full-precision graph runs the rounded weights, so the timestep groups'
     reference is not the float model and the recorded outputs must not stand in for it: the check refuses them."""
     unet = tiny_unet()
