@@ -234,7 +234,10 @@ def test_float_and_16_bit_attention_are_left_alone() -> None:
 
 def test_frozen_quantized_unet_uses_integer_attention_at_any_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     """Frozen with either GEMM of the codes (the one the probe picks is forced here): the frozen graph runs the
-    chosen one (freezing folds the other branch away), any batch size runs, and the two give the same output."""
+    chosen one (freezing folds the other branch away), any batch size runs, it equals the lowered GraphModule bit
+    for bit, and the two GEMMs give the same output. Against convert_fx's f32 chain the check is loose: a
+    probability on a rounding tie moves one code and grows through the later quantizers (2.9% rel. L2 with one
+    thread on an AVX-512 VNNI CPU; a wrong kernel would be off by the whole output)."""
     cfg = qdiff_ao.QuantConfig(weight_bits=8, act_bits=8)
     unet, prepared = calibrated_unet("attn", cfg)
     monkeypatch.setattr(integer_attention, "MIN_SCORES_PER_HEAD", 0)  # the tiny UNet's heads take the GEMM path
@@ -251,6 +254,7 @@ def test_frozen_quantized_unet_uses_integer_attention_at_any_batch(monkeypatch: 
         monkeypatch.setattr(attention_kernel, "int_gemm_is_faster_for", lambda *shape, answer=int_gemm: answer)
         fast = qdiff_ao.QuantizedUNet(graph, like=unet).optimize_for_inference()
         assert ("aten::_int_mm" in str(fast._frozen[0].graph)) is int_gemm
+        lowered = qdiff_ao.QuantizedUNet(lower_integer_attention(graph, int_gemm=int_gemm), like=unet)
         outs[int_gemm] = []
         for batch in (1, 5):  # the example batch is 1: the per-head loop must not be unrolled
             x = unet_inputs("attn", batch, seed=batch)
@@ -258,7 +262,8 @@ def test_frozen_quantized_unet_uses_integer_attention_at_any_batch(monkeypatch: 
                 ref = eager(x["sample"], x["timestep"]).sample
                 assert torch.equal(plain(x["sample"], x["timestep"]).sample, ref)
                 out = fast(x["sample"], x["timestep"]).sample
-            assert float((out - ref).norm() / ref.norm()) < 1e-3
+                assert torch.equal(out, lowered(x["sample"], x["timestep"]).sample)
+            assert float((out - ref).norm() / ref.norm()) < 0.1
             outs[int_gemm].append(out)
     assert all(torch.equal(a, b) for a, b in zip(outs[True], outs[False], strict=True))
     for batch, out in zip((1, 5), outs[True], strict=True):

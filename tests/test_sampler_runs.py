@@ -76,7 +76,9 @@ def test_chunked_runs_give_each_trajectory_its_own_conditioning_and_result() -> 
     whole = sampler_runs.run_sampler(plan, denoise, noise, None, 0)
     chunked = sampler_runs.run_sampler_in_chunks(plan, denoise, noise, 0, trajectories=2)
     assert chunked.shape == whole.shape
-    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-5)
+    # batch-dependent rounding of the float kernels: with one thread on an AVX-512 VNNI CPU one value of 1,280 moved
+    # by 1.2e-5 (at 0.016); a wrong conditioning moves them by far more (below)
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-4)
     shifted = sampler_runs.run_sampler(plan, denoise, noise[2:4], None, 0)  # wrong conditioning: offset 0
     assert not torch.allclose(shifted, whole[2:4], rtol=1e-3, atol=1e-4)
     with pytest.raises(ValueError, match="trajectories must be >= 1"):
