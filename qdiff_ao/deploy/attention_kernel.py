@@ -87,9 +87,7 @@ def _kernel(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, factor: float, 
             block_elements: int, min_scores: int, int_gemm: bool, exact_terms: int, gemm_rows: int) -> torch.Tensor:
     """TorchScript body of :func:`integer_attention_kernel`."""
     n, d, m, e = q.size(-2), q.size(-1), k_t.size(-1), v.size(-1)
-    # small heads: one batched f32 matmul beats a GEMM call per head; other code types (qint8): the codes below
-    # assume quint8
-    if n * m < min_scores or q.dtype != torch.quint8 or k_t.dtype != torch.quint8 or v.dtype != torch.quint8:
+    if not _multiplies_codes(q, k_t, v, min_scores):
         probs = torch.softmax(torch.matmul(q.dequantize() * factor, k_t.dequantize()), -1)
         grid_probs = torch.quantize_per_tensor(probs, p_scale, p_zero, torch.quint8).dequantize()
         return torch.matmul(grid_probs, v.dequantize())
@@ -158,6 +156,14 @@ def _kernel(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, factor: float, 
     return out.reshape(shape)
 
 
+def _multiplies_codes(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, min_scores: int) -> bool:
+    """Whether the kernel multiplies the codes on a GEMM, else it runs the f32 chain: small heads (fewer than
+    ``min_scores`` scores) run faster as one batched f32 matmul than as a GEMM call per head, and other code types
+    (qint8) are not the quint8 codes the integer path assumes."""
+    quint8 = q.dtype == torch.quint8 and k_t.dtype == torch.quint8 and v.dtype == torch.quint8
+    return quint8 and q.size(-2) * k_t.size(-1) >= min_scores
+
+
 def _block_shape(n: int, m: int, block_elements: int) -> tuple[int, int]:
     """(heads, query rows) of one block of ``n x m``-score heads: at most ``block_elements`` scores, so the block
     stays in cache for every pass that reads it again; whole heads where one fits, else rows of one head."""
@@ -209,12 +215,12 @@ def measured_int_gemm(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, block
                       gemm_rows: int = GEMM_ROWS) -> bool:
     """The GEMM of the codes for this call: :func:`int_gemm_is_faster_for` its block shape, where the kernel uses a
     GEMM at all (False where it keeps the f32 chain: no GEMM of codes runs, nothing to time)."""
-    n, d, m, e = q.size(-2), q.size(-1), k_t.size(-1), v.size(-1)
-    if n * m < min_scores or not q.dtype == k_t.dtype == v.dtype == torch.quint8:
+    if not _multiplies_codes(q, k_t, v, min_scores):
         return False
+    n, d, m, e = q.size(-2), q.size(-1), k_t.size(-1), v.size(-1)
     heads, rows = _block_shape(n, m, block_elements)
-    groups = q.numel() // (n * d) if n * d else 1
-    return int_gemm_is_faster_for(min(heads, max(groups, 1)), rows, d, m, e, block_elements, exact_terms, gemm_rows)
+    groups = max(1, q.numel() // max(1, n * d))  # a block never holds more heads than the call has
+    return int_gemm_is_faster_for(min(heads, groups), rows, d, m, e, block_elements, exact_terms, gemm_rows)
 
 
 @functools.cache
